@@ -1,0 +1,114 @@
+"""Named parameters <-> flat vectors, for any subset of a model's parameters.
+
+Every stage of the influence chain works on a block of parameters (SPEC's W, U,
+Theta, or (W, Theta)). A :class:`ParamBlock` fixes which names belong to the block
+and in what order, so that flat vectors from different operators line up.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+
+Params = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ParamBlock:
+    """An ordered set of parameter names with their shapes.
+
+    ``flatten`` and ``unflatten`` are inverses; ``unflatten`` also accepts a leading
+    batch dimension (``[k, P]`` -> tensors of shape ``[k, *shape]``).
+    """
+
+    names: tuple[str, ...]
+    shapes: tuple[torch.Size, ...]
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return tuple(math.prod(s) for s in self.shapes)
+
+    @property
+    def numel(self) -> int:
+        return sum(self.sizes)
+
+    def flatten(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        missing = [n for n in self.names if n not in tensors]
+        if missing:
+            raise KeyError(f"flatten: missing parameters {missing}")
+        return torch.cat([tensors[n].reshape(-1) for n in self.names])
+
+    def unflatten(self, flat: torch.Tensor) -> Params:
+        if flat.shape[-1] != self.numel:
+            raise ValueError(
+                f"unflatten: vector has {flat.shape[-1]} entries, block has {self.numel}"
+            )
+        lead = flat.shape[:-1]
+        parts = torch.split(flat, list(self.sizes), dim=-1)
+        return {n: p.reshape(*lead, *s) for n, p, s in zip(self.names, parts, self.shapes)}
+
+    def slice_of(self, name: str) -> slice:
+        """Position of one parameter inside the flat vector."""
+        start = 0
+        for n, size in zip(self.names, self.sizes):
+            if n == name:
+                return slice(start, start + size)
+            start += size
+        raise KeyError(name)
+
+    def embed(self, sub: "ParamBlock", flat_sub: torch.Tensor) -> torch.Tensor:
+        """Place a vector of a sub-block into this block, zeros elsewhere (``[u; 0]``)."""
+        out = flat_sub.new_zeros(*flat_sub.shape[:-1], self.numel)
+        for name, piece in sub.unflatten(flat_sub).items():
+            out[..., self.slice_of(name)] = piece.reshape(*flat_sub.shape[:-1], -1)
+        return out
+
+    def restrict(self, sub: "ParamBlock", flat: torch.Tensor) -> torch.Tensor:
+        """The entries of ``flat`` (a vector of this block) that belong to ``sub``."""
+        return torch.cat([flat[..., self.slice_of(n)] for n in sub.names], dim=-1)
+
+    def __add__(self, other: "ParamBlock") -> "ParamBlock":
+        overlap = set(self.names) & set(other.names)
+        if overlap:
+            raise ValueError(f"blocks overlap in {sorted(overlap)}")
+        return ParamBlock(self.names + other.names, self.shapes + other.shapes)
+
+
+def named_params(model: nn.Module) -> Params:
+    """Detached copies-by-reference of the trainable parameters, in model order."""
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def make_block(params: Mapping[str, torch.Tensor], select: Callable[[str], bool] | Iterable[str]) -> ParamBlock:
+    """The block of ``params`` chosen by a predicate on names or an explicit list of names."""
+    if callable(select):
+        names = [n for n in params if select(n)]
+    else:
+        names = list(select)
+        unknown = [n for n in names if n not in params]
+        if unknown:
+            raise KeyError(f"unknown parameter names {unknown}; the model has {list(params)}")
+    return ParamBlock(tuple(names), tuple(params[n].shape for n in names))
+
+
+def prefix_matcher(prefix: str) -> Callable[[str], bool]:
+    """Names equal to ``prefix`` or below it as a module path (``embedding`` matches
+    ``embedding.0.weight`` but not ``embedding_extra.weight``)."""
+    prefix = prefix.rstrip(".")
+    return lambda n: n == prefix or n.startswith(prefix + ".")
+
+
+def check_finite(what: str, tensors: Mapping[str, torch.Tensor] | torch.Tensor) -> None:
+    """Raise a clear error naming the first non-finite tensor."""
+    items = tensors.items() if isinstance(tensors, Mapping) else [("", tensors)]
+    for name, t in items:
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            where = f" '{name}'" if name else ""
+            raise FloatingPointError(
+                f"{what}{where} contains NaN or inf; influence needs a finite model and data "
+                "(check the training run for divergence, or the inputs for missing values)"
+            )

@@ -1,0 +1,171 @@
+"""Solvers against a dense solve on a damped Hessian of a small trained model."""
+
+import tracemalloc
+import warnings
+
+import pytest
+import torch
+
+from conftest import TinyCNN, TinyMLP, make_data, train_full_batch
+from lissa_influence import CG, Explicit, Identity, LiSSA
+from lissa_influence.curvature import CurvatureOperator, Objective, cross_entropy
+from lissa_influence.params import make_block, named_params
+from lissa_influence.solvers import DivergenceError, NegativeCurvatureError, SolverWarning
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.fixture(scope="module")
+def damped_operator():
+    torch.manual_seed(0)
+    model = TinyCNN().double()
+    batch = make_data(120, (1, 6, 6), 3, seed=4)
+    train_full_batch(model, batch, steps=500)
+    params = named_params(model)
+    block = make_block(params, lambda n: True)
+    return CurvatureOperator(Objective(model, cross_entropy, params, batch, chunk_size=64), block, damping=1e-2)
+
+
+@pytest.fixture(scope="module")
+def dense(damped_operator):
+    return Explicit().matrix(damped_operator, damped_operator.size, torch.zeros(1, dtype=torch.float64))
+
+
+@pytest.fixture(scope="module")
+def lissa_operator(damped_operator):
+    """The same Hessian, damped enough (condition number ~20) for LiSSA to converge in a few hundred steps."""
+    return CurvatureOperator(damped_operator.objective, damped_operator.block, damping=0.3)
+
+
+@pytest.fixture(scope="module")
+def lissa_dense(lissa_operator):
+    return Explicit().matrix(lissa_operator, lissa_operator.size, torch.zeros(1, dtype=torch.float64))
+
+
+def rhs(op, k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(k, op.size, generator=g, dtype=torch.float64)
+
+
+def test_explicit_matches_linalg_solve(damped_operator, dense):
+    b = rhs(damped_operator, 2)
+    x, info = Explicit().solve(damped_operator, b)
+    assert rel(x, torch.linalg.solve(dense, b.T).T) <= 1e-10
+    assert info.extra["method"] == "cholesky" and info.residuals[-1] < 1e-10
+
+
+def test_cg_matches_explicit_and_batches(damped_operator, dense):
+    b = rhs(damped_operator, 4)
+    exact = torch.linalg.solve(dense, b.T).T
+    x, info = CG(tol=1e-10, max_iter=2000).solve(damped_operator, b)
+    assert info.converged
+    assert rel(x, exact) <= 1e-6
+    one_at_a_time = torch.stack([CG(tol=1e-10, max_iter=2000).solve(damped_operator, row)[0] for row in b])
+    assert rel(x, one_at_a_time) <= 1e-8
+    assert info.num_products <= 4 * info.iterations
+
+
+def test_cg_jacobi_preconditioner_converges(damped_operator, dense):
+    b = rhs(damped_operator, 1)[0]
+    x, info = CG(tol=1e-10, max_iter=2000, preconditioner=torch.diagonal(dense)).solve(damped_operator, b)
+    assert info.converged and rel(x, torch.linalg.solve(dense, b)) <= 1e-6
+    x2, info2 = CG(tol=1e-10, max_iter=2000, preconditioner="jacobi").solve(damped_operator, b)
+    assert info2.converged and rel(x2, torch.linalg.solve(dense, b)) <= 1e-6
+
+
+def test_cg_not_converged_is_reported(damped_operator):
+    with pytest.warns(SolverWarning, match="did not reach"):
+        _, info = CG(tol=1e-12, max_iter=3).solve(damped_operator, rhs(damped_operator, 1)[0])
+    assert not info.converged and info.iterations == 3
+
+
+def test_cg_reports_negative_curvature():
+    a = torch.diag(torch.tensor([3.0, 1.0, -2.0], dtype=torch.float64))
+    b = torch.ones(3, dtype=torch.float64)
+    with pytest.raises(NegativeCurvatureError, match="damping.*Gauss-Newton"):
+        CG().solve(a, b)
+    with pytest.warns(SolverWarning, match="negative curvature"):
+        _, info = CG(on_negative_curvature="warn").solve(a, b)
+    assert not info.converged and info.extra["negative_curvature_rows"] == [0]
+
+
+def test_lissa_auto_scale_matches_explicit(lissa_operator, lissa_dense):
+    b = rhs(lissa_operator, 2)
+    exact = torch.linalg.solve(lissa_dense, b.T).T
+    x, info = LiSSA(scale="auto", depth=2000, tol=1e-7).solve(lissa_operator, b)
+    assert info.converged
+    assert rel(x, exact) <= 1e-2
+    assert info.extra["top_eigenvalue"] == pytest.approx(float(torch.linalg.eigvalsh(lissa_dense)[-1]), rel=0.05)
+
+
+def test_lissa_own_damping_is_d_times_scale():
+    a = torch.diag(torch.tensor([2.0, 1.0, 0.5], dtype=torch.float64))
+    b = torch.ones(3, dtype=torch.float64)
+    x, info = LiSSA(scale=4.0, damping=0.1, depth=5000, tol=1e-14).solve(a, b)
+    assert torch.allclose(x, b / (torch.diagonal(a) + 0.4), rtol=1e-10)
+    assert info.extra["effective_damping"] == pytest.approx(0.4)
+
+
+def test_lissa_too_small_scale_raises_with_advice(lissa_operator, lissa_dense):
+    top = float(torch.linalg.eigvalsh(lissa_dense)[-1])
+    with pytest.raises(DivergenceError, match=r"scale ≥") as err:
+        LiSSA(scale=top / 4, depth=500).solve(lissa_operator, rhs(lissa_operator, 1)[0])
+    assert "top eigenvalue" in str(err.value)
+
+
+def test_lissa_minibatch_recursion_is_seeded_and_close(lissa_operator, lissa_dense):
+    b = rhs(lissa_operator, 1)[0]
+    exact = torch.linalg.solve(lissa_dense, b)
+    solver = LiSSA(scale="auto", safety=2.0, depth=300, repeats=3, batch_size=60, seed=3)
+    x1, info = solver.solve(lissa_operator, b)
+    x2, _ = solver.solve(lissa_operator, b)
+    assert torch.equal(x1, x2)  # same seed, same minibatches
+    assert info.extra["stochastic"] and info.num_products == 50 + 3 * 300
+    assert rel(x1, exact) <= 0.3  # a noisy estimate of the same solution
+
+
+def test_lissa_memory_is_flat_over_depth():
+    # Cheap operator (an MLP on 10 examples): only memory growth over depth matters here.
+    model = TinyMLP().double()
+    params = named_params(model)
+    op = CurvatureOperator(Objective(model, cross_entropy, params, make_data(10, (5,), 3, seed=0)),
+                           make_block(params, lambda n: True), damping=1.0)
+    b = rhs(op, 1)[0]
+
+    def peak(depth):
+        tracemalloc.start()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SolverWarning)
+            LiSSA(scale=20.0, depth=depth, tol=0.0).solve(op, b)
+        _, top = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        return top
+
+    peak(10)  # warm up torch.func's caches
+    small, large = peak(100), peak(1000)
+    assert large < 1.5 * small + 100_000, (small, large)
+
+
+def test_identity_and_shapes():
+    b = torch.randn(2, 5, dtype=torch.float64)
+    x, info = Identity().solve(lambda v: v, b)
+    assert torch.equal(x, b) and x is not b and info.num_products == 0
+    with pytest.raises(ValueError, match=r"\[P\] or \[k, P\]"):
+        CG().solve(torch.eye(5), torch.zeros(1, 2, 5))
+    with pytest.raises(FloatingPointError):
+        CG().solve(torch.eye(2), torch.tensor([1.0, float("nan")]))
+
+
+def test_explicit_refuses_large_models():
+    with pytest.raises(MemoryError, match="CG or LiSSA"):
+        Explicit(max_params=10).solve(lambda v: v, torch.ones(11))
+
+
+def test_plain_callable_and_dense_matrix_are_operators():
+    a = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
+    b = torch.tensor([[1.0, 2.0], [0.0, 1.0]], dtype=torch.float64)
+    x1, _ = CG(tol=1e-12).solve(lambda v: a @ v, b)
+    x2, _ = CG(tol=1e-12).solve(a, b)
+    assert torch.allclose(x1, torch.linalg.solve(a, b.T).T) and torch.allclose(x1, x2)
