@@ -17,12 +17,12 @@ torch.set_num_threads(1)
 
 
 class TinyCNN(nn.Module):
-    """Conv embedding + linear head on 1x6x6 inputs (~150 parameters)."""
+    """Conv embedding + linear head on 1x6x6 inputs (69 parameters with 3 channels)."""
 
-    def __init__(self, classes: int = 3):
+    def __init__(self, classes: int = 3, channels: int = 3):
         super().__init__()
-        self.embedding = nn.Sequential(nn.Conv2d(1, 3, 3), nn.Tanh(), nn.MaxPool2d(2), nn.Flatten())
-        self.head = nn.Linear(12, classes)
+        self.embedding = nn.Sequential(nn.Conv2d(1, channels, 3), nn.Tanh(), nn.MaxPool2d(2), nn.Flatten())
+        self.head = nn.Linear(4 * channels, classes)
 
     def forward(self, x):
         return self.head(self.embedding(x))
@@ -38,11 +38,16 @@ class TinyMLP(nn.Module):
         return self.head(self.embedding(x))
 
 
-def make_data(n: int, shape: tuple[int, ...], classes: int, seed: int, dtype=torch.float64) -> Batch:
+def make_data(n: int, shape: tuple[int, ...], classes: int, seed: int, dtype=torch.float64, noise: float | None = None) -> Batch:
+    """Random inputs; labels uniform at random, or (with ``noise``) from a fixed random
+    linear teacher plus Gaussian noise, so that a model learns without interpolating."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, *shape, generator=g, dtype=dtype)
-    y = torch.randint(0, classes, (n,), generator=g)
-    return Batch(x, y)
+    if noise is None:
+        return Batch(x, torch.randint(0, classes, (n,), generator=g))
+    teacher = torch.randn(x[0].numel(), classes, generator=torch.Generator().manual_seed(1234), dtype=dtype)
+    logits = x.reshape(n, -1) @ teacher + noise * torch.randn(n, classes, generator=g, dtype=dtype)
+    return Batch(x, logits.argmax(1))
 
 
 def dense_hessian(model, params, block: ParamBlock, batch: Batch, loss_fn=cross_entropy) -> torch.Tensor:
