@@ -1,0 +1,182 @@
+"""Typed Hydra configuration: the schema of ``conf/`` and its conversion to library objects.
+
+The schema is registered in Hydra's ConfigStore, so a misspelt key or a value of the
+wrong type fails when the config is composed, with Hydra's message naming the key.
+The data, model and training sections mirror the library's own frozen dataclasses
+(:class:`~lissa_influence.data.DataConfig`, :class:`~lissa_influence.models.ModelConfig`,
+:class:`~lissa_influence.training.TrainConfig`); Hydra needs mutable copies of them,
+made here field by field so the two never drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from .data import DataConfig
+from .models import ModelConfig
+from .solvers import CG, Explicit, Identity, LiSSA
+from .training import TrainConfig
+
+
+def _mutable(cls: type, **defaults: Any) -> type:
+    """A mutable dataclass with the fields of frozen ``cls`` (tuples become lists)."""
+    hints = typing.get_type_hints(cls)  # resolves string annotations
+    fields = []
+    for f in dataclasses.fields(cls):
+        ftype = _listify(hints[f.name])
+        default = defaults.get(f.name, f.default)
+        if isinstance(default, tuple):
+            fields.append((f.name, ftype, field(default_factory=lambda d=default: list(d))))
+        else:
+            fields.append((f.name, ftype, field(default=default)))
+    return dataclasses.make_dataclass(f"{cls.__name__}Schema", fields)
+
+
+def _listify(tp: Any) -> Any:
+    """``tuple[int, ...]`` -> ``list[int]``, keeping ``Optional``: OmegaConf stores sequences as lists."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is tuple:
+        return list[args[0]] if args else list
+    if args and type(None) in args:
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return Optional[_listify(inner[0])]
+    return tp
+
+
+DataSchema = _mutable(DataConfig)
+ModelSchema = _mutable(ModelConfig)
+TrainSchema = _mutable(TrainConfig)
+
+
+@dataclass
+class SolverSchema:
+    """One solver's settings; ``name`` picks the solver, the other keys are its options
+    (keys that belong to another solver are ignored)."""
+
+    name: str = "cg"  # cg | lissa | explicit | identity
+    # CG
+    tol: float = 1e-6
+    max_iter: int = 200
+    preconditioner: Optional[str] = None  # null | jacobi
+    # LiSSA
+    scale: str = "auto"  # "auto" or a number
+    damping: float = 0.0  # LiSSA's own damping d (adds d*scale to the stage damping)
+    depth: int = 1000
+    repeats: int = 1
+    batch_size: Optional[int] = None
+    safety: float = 1.2
+    # Explicit
+    method: str = "auto"
+    max_params: int = 10_000
+    seed: int = 0
+
+
+@dataclass
+class StageSchema:
+    damping: float = 1e-2
+    hessian_samples: int = 1000
+    train: TrainSchema = field(default_factory=TrainSchema)
+
+
+@dataclass
+class ValidateSchema:
+    """Leave-one-out validation (SPEC's protocol)."""
+
+    enabled: bool = False
+    num_examples: int = 30  # K removed pretraining examples: a third most harmful, a third most helpful, a third random
+    test_index: int = 0  # which chosen test point (-1: the mean test loss of all chosen points)
+    pretrain_steps: int = 100
+    finetune_steps: int = 100
+    polish_iters: int = 0  # L-BFGS iterations after the Adam steps of each retraining (0: the paper's protocol)
+    seed: int = 0
+
+
+@dataclass
+class RunSchema:
+    data: DataSchema = field(default_factory=DataSchema)
+    model: ModelSchema = field(default_factory=ModelSchema)
+    solver: SolverSchema = field(default_factory=SolverSchema)
+    pretrain: StageSchema = field(default_factory=lambda: StageSchema(damping=1e-2))
+    finetune: StageSchema = field(default_factory=lambda: StageSchema(damping=1e-8))
+    validate: ValidateSchema = field(default_factory=ValidateSchema)
+    mode: str = "fixed"  # fixed | updated
+    alpha: float = 0.01  # proximity weight of alpha*||W - W*||^2 (mode=updated)
+    seed: int = 0
+    test_points: int = 8  # finetuning test points scored (the first of a seeded permutation)
+    query: str = "each"  # each: one score row per test point; mean: the mean test loss as one query
+    scoring: str = "auto"  # auto | jvp | grad
+    batch_size: int = 256
+    gauss_newton: bool = False
+    top_k: int = 6  # helpful / harmful examples shown per test point
+    cache_dir: str = "~/.cache/lissa_influence"
+    threads: Optional[int] = None  # torch.set_num_threads; null keeps torch's default
+    progress: bool = True
+
+
+def register() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="schema", node=RunSchema)
+    cs.store(group="data", name="schema", node=DataSchema)
+    cs.store(group="model", name="schema", node=ModelSchema)
+    cs.store(group="solver", name="schema", node=SolverSchema)
+
+
+# -- conversion to library objects -----------------------------------------------------
+def _plain(node: Any) -> dict:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dataclasses.asdict(node)
+
+
+def to_frozen(cls: type, node: Any):
+    """The library's frozen config from a schema node (lists back to tuples)."""
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in _plain(node).items()}
+    return cls(**values)
+
+
+SOLVERS = ("cg", "lissa", "explicit", "identity")
+
+
+def build_solver(node: Any):
+    s = _plain(node)
+    name = s["name"]
+    if name == "cg":
+        return CG(tol=s["tol"], max_iter=s["max_iter"], preconditioner=s["preconditioner"], seed=s["seed"])
+    if name == "lissa":
+        scale = s["scale"]
+        scale = scale if scale == "auto" else float(scale)
+        return LiSSA(scale=scale, damping=s["damping"], depth=s["depth"], repeats=s["repeats"],
+                     batch_size=s["batch_size"], seed=s["seed"], tol=s["tol"], safety=s["safety"])
+    if name == "explicit":
+        return Explicit(method=s["method"], max_params=s["max_params"])
+    if name == "identity":
+        return Identity()
+    raise ValueError(f"unknown solver.name={name!r}; use one of {SOLVERS}")
+
+
+def check(cfg: Any) -> None:
+    """Value checks the schema's types cannot express; fail before any training starts."""
+    choices = {"mode": ("fixed", "updated"), "query": ("each", "mean"), "scoring": ("auto", "jvp", "grad")}
+    for key, allowed in choices.items():
+        if cfg[key] not in allowed:
+            raise ValueError(f"{key}={cfg[key]!r} is not one of {allowed}")
+    if cfg.solver.name not in SOLVERS:
+        raise ValueError(f"solver.name={cfg.solver.name!r} is not one of {SOLVERS}")
+    if cfg.solver.name == "lissa" and cfg.solver.scale != "auto":
+        try:
+            float(cfg.solver.scale)
+        except ValueError:
+            raise ValueError(f"solver.scale={cfg.solver.scale!r}: use 'auto' or a positive number") from None
+    for stage in ("pretrain", "finetune"):
+        if cfg[stage].damping < 0:
+            raise ValueError(f"{stage}.damping={cfg[stage].damping} must be >= 0")
+        if cfg[stage].hessian_samples < 1:
+            raise ValueError(f"{stage}.hessian_samples={cfg[stage].hessian_samples} must be >= 1")
+    if cfg.test_points < 1:
+        raise ValueError(f"test_points={cfg.test_points} must be >= 1")

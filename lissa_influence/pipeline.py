@@ -1,0 +1,158 @@
+"""The main job: data -> two-stage training (cached) -> multi-stage influence -> outputs.
+
+Configured by a :class:`~lissa_influence.config.RunSchema` node (Hydra composes it from
+``conf/``); writes into ``out_dir``:
+
+- ``scores.npy``: ``[n_queries, n_pretrain]`` float array of ``I(z)`` (SPEC's sign:
+  positive = harmful); ``query_vectors.npy``: the solved ``s`` per query, enough to
+  score new pretraining examples later without solving again;
+- ``metrics.json``: config, package versions, data sizes, training reports, solver
+  diagnostics, timings, and the top helpful / harmful examples per query;
+- ``top_examples.png``: each test point with its most helpful and harmful pretraining images.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from . import __version__, config, plots
+from .data import DataConfig, TwoStageData, load_two_stage
+from .influence import MultiStageInfluence
+from .models import ModelConfig
+from .training import TrainConfig, train_two_stage
+
+log = logging.getLogger(__name__)
+
+
+def versions() -> dict[str, str]:
+    import hydra
+    import scipy
+    import torchvision
+
+    out = {"lissa_influence": __version__, "python": platform.python_version(), "torch": torch.__version__,
+           "torchvision": torchvision.__version__, "numpy": np.__version__, "scipy": scipy.__version__,
+           "hydra": hydra.__version__}
+    try:  # a source checkout records its commit; an installed wheel has none
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=5)
+        if commit.returncode == 0:
+            out["git_commit"] = commit.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return out
+
+
+def train(cfg: Any) -> tuple[TwoStageData, torch.nn.Module, torch.nn.Module, Any]:
+    """Load the data and train (or load from the cache) both stages."""
+    data = load_two_stage(config.to_frozen(DataConfig, cfg.data))
+    pretrained, finetuned, info = train_two_stage(
+        data, config.to_frozen(ModelConfig, cfg.model), config.to_frozen(TrainConfig, cfg.pretrain.train),
+        config.to_frozen(TrainConfig, cfg.finetune.train), cfg.mode, cfg.alpha, Path(cfg.cache_dir).expanduser())
+    return data, pretrained, finetuned, info
+
+
+def test_indices(n: int, count: int, seed: int) -> torch.Tensor:
+    """The scored finetuning test points: the first ``count`` of a seeded permutation."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: min(count, n)]
+
+
+def build_influence(cfg: Any, pretrained, finetuned, data: TwoStageData) -> MultiStageInfluence:
+    msi = MultiStageInfluence(
+        pretrained, finetuned, shared="embedding", mode=cfg.mode, alpha=cfg.alpha, solver=config.build_solver(cfg.solver),
+        pretrain_damping=cfg.pretrain.damping, finetune_damping=cfg.finetune.damping,
+        hessian_samples=cfg.pretrain.hessian_samples, finetune_hessian_samples=cfg.finetune.hessian_samples,
+        seed=cfg.seed, gauss_newton=cfg.gauss_newton, batch_size=cfg.batch_size, scoring=cfg.scoring,
+        progress=cfg.progress)
+    return msi.fit(data.pretrain_train, data.finetune_train)
+
+
+def top_examples(scores: torch.Tensor, k: int) -> list[dict[str, list]]:
+    """Per query: the ``k`` most helpful (most negative ``I``) and most harmful examples."""
+    out = []
+    for row in scores:
+        helpful = torch.argsort(row)[:k]
+        harmful = torch.argsort(row, descending=True)[:k]
+        out.append({"helpful": helpful.tolist(), "helpful_scores": row[helpful].tolist(),
+                    "harmful": harmful.tolist(), "harmful_scores": row[harmful].tolist()})
+    return out
+
+
+def run(cfg: Any, out_dir: str | Path) -> dict[str, Any]:
+    config.check(cfg)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+
+    data, pretrained, finetuned, info = train(cfg)
+    log.info("trained: pretrain loss %.4g (|grad| %.2g%s), finetune loss %.4g (|grad| %.2g%s)",
+             info.pretrain_report.loss, info.pretrain_report.grad_norm, ", cached" if info.pretrain_cached else "",
+             info.finetune_report.loss, info.finetune_report.grad_norm, ", cached" if info.finetune_cached else "")
+
+    idx = test_indices(len(data.finetune_test), cfg.test_points, cfg.seed)
+    x_test, y_test = (t[idx] for t in data.finetune_test.tensors)
+    msi = build_influence(cfg, pretrained, finetuned, data)
+    s = msi.query_vectors((x_test, y_test), mean=cfg.query == "mean")
+    solve_diagnostics = dict(msi.diagnostics)
+    scores = msi.scores_from(s)
+    solve_diagnostics["time"] = msi.diagnostics["time"]
+
+    np.save(out / "scores.npy", scores.double().cpu().numpy())
+    np.save(out / "query_vectors.npy", s.double().cpu().numpy())
+    top = top_examples(scores, cfg.top_k)
+    metrics: dict[str, Any] = {
+        "config": OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg,
+        "versions": versions(),
+        "data": data.describe(),
+        "training": {"pretrain": vars(info.pretrain_report), "finetune": vars(info.finetune_report),
+                     "pretrain_cached": info.pretrain_cached, "finetune_cached": info.finetune_cached},
+        "test_indices": idx.tolist(),
+        "test_labels": y_test.tolist(),
+        "influence": {**solve_diagnostics, "num_pretrain": scores.shape[1], "num_queries": scores.shape[0],
+                      "mean_abs_score": float(scores.abs().mean()),
+                      "score_range": [float(scores.min()), float(scores.max())]},
+        "top_examples": top,
+    }
+    if cfg.query == "each":
+        plots.top_examples_grid(out / "top_examples.png", x_test, y_test, data, top, data.finetune_classes,
+                                data.pretrain_classes)
+    if cfg.validate.enabled:
+        from . import validation
+
+        metrics["validation"] = validation.run(cfg, data, pretrained, finetuned, scores, (x_test, y_test), out)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    log.info("%s", summary(metrics))
+    print(summary(metrics))
+    return metrics
+
+
+def summary(m: dict[str, Any]) -> str:
+    inf = m["influence"]
+    lines = [
+        f"multi-stage influence ({m['config']['mode']}, solver={m['config']['solver']['name']}): "
+        f"{inf['num_queries']} queries x {inf['num_pretrain']} pretraining examples, mean |I| = {inf['mean_abs_score']:.4g}",
+    ]
+    for stage in ("finetune", "pretrain"):
+        d = inf.get(stage)
+        if d:
+            res = d.get("final_residual")
+            lines.append(f"  {stage} solve: {d['iterations']} iterations, {d['num_products']} products, "
+                         f"converged={d['converged']}" + (f", residual {res:.2g}" if res is not None else ""))
+    lines.append("  time: " + ", ".join(f"{k} {v:.2f}s" for k, v in inf["time"].items()))
+    for q, t in enumerate(m["top_examples"][:3]):
+        lines.append(f"  query {q}: most helpful {t['helpful'][:3]} {[round(v, 4) for v in t['helpful_scores'][:3]]}, "
+                     f"most harmful {t['harmful'][:3]} {[round(v, 4) for v in t['harmful_scores'][:3]]}")
+    if "validation" in m:
+        v = m["validation"]
+        lines.append(f"  leave-one-out: Pearson {v['pearson']:.3f}, Spearman {v['spearman']:.3f} over {v['num_examples']} examples")
+    return "\n".join(lines)

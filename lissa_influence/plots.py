@@ -1,0 +1,72 @@
+"""PNG figures: example grids, leave-one-out scatter plots, score histograms."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on the machines this runs on
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+
+def _image(x: torch.Tensor) -> np.ndarray:
+    a = x.detach().float().cpu()
+    a = (a - a.min()) / (a.max() - a.min()).clamp_min(1e-12)
+    return a[0].numpy() if a.shape[0] == 1 else a.permute(1, 2, 0).numpy()
+
+
+def top_examples_grid(path: Path, x_test: torch.Tensor, y_test: torch.Tensor, data, top: list[dict],
+                      ft_classes: Sequence[int], pre_classes: Sequence[int]) -> None:
+    """One row per test point: the test image, then its most helpful and most harmful
+    pretraining examples with their scores ``I(z)``."""
+    k = len(top[0]["helpful"])
+    rows, cols = len(top), 1 + 2 * k
+    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.5 * rows), squeeze=False)
+    x_pre, y_pre = data.pretrain_train.tensors
+    for r, t in enumerate(top):
+        axes[r, 0].imshow(_image(x_test[r]), cmap="gray")
+        axes[r, 0].set_title(f"test: {ft_classes[int(y_test[r])]}", fontsize=7)
+        for c, (i, s) in enumerate(zip(t["helpful"] + t["harmful"], t["helpful_scores"] + t["harmful_scores"])):
+            ax = axes[r, 1 + c]
+            ax.imshow(_image(x_pre[i]), cmap="gray")
+            kind = "helps" if c < k else "harms"
+            ax.set_title(f"{kind} {pre_classes[int(y_pre[i])]}\n{s:.3g}", fontsize=6, color="tab:green" if c < k else "tab:red")
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle("most helpful (green, I<0) and most harmful (red, I>0) pretraining examples", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def loo_scatter(path: Path, predicted: np.ndarray, actual: np.ndarray, pearson: float, spearman: float, title: str) -> None:
+    """The seed's Figure A: true test-loss change on removal vs the predicted ``−I(z)/m``."""
+    fig, ax = plt.subplots(figsize=(4.2, 4))
+    ax.scatter(predicted, actual, s=14, alpha=0.8)
+    lo, hi = float(min(predicted.min(), actual.min())), float(max(predicted.max(), actual.max()))
+    ax.plot([lo, hi], [lo, hi], color="gray", lw=0.8, ls="--")
+    ax.set_xlabel("predicted loss change  −I(z)/m")
+    ax.set_ylabel("actual loss change (leave one out)")
+    ax.set_title(f"{title}\nPearson r = {pearson:.3f}, Spearman = {spearman:.3f}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def histograms(path: Path, series: dict[str, np.ndarray], xlabel: str, title: str) -> None:
+    """Overlaid histograms of score distributions (the seed's Figures B and C)."""
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for name, values in series.items():
+        ax.hist(values, bins=60, alpha=0.55, label=f"{name} (mean |I| = {np.abs(values).mean():.3g})")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("pretraining examples")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
