@@ -88,6 +88,17 @@ def _timed(timings: dict[str, float], key: str):
     return ctx()
 
 
+def _influence_scores(est: "Influence | MultiStageInfluence", per_example: PerExample, data, s: torch.Tensor,
+                      start: int, stop: int | None) -> torch.Tensor:
+    """``I(z) = −sᵀ∇g(z)`` over ``data[start:stop]`` with the estimator's scoring settings;
+    records the time in ``est.diagnostics``."""
+    t0 = time.perf_counter()
+    with _eval_mode(per_example.model):
+        d = score_dataset(per_example, data, s, est.batch_size, est.scoring, est.jvp_max_queries, start, stop, est.progress)
+    est.diagnostics.setdefault("time", {})["scoring"] = time.perf_counter() - t0
+    return -d
+
+
 @dataclass(eq=False)
 class Influence:
     """Single-stage influence (Koh & Liang 2017): ``I(z) = −∇ℓᵀ (∇²G + λI)⁻¹ ∇g(z)``.
@@ -146,12 +157,7 @@ class Influence:
         """``I(z) = −sᵀ∇g(z)`` for the given query vectors, ``[k, n]``."""
         self._check_fitted()
         train = self._train if train_data is None else as_dataset(train_data, "training data")
-        t0 = time.perf_counter()
-        with _eval_mode(self.model):
-            d = score_dataset(PerExample(self.model, self.loss, self.params, self.block), train, s, self.batch_size,
-                              self.scoring, self.jvp_max_queries, start, stop, self.progress)
-        self.diagnostics.setdefault("time", {})["scoring"] = time.perf_counter() - t0
-        return -d
+        return _influence_scores(self, PerExample(self.model, self.loss, self.params, self.block), train, s, start, stop)
 
     def scores(self, test_data: DataLike, train_data: DataLike | None = None, mean: bool = False) -> torch.Tensor:
         return self.scores_from(self.query_vectors(test_data, mean), train_data)
@@ -299,12 +305,8 @@ class MultiStageInfluence:
         if not self._fitted:
             raise RuntimeError("call fit(pretrain_data, finetune_data) before scoring")
         pre = self._pretrain if pretrain_data is None else as_dataset(pretrain_data, "pretraining data")
-        t0 = time.perf_counter()
-        with _eval_mode(self.pretrained):
-            d = score_dataset(PerExample(self.pretrained, self.pretrain_loss, self.pre_params, self.pre_block), pre, s,
-                              self.batch_size, self.scoring, self.jvp_max_queries, start, stop, self.progress)
-        self.diagnostics.setdefault("time", {})["scoring"] = time.perf_counter() - t0
-        return -d
+        per_example = PerExample(self.pretrained, self.pretrain_loss, self.pre_params, self.pre_block)
+        return _influence_scores(self, per_example, pre, s, start, stop)
 
     def scores(self, test_data: DataLike, pretrain_data: DataLike | None = None, mean: bool = False) -> torch.Tensor:
         """``[n_test, n_pretrain]`` (``[1, n_pretrain]`` with ``mean=True``): ``I(z)`` of SPEC."""
