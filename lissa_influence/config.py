@@ -96,6 +96,7 @@ class ValidateSchema:
     pretrain_steps: int = 100
     finetune_steps: int = 100
     polish_iters: int = 0  # L-BFGS iterations after the Adam steps of each retraining (0: the paper's protocol)
+    polish_tol: float = 1e-8  # the polish stops once every gradient entry is below this
     seed: int = 0
 
 

@@ -131,8 +131,7 @@ def run(cfg: Any, out_dir: str | Path) -> dict[str, Any]:
 
         metrics["validation"] = validation.run(cfg, data, pretrained, finetuned, scores, (x_test, y_test), out)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
-    log.info("%s", summary(metrics))
-    print(summary(metrics))
+    print(summary(metrics))  # once: under Hydra a log.info would repeat it on the console
     return metrics
 
 

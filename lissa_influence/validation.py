@@ -45,8 +45,8 @@ def retrain_settings(cfg: Any) -> tuple[TrainConfig, TrainConfig]:
     v = cfg.validate
     pre = config.to_frozen(TrainConfig, cfg.pretrain.train)
     ft = config.to_frozen(TrainConfig, cfg.finetune.train)
-    return (replace(pre, steps=v.pretrain_steps, polish_iters=v.polish_iters, seed=v.seed),
-            replace(ft, steps=v.finetune_steps, polish_iters=v.polish_iters, seed=v.seed))
+    common = dict(polish_iters=v.polish_iters, polish_tol=v.polish_tol, seed=v.seed)
+    return replace(pre, steps=v.pretrain_steps, **common), replace(ft, steps=v.finetune_steps, **common)
 
 
 def test_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
