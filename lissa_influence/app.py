@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -22,16 +23,40 @@ def _config_path() -> str:
 
 
 @hydra.main(version_base="1.3", config_path=_config_path(), config_name="config")
-def _main(cfg: DictConfig) -> float:
+def _main(cfg: DictConfig) -> float | None:
+    if cfg.analysis.name != "none":  # the paper's analyses (docs/analyses.md)
+        from . import analyses
+
+        analyses.run(cfg, HydraConfig.get().runtime.output_dir)
+        return None
     metrics = pipeline.run(cfg, HydraConfig.get().runtime.output_dir)
     return metrics["influence"]["mean_abs_score"]
 
 
+def _quiet_other_ranks() -> None:
+    """Under torchrun only rank 0 keeps Hydra's ``.hydra/`` files and logs (every rank runs
+    the job; only rank 0 writes outputs, see docs/scaling.md)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or int(os.environ.get("RANK", "0")) == 0:
+        return
+    args = sys.argv[1:]
+    extra = [o for o in ("hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled")
+             if not any(a.startswith(o.split("=")[0] + "=") for a in args)]
+    at = next((i for i, a in enumerate(args) if "=" in a and not a.startswith("-")), len(args))
+    sys.argv[1 + at : 1 + at] = extra
+
+
 def main() -> None:
+    _quiet_other_ranks()
     _main()
 
 
 def validate_main() -> None:
     """The main job with leave-one-out validation switched on."""
-    sys.argv.insert(1, "validate.enabled=true")
+    # Inserted just before the user's first override: Hydra's parser takes the overrides as
+    # one run of positional arguments (``-m a=1,2`` must not become ``v=true -m a=1,2``),
+    # and an explicit ``validate.enabled=false`` later on the line still wins.
+    args = sys.argv[1:]
+    at = next((i for i, a in enumerate(args) if "=" in a and not a.startswith("-")), len(args))
+    sys.argv.insert(1 + at, "validate.enabled=true")
+    _quiet_other_ranks()
     _main()

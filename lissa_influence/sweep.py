@@ -36,9 +36,15 @@ def row(job_dir: Path, metrics: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _job_order(path: Path) -> tuple:
+    """Job folders are named by job number: 2 before 10 (other names after, by name)."""
+    name = path.parent.name
+    return (0, int(name), "") if name.isdigit() else (1, 0, name)
+
+
 def summarise(sweep_dir: Path) -> list[dict[str, Any]]:
     """Rows of every finished job under ``sweep_dir``; written to ``summary.csv`` there."""
-    rows = [row(p.parent, json.loads(p.read_text())) for p in sorted(sweep_dir.glob("*/metrics.json"))]
+    rows = [row(p.parent, json.loads(p.read_text())) for p in sorted(sweep_dir.glob("*/metrics.json"), key=_job_order)]
     if rows:
         with open(sweep_dir / "summary.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=COLUMNS)
@@ -62,5 +68,4 @@ class SweepSummary(Callback):
         rows = summarise(sweep_dir)
         if rows:
             table = format_table(rows)
-            log.info("sweep summary (%s):\n%s", sweep_dir / "summary.csv", table)
             print(f"sweep summary ({sweep_dir / 'summary.csv'}):\n{table}")

@@ -53,10 +53,14 @@ def test_cifar_table_a_shapes_and_counts():
 
 
 def test_only_plain_smooth_layers_and_no_output_activation():
-    allowed = (nn.Conv2d, nn.Tanh, nn.MaxPool2d, nn.Flatten, nn.Linear, nn.Sequential, TwoStageNet)
+    allowed = (nn.Conv2d, nn.Tanh, nn.MaxPool2d, nn.AvgPool2d, nn.Flatten, nn.Linear, nn.Sequential, TwoStageNet)
     for arch in ("digits", "mnist", "cifar"):
         model = build_model(arch, 3, seed=0)
         assert all(isinstance(m, allowed) for m in model.modules())
+        # Table A's max-pooling; the digits variant averages, to keep its loss smooth.
+        pool = nn.AvgPool2d if arch == "digits" else nn.MaxPool2d
+        assert any(isinstance(m, pool) for m in model.modules())
+        assert not any(isinstance(m, (nn.AvgPool2d, nn.MaxPool2d)) and not isinstance(m, pool) for m in model.modules())
         assert isinstance(list(model.head.modules())[-1], nn.Linear)  # logits, no activation
     cifar_acts = [type(m) for m in build_model("cifar", 3, 0).modules() if isinstance(m, (nn.Tanh, nn.Conv2d, nn.Linear))]
     # Tanh after each of the 4 convs and the first FC, none after the last FC.

@@ -197,7 +197,7 @@ def test_updated_mode_polish_reaches_stationary_point_of_ce_plus_proximity(small
     data = soft_label_data(small, images=20)
     ft, w_star = perturbed_finetune_model(pretrained)
     start = value(proximity(ft, w_star))
-    cfg = TrainConfig(steps=0, polish_iters=100, polish_tol=1e-12)
+    cfg = TrainConfig(steps=0, polish_iters=300, polish_tol=1e-12)
     trained, report = finetune(ft, data, cfg, "updated", alpha=0.5, w_star=w_star)
     x, y = data.finetune_train.tensors
     full = grad_norm(finetune_objective(trained, x.double(), y, "updated", 0.5, w_star), list(trained.parameters()))
