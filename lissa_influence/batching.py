@@ -53,6 +53,9 @@ def gather(data: Dataset, indices: Sequence[int] | torch.Tensor, dtype: torch.dt
     idx = torch.as_tensor(indices, dtype=torch.long)
     if isinstance(data, TensorDataset) and len(data.tensors) == 2:
         x, y = (t[idx] for t in data.tensors)
+    elif len(idx) == 0:  # an empty shard: the shapes of one example, zero rows
+        one = gather(data, [0], dtype, device)
+        return Batch(one.x[:0], one.y[:0])
     else:
         pairs = [data[int(i)] for i in idx]
         x = torch.stack([torch.as_tensor(p[0]) for p in pairs])

@@ -101,6 +101,21 @@ class ValidateSchema:
 
 
 @dataclass
+class AnalysisSchema:
+    """The paper's analyses (lissa_influence/analyses.py, docs/analyses.md); ``none`` runs the main job."""
+
+    name: str = "none"  # none | task_similarity | finetune_size | influential_examples
+    # task_similarity (section 4.3, Figure B): one pretrained model, two finetuning tasks
+    same_task_classes: Optional[list[int]] = None  # null: data.pretrain_classes
+    other_task_classes: Optional[list[int]] = None  # required for task_similarity
+    # finetune_size (section 4.4, Figure C): model C, and model D with factor x the examples and steps
+    base_subsample: Optional[int] = None  # model C's finetuning examples (null: data.finetune_subsample)
+    factor: int = 3
+    # influential_examples: remove the top `remove` harmful (then helpful) examples and retrain
+    remove: int = 10
+
+
+@dataclass
 class RunSchema:
     data: DataSchema = field(default_factory=DataSchema)
     model: ModelSchema = field(default_factory=ModelSchema)
@@ -108,6 +123,7 @@ class RunSchema:
     pretrain: StageSchema = field(default_factory=lambda: StageSchema(damping=1e-2))
     finetune: StageSchema = field(default_factory=lambda: StageSchema(damping=1e-8))
     validate: ValidateSchema = field(default_factory=ValidateSchema)
+    analysis: AnalysisSchema = field(default_factory=AnalysisSchema)
     mode: str = "fixed"  # fixed | updated
     alpha: float = 0.01  # proximity weight of alpha*||W - W*||^2 (mode=updated)
     seed: int = 0
@@ -119,6 +135,7 @@ class RunSchema:
     top_k: int = 6  # helpful / harmful examples shown per test point
     cache_dir: str = "~/.cache/lissa_influence"
     threads: Optional[int] = None  # torch.set_num_threads; null keeps torch's default
+    shard_size: int = 4096  # pretraining examples per score shard (scores/shard_*.npy; a rerun resumes)
     progress: bool = True
 
 
@@ -181,3 +198,7 @@ def check(cfg: Any) -> None:
             raise ValueError(f"{stage}.hessian_samples={cfg[stage].hessian_samples} must be >= 1")
     if cfg.test_points < 1:
         raise ValueError(f"test_points={cfg.test_points} must be >= 1")
+    if cfg.mode == "updated" and not cfg.alpha > 0:  # else it fails only after both stages trained
+        raise ValueError(f"mode=updated needs alpha > 0 (the weight of alpha*||W - W*||^2), got alpha={cfg.alpha}")
+    if cfg.shard_size < 1:
+        raise ValueError(f"shard_size={cfg.shard_size} must be >= 1")

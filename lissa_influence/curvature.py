@@ -6,12 +6,18 @@ parameters with the rest held at their values. They are built from ``torch.func`
 (forward-over-reverse: ``jvp`` of ``grad``), streamed over the sample in chunks so
 memory is bounded by the chunk, and accept one vector ``[P]`` or a stack ``[k, P]``
 (the stack is ``vmap``-ed, one pass per chunk for all ``k`` vectors).
+
+Distributed (:mod:`lissa_influence.distributed`): an :class:`Objective` may hold one
+rank's shard of the sample; each chunk is then weighted by its size over the whole
+sample (``sample_size``) and ``reduce`` sums the ranks' partial results.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Callable
+
+import dataclasses
 
 import torch
 from torch import nn
@@ -34,6 +40,14 @@ class Objective:
 
     ``params`` holds every trainable parameter (the point where derivatives are
     taken); products are taken with respect to a :class:`ParamBlock` of them.
+
+    Sharded sample (one rank of several): ``batch`` is this rank's slice
+    ``[sample_offset, sample_offset + len(batch))`` of a sample of ``sample_size``
+    examples, and ``reduce`` (e.g. :func:`~lissa_influence.distributed.all_reduce_sum`)
+    sums the ranks' partial results, so every rank gets the product over the whole
+    sample. The defaults (``sample_size=None`` = ``len(batch)``, no ``reduce``) are the
+    single-process objective. A ``batch`` passed explicitly to a method is a plain local
+    sample: its mean, not reduced.
     """
 
     model: nn.Module
@@ -41,6 +55,14 @@ class Objective:
     params: Params
     batch: Batch
     chunk_size: int = 256
+    sample_size: int | None = None
+    sample_offset: int = 0
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    @property
+    def total(self) -> int:
+        """Size of the whole sample (over all ranks)."""
+        return len(self.batch) if self.sample_size is None else self.sample_size
 
     @property
     def dtype(self) -> torch.dtype:
@@ -64,17 +86,29 @@ class Objective:
         return self.loss_fn(self._forward(overrides, x), y)
 
     def _chunks(self, batch: Batch | None):
-        batch = self.batch if batch is None else batch
-        n = len(batch)
+        batch, n = (self.batch, self.total) if batch is None else (batch, len(batch))
         for chunk in batch.chunks(self.chunk_size):
             yield chunk, len(chunk) / n
+
+    def _reduced(self, total: torch.Tensor, batch: Batch | None) -> torch.Tensor:
+        return self.reduce(total) if self.reduce is not None and batch is None else total
+
+    def restricted(self, indices: torch.Tensor) -> "Objective":
+        """The objective over the examples at ``indices`` of the whole sample (a
+        minibatch): this rank keeps those in its shard, in the order given; weights and
+        the reduction are over all of them."""
+        lo = self.sample_offset
+        local = indices[(indices >= lo) & (indices < lo + len(self.batch))] - lo
+        local = local.to(self.batch.x.device)
+        mini = Batch(self.batch.x[local], self.batch.y[local])
+        return dataclasses.replace(self, batch=mini, sample_size=len(indices), sample_offset=0)
 
     # -- first order ---------------------------------------------------------------
     def value(self, batch: Batch | None = None) -> torch.Tensor:
         total = torch.zeros((), dtype=self.dtype, device=self.device)
         for c, w in self._chunks(batch):
             total = total + w * self._loss((), (), c.x, c.y).detach()
-        return total
+        return self._reduced(total, batch)
 
     def gradient(self, block: ParamBlock, batch: Batch | None = None) -> torch.Tensor:
         theta = self.point(block)
@@ -82,23 +116,26 @@ class Objective:
         g = grad(lambda f, x, y: self._loss((block,), (f,), x, y))
         for c, w in self._chunks(batch):
             total += w * g(theta, c.x, c.y)
-        return total
+        return self._reduced(total, batch)
 
     # -- second order --------------------------------------------------------------
-    def _batched(self, fn: Callable[[torch.Tensor, Batch], torch.Tensor], v: torch.Tensor, batch: Batch | None) -> torch.Tensor:
+    def _batched(self, fn: Callable[[torch.Tensor, Batch], torch.Tensor], v: torch.Tensor, batch: Batch | None,
+                 out_size: int) -> torch.Tensor:
         if v.dim() not in (1, 2):
             raise ValueError(f"expected a vector [P] or a stack [k, P], got shape {tuple(v.shape)}")
         total = None
         for c, w in self._chunks(batch):
             out = fn(v, c) if v.dim() == 1 else vmap(lambda vv: fn(vv, c))(v)
             total = w * out if total is None else total + w * out
-        return total.detach()
+        if total is None:  # an empty shard (more ranks than examples): contributes zero
+            total = v.new_zeros(*v.shape[:-1], out_size)
+        return self._reduced(total.detach(), batch)
 
     def hvp(self, block: ParamBlock, v: torch.Tensor, batch: Batch | None = None) -> torch.Tensor:
         """``∇²_{block} L · v``."""
         theta = self.point(block)
         g = grad(lambda f, x, y: self._loss((block,), (f,), x, y))
-        return self._batched(lambda vv, c: jvp(lambda f: g(f, c.x, c.y), (theta,), (vv,))[1], v, batch)
+        return self._batched(lambda vv, c: jvp(lambda f: g(f, c.x, c.y), (theta,), (vv,))[1], v, batch, block.numel)
 
     def ggn_vp(self, block: ParamBlock, v: torch.Tensor, batch: Batch | None = None) -> torch.Tensor:
         """Generalised Gauss-Newton ``Jᵀ (∇²_out loss) J · v``: positive semi-definite
@@ -111,14 +148,14 @@ class Objective:
             hjv = jvp(grad(lambda o: self.loss_fn(o, c.y)), (out,), (jv,))[1]
             return vjp(net, theta)[1](hjv)[0]
 
-        return self._batched(one, v, batch)
+        return self._batched(one, v, batch, block.numel)
 
     def mixed_vp(self, rows: ParamBlock, cols: ParamBlock, v: torch.Tensor, batch: Batch | None = None) -> torch.Tensor:
         """``∇²_{rows, cols} L · v``: ``v`` lives on ``cols``, the result on ``rows``
         (SPEC's ``∇²_WΘ F · v`` is ``mixed_vp(W, Θ, v)``)."""
         a, b = self.point(rows), self.point(cols)
         g_rows = grad(lambda fa, fb, x, y: self._loss((rows, cols), (fa, fb), x, y), argnums=0)
-        return self._batched(lambda vv, c: jvp(lambda fb: g_rows(a, fb, c.x, c.y), (b,), (vv,))[1], v, batch)
+        return self._batched(lambda vv, c: jvp(lambda fb: g_rows(a, fb, c.x, c.y), (b,), (vv,))[1], v, batch, rows.numel)
 
 
 @dataclass
@@ -150,25 +187,25 @@ class CurvatureOperator:
     def shape(self) -> tuple[int, int]:
         return (self.size, self.size)
 
-    def _apply(self, v: torch.Tensor, batch: Batch | None) -> torch.Tensor:
+    def _apply(self, v: torch.Tensor, objective: Objective) -> torch.Tensor:
         if v.shape[-1] != self.size:
             raise ValueError(f"operator acts on vectors of size {self.size}, got shape {tuple(v.shape)}")
         v = v.to(dtype=self.dtype, device=self.objective.device)
         self.num_products += 1 if v.dim() == 1 else v.shape[0]
-        product = self.objective.ggn_vp if self.gauss_newton else self.objective.hvp
-        return product(self.block, v, batch) + self.damping * v
+        product = objective.ggn_vp if self.gauss_newton else objective.hvp
+        return product(self.block, v) + self.damping * v
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
-        return self._apply(v, None)
+        return self._apply(v, self.objective)
 
     def minibatch(self, batch_size: int, generator: torch.Generator) -> Callable[[torch.Tensor], torch.Tensor]:
         """A product over a fresh random minibatch of the Hessian sample (for LiSSA's
-        stochastic recursion); ``batch_size >= len(sample)`` gives the full product."""
-        batch = self.objective.batch
-        if batch_size >= len(batch):
+        stochastic recursion); ``batch_size >= len(sample)`` gives the full product.
+        The indices are drawn over the whole sample, so ranks with the same ``generator``
+        state agree on the minibatch and each contributes the part in its shard."""
+        if batch_size >= self.objective.total:
             return self
-        idx = torch.randperm(len(batch), generator=generator)[:batch_size].to(batch.x.device)
-        mini = Batch(batch.x[idx], batch.y[idx])
+        mini = self.objective.restricted(torch.randperm(self.objective.total, generator=generator)[:batch_size])
 
         def product(v: torch.Tensor) -> torch.Tensor:
             return self._apply(v, mini)

@@ -140,7 +140,12 @@ def load_two_stage(cfg: DataConfig) -> TwoStageData:
     if cfg.name == "digits":
         # No official test split: hold out a seeded share of each stage.
         pre_train, pre_test = _holdout(x_tr, y_tr, pre_cls, cfg.test_fraction, _gen(cfg.seed, 1))
-        ft_train, ft_test = _holdout(x_tr, y_tr, ft_cls, cfg.test_fraction, _gen(cfg.seed, 2))
+        if set(pre_cls) & set(ft_cls):
+            # Shared classes keep the pretraining split, so no finetuning test point is a
+            # pretraining example (same-task finetuning: the same train and test images).
+            ft_train, ft_test = _holdout_shared(x_tr, y_tr, pre_cls, ft_cls, cfg.test_fraction, cfg.seed)
+        else:
+            ft_train, ft_test = _holdout(x_tr, y_tr, ft_cls, cfg.test_fraction, _gen(cfg.seed, 2))
     else:
         pre_train, pre_test = _select(x_tr, y_tr, pre_cls), _select(x_te, y_te, pre_cls)
         ft_train, ft_test = _select(x_tr, y_tr, ft_cls), _select(x_te, y_te, ft_cls)
@@ -201,6 +206,26 @@ def _holdout(x, y, classes, fraction: float, gen: torch.Generator):
     n_test = int(round(fraction * len(ys)))
     test, train = perm[:n_test].sort().values, perm[n_test:].sort().values
     return (xs[train], ys[train]), (xs[test], ys[test])
+
+
+def _test_mask(y: torch.Tensor, classes, fraction: float, gen: torch.Generator) -> torch.Tensor:
+    """Over all examples: True where ``_holdout`` with the same arguments puts the example in the test set."""
+    where = torch.nonzero(torch.isin(y, torch.tensor(classes))).squeeze(1)
+    perm = torch.randperm(len(where), generator=gen)
+    mask = torch.zeros(len(y), dtype=torch.bool)
+    mask[where[perm[: int(round(fraction * len(where)))]]] = True
+    return mask
+
+
+def _holdout_shared(x, y, pre_classes, ft_classes, fraction: float, seed: int):
+    """The finetuning holdout when the stages share classes: examples of a shared class
+    are test examples exactly when the pretraining holdout made them so; the other
+    finetuning classes get their own seeded holdout."""
+    test = _test_mask(y, pre_classes, fraction, _gen(seed, 1))
+    only_ft = [c for c in ft_classes if c not in set(pre_classes)]
+    if only_ft:
+        test |= _test_mask(y, only_ft, fraction, _gen(seed, 2))
+    return _select(x[~test], y[~test], ft_classes), _select(x[test], y[test], ft_classes)
 
 
 def _subsample(split, size: int | None, gen: torch.Generator):

@@ -20,6 +20,13 @@ Multi-stage, embedding updated::
 
 The two solves run once for all test queries (a stack of right-hand sides); scoring
 then streams the pretraining set (:mod:`lissa_influence.scoring`).
+
+Under ``torchrun`` (an initialised process group of several ranks, and
+``distributed=True``, the default) each rank holds a shard of every Hessian sample and
+the products are summed across ranks, the solvers run identically on every rank, and
+scoring splits the examples across ranks and gathers the scores on every rank
+(:mod:`lissa_influence.distributed`). The results equal the single-process ones up to
+rounding.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from typing import Any, Iterator, Literal
 import torch
 from torch import nn
 
+from . import distributed as _dist
 from .batching import Batch, DataLike, as_dataset, gather, subsample_indices
 from .curvature import CurvatureOperator, LossFn, Objective, cross_entropy
 from .params import ParamBlock, Params, check_finite, make_block, named_params, prefix_matcher
@@ -67,15 +75,36 @@ def _params(model: nn.Module, dtype: torch.dtype | None, what: str) -> Params:
     return params
 
 
-def _hessian_sample(data, size: int, seed: int, params: Params, what: str) -> Batch:
+def _rank_world(distributed: bool) -> tuple[int, int]:
+    return (_dist.rank(), _dist.world_size()) if distributed and _dist.is_distributed() else (0, 1)
+
+
+def _hessian_sample(data, size: int, seed: int, params: Params, what: str, distributed: bool) -> dict[str, Any]:
+    """The seeded Hessian sample as :class:`Objective` keyword arguments: all of it, or
+    under torch.distributed this rank's contiguous shard of the same draw (every rank
+    draws with the same seed), its place in the sample and the cross-rank sum."""
     if size < 1:
         raise ValueError(f"hessian_samples must be positive, got {size}")
     if size > len(data):
         warnings.warn(f"hessian_samples={size} exceeds the {len(data)} {what} examples; using all of them", stacklevel=3)
     t = next(iter(params.values()))
-    batch = gather(data, subsample_indices(len(data), size, seed), t.dtype, t.device)
-    check_finite(f"{what} data (Hessian sample)", batch.x)
-    return batch
+    indices = subsample_indices(len(data), size, seed)
+    rank, world = _rank_world(distributed)
+    if world == 1:
+        batch = gather(data, indices, t.dtype, t.device)
+        check_finite(f"{what} data (Hessian sample)", batch.x)
+        return {"batch": batch}
+    lo, hi = _dist.shard_range(len(indices), rank, world)
+    batch = gather(data, indices[lo:hi], t.dtype, t.device)
+    check_finite(f"{what} data (Hessian sample, rank {rank})", batch.x)
+    return {"batch": batch, "sample_size": len(indices), "sample_offset": lo, "reduce": _dist.all_reduce_sum}
+
+
+def _same_on_all_ranks(est: "Influence | MultiStageInfluence", t: torch.Tensor) -> torch.Tensor:
+    """Rank 0's copy of a right-hand side: every rank computes it, but nondeterministic
+    (GPU) kernels could differ in the last bits, and the solvers must see identical
+    inputs on every rank to take identical iterates."""
+    return _dist.broadcast_(t) if _rank_world(est.distributed)[1] > 1 else t
 
 
 def _timed(timings: dict[str, float], key: str):
@@ -91,10 +120,17 @@ def _timed(timings: dict[str, float], key: str):
 def _influence_scores(est: "Influence | MultiStageInfluence", per_example: PerExample, data, s: torch.Tensor,
                       start: int, stop: int | None) -> torch.Tensor:
     """``I(z) = −sᵀ∇g(z)`` over ``data[start:stop]`` with the estimator's scoring settings;
-    records the time in ``est.diagnostics``."""
+    records the time in ``est.diagnostics``. Distributed: each rank scores a contiguous
+    share and every rank returns all scores, in dataset order."""
     t0 = time.perf_counter()
+    stop = len(data) if stop is None else stop
+    rank, world = _rank_world(est.distributed)
+    lo, hi = _dist.shard_range(stop - start, rank, world)
     with _eval_mode(per_example.model):
-        d = score_dataset(per_example, data, s, est.batch_size, est.scoring, est.jvp_max_queries, start, stop, est.progress)
+        d = score_dataset(per_example, data, s, est.batch_size, est.scoring, est.jvp_max_queries, start + lo, start + hi,
+                          est.progress and rank == 0)
+    if world > 1:
+        d = _dist.all_gather_cat(d, dim=1)
     est.diagnostics.setdefault("time", {})["scoring"] = time.perf_counter() - t0
     return -d
 
@@ -105,7 +141,8 @@ class Influence:
 
     ``fit(train_data)`` fixes the Hessian sample; ``scores(test_data, train_data)``
     returns ``[n_test, n_train]`` (``[1, n_train]`` with ``mean=True``: the mean test
-    loss as one query).
+    loss as one query). ``distributed``: split the work across the ranks of an
+    initialised torch.distributed process group (no effect without one).
     """
 
     model: nn.Module
@@ -118,8 +155,9 @@ class Influence:
     dtype: torch.dtype | None = None
     batch_size: int = 256
     scoring: ScoringMethod = "auto"
-    jvp_max_queries: int = 8
+    jvp_max_queries: int = 3
     progress: bool = False
+    distributed: bool = True
 
     def __post_init__(self) -> None:
         self.diagnostics: dict[str, Any] = {}
@@ -129,8 +167,8 @@ class Influence:
         train = as_dataset(train_data, "training data")
         self.params = _params(self.model, self.dtype, "model")
         self.block = make_block(self.params, lambda n: True)
-        batch = _hessian_sample(train, self.hessian_samples, self.seed, self.params, "training")
-        self.operator = CurvatureOperator(Objective(self.model, self.loss, self.params, batch, self.batch_size),
+        sample = _hessian_sample(train, self.hessian_samples, self.seed, self.params, "training", self.distributed)
+        self.operator = CurvatureOperator(Objective(self.model, self.loss, self.params, chunk_size=self.batch_size, **sample),
                                           self.block, self.damping, self.gauss_newton)
         self.num_train = len(train)
         self._train = train
@@ -148,6 +186,7 @@ class Influence:
         timings: dict[str, float] = {}
         with _eval_mode(self.model):
             grads = loss_gradients(PerExample(self.model, self.loss, self.params, self.block), test, self.batch_size, mean)
+            grads = _same_on_all_ranks(self, grads)
             with _timed(timings, "solve"):
                 s, info = self.solver.solve(self.operator, grads)
         self.diagnostics = {"solve": info.as_dict(), "time": timings}
@@ -177,6 +216,8 @@ class MultiStageInfluence:
     are ``Θ``. ``pretrain_solver`` / ``finetune_solver`` default to ``solver``.
     ``hessian_samples`` examples (seeded) estimate each Hessian;
     ``finetune_hessian_samples`` overrides it for the finetuning stage.
+    ``distributed``: split the Hessian samples and scoring across the ranks of an
+    initialised torch.distributed process group (no effect without one).
     """
 
     pretrained: nn.Module
@@ -198,8 +239,9 @@ class MultiStageInfluence:
     dtype: torch.dtype | None = None
     batch_size: int = 256
     scoring: ScoringMethod = "auto"
-    jvp_max_queries: int = 8
+    jvp_max_queries: int = 3
     progress: bool = False
+    distributed: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in ("fixed", "updated"):
@@ -251,11 +293,13 @@ class MultiStageInfluence:
         """Draw the Hessian samples of both stages and build the damped operators."""
         pre = as_dataset(pretrain_data, "pretraining data")
         ft = as_dataset(finetune_data, "finetuning data")
-        pre_batch = _hessian_sample(pre, self.hessian_samples, self.seed, self.pre_params, "pretraining")
+        pre_sample = _hessian_sample(pre, self.hessian_samples, self.seed, self.pre_params, "pretraining", self.distributed)
         ft_n = self.finetune_hessian_samples or self.hessian_samples
-        ft_batch = _hessian_sample(ft, ft_n, self.seed + 1, self.ft_params, "finetuning")
-        self.pre_objective = Objective(self.pretrained, self.pretrain_loss, self.pre_params, pre_batch, self.batch_size)
-        self.ft_objective = Objective(self.finetuned, self.finetune_loss, self.ft_params, ft_batch, self.batch_size)
+        ft_sample = _hessian_sample(ft, ft_n, self.seed + 1, self.ft_params, "finetuning", self.distributed)
+        self.pre_objective = Objective(self.pretrained, self.pretrain_loss, self.pre_params, chunk_size=self.batch_size,
+                                       **pre_sample)
+        self.ft_objective = Objective(self.finetuned, self.finetune_loss, self.ft_params, chunk_size=self.batch_size,
+                                      **ft_sample)
         self.pre_operator = CurvatureOperator(self.pre_objective, self.pre_block, self.pretrain_damping, self.gauss_newton)
         ft_damping: float | torch.Tensor = self.finetune_damping
         if self.mode == "updated":
@@ -284,6 +328,7 @@ class MultiStageInfluence:
             with _timed(timings, "test_gradients"):
                 g = loss_gradients(PerExample(self.finetuned, self.finetune_loss, self.ft_params, self.W + self.Theta),
                                    test, self.batch_size, mean)
+                g = _same_on_all_ranks(self, g)
             gW, gTheta = g[:, : self.W.numel], g[:, self.W.numel :]
             if self.mode == "fixed":
                 with _timed(timings, "finetune_solve"):

@@ -6,9 +6,17 @@ Configured by a :class:`~lissa_influence.config.RunSchema` node (Hydra composes 
 - ``scores.npy``: ``[n_queries, n_pretrain]`` float array of ``I(z)`` (SPEC's sign:
   positive = harmful); ``query_vectors.npy``: the solved ``s`` per query, enough to
   score new pretraining examples later without solving again;
+- ``scores/``: the same scores in shards of ``shard_size`` examples with a manifest,
+  written as they are computed, and the solved ``s`` (:mod:`lissa_influence.results`):
+  rerunning the same config into the same directory solves nothing again and scores
+  only the missing shards; another config there is refused;
 - ``metrics.json``: config, package versions, data sizes, training reports, solver
   diagnostics, timings, and the top helpful / harmful examples per query;
 - ``top_examples.png``: each test point with its most helpful and harmful pretraining images.
+
+Under ``torchrun`` every rank runs this job (docs/scaling.md): rank 0 trains first (or
+loads the weight cache) and the weights are broadcast from it, the Hessian samples and
+the scoring are split across ranks, and only rank 0 writes files and prints.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from . import __version__, config, plots
+from . import __version__, config, distributed, plots, results
 from .data import DataConfig, TwoStageData, load_two_stage
 from .influence import MultiStageInfluence
 from .models import ModelConfig
@@ -75,6 +83,16 @@ def build_influence(cfg: Any, pretrained, finetuned, data: TwoStageData) -> Mult
     return msi.fit(data.pretrain_train, data.finetune_train)
 
 
+# Keys that do not change the scores; a results folder is reused across changes to them.
+NOT_HASHED = ("progress", "threads", "top_k", "validate", "cache_dir", "shard_size")
+
+
+def scored_config(cfg: Any) -> dict[str, Any]:
+    """The part of the config that determines the scores (hashed into the results manifest)."""
+    plain = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+    return {k: v for k, v in plain.items() if k not in NOT_HASHED}
+
+
 def top_examples(scores: torch.Tensor, k: int) -> list[dict[str, list]]:
     """Per query: the ``k`` most helpful (most negative ``I``) and most harmful examples."""
     out = []
@@ -88,13 +106,23 @@ def top_examples(scores: torch.Tensor, k: int) -> list[dict[str, list]]:
 
 def run(cfg: Any, out_dir: str | Path) -> dict[str, Any]:
     config.check(cfg)
+    distributed.init_from_env()
+    main = distributed.is_main()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
+    hashed = scored_config(cfg)
+    key = results.config_hash(hashed)
+    # before any training: a results folder of another config is refused at once
+    distributed.on_rank0(lambda: results.ShardStore.check_folder(out / "scores", key, hashed))
 
-    data, pretrained, finetuned, info = train(cfg)
+    with distributed.rank0_first():  # rank 0 downloads and trains into the cache, the others read it
+        data, pretrained, finetuned, info = train(cfg)
+    distributed.broadcast_module(pretrained)  # identical weights on every rank, even without a shared cache
+    distributed.broadcast_module(finetuned)
     log.info("trained: pretrain loss %.4g (|grad| %.2g%s), finetune loss %.4g (|grad| %.2g%s)",
              info.pretrain_report.loss, info.pretrain_report.grad_norm, ", cached" if info.pretrain_cached else "",
              info.finetune_report.loss, info.finetune_report.grad_norm, ", cached" if info.finetune_cached else "")
@@ -102,13 +130,14 @@ def run(cfg: Any, out_dir: str | Path) -> dict[str, Any]:
     idx = test_indices(len(data.finetune_test), cfg.test_points, cfg.seed)
     x_test, y_test = (t[idx] for t in data.finetune_test.tensors)
     msi = build_influence(cfg, pretrained, finetuned, data)
-    s = msi.query_vectors((x_test, y_test), mean=cfg.query == "mean")
-    solve_diagnostics = dict(msi.diagnostics)
-    scores = msi.scores_from(s)
-    solve_diagnostics["time"] = msi.diagnostics["time"]
+    s, scores, resumed = results.resumable_scores(msi, (x_test, y_test), out / "scores", key, cfg.shard_size,
+                                                  mean=cfg.query == "mean", config=hashed)
+    solve_diagnostics = dict(resumed["solve"])
+    solve_diagnostics["time"] = {**solve_diagnostics.get("time", {}), "scoring": resumed["scoring_time"]}
+    solve_diagnostics["resumed"] = {"solve": resumed["resumed_solve"], "shards_computed": resumed["shards_computed"],
+                                    "shards_total": resumed["shards_total"]}
+    solve_diagnostics["world_size"] = distributed.world_size()
 
-    np.save(out / "scores.npy", scores.double().cpu().numpy())
-    np.save(out / "query_vectors.npy", s.double().cpu().numpy())
     top = top_examples(scores, cfg.top_k)
     metrics: dict[str, Any] = {
         "config": OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg,
@@ -123,6 +152,10 @@ def run(cfg: Any, out_dir: str | Path) -> dict[str, Any]:
                       "score_range": [float(scores.min()), float(scores.max())]},
         "top_examples": top,
     }
+    if not main:  # the other ranks of a torchrun job: same numbers, no files
+        return metrics
+    np.save(out / "scores.npy", scores.double().cpu().numpy())
+    np.save(out / "query_vectors.npy", s.double().cpu().numpy())
     if cfg.query == "each":
         plots.top_examples_grid(out / "top_examples.png", x_test, y_test, data, top, data.finetune_classes,
                                 data.pretrain_classes)

@@ -58,15 +58,56 @@ def loo_scatter(path: Path, predicted: np.ndarray, actual: np.ndarray, pearson: 
     plt.close(fig)
 
 
-def histograms(path: Path, series: dict[str, np.ndarray], xlabel: str, title: str) -> None:
-    """Overlaid histograms of score distributions (the seed's Figures B and C)."""
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+def histograms(path: Path, series: dict[str, np.ndarray], xlabel: str, title: str, clip: float | None = None,
+               ylabel: str = "pretraining examples") -> None:
+    """Overlaid histograms of score distributions (the seed's Figures B and C).
+
+    ``clip``: show only the central ``1 - 2 clip`` of the pooled values (heavy tails
+    otherwise squeeze every bar into one bin); the legend counts what lies outside.
+    The mean |I| in the legend is always over all values.
+    """
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    pooled = np.concatenate([np.ravel(v) for v in series.values()])
+    lo, hi = (np.quantile(pooled, [clip, 1 - clip]) if clip else (pooled.min(), pooled.max()))
+    # One set of bin edges for every series, so the bars compare; one filled outline per
+    # series (not a patch per bin: far faster to draw).
+    edges = np.linspace(lo, hi, 61) if hi > lo else 60
     for name, values in series.items():
-        ax.hist(values, bins=60, alpha=0.55, label=f"{name} (mean |I| = {np.abs(values).mean():.3g})")
+        values = np.ravel(values)
+        label = f"{name}\nmean |I| = {np.abs(values).mean():.3g}"
+        outside = int(((values < lo) | (values > hi)).sum()) if clip else 0
+        if outside:
+            label += f" ({outside} of {values.size} outside the axis)"
+        ax.hist(values[(values >= lo) & (values <= hi)], bins=edges, alpha=0.5, histtype="stepfilled", label=label)
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("pretraining examples")
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def removal_bars(path: Path, points: list[dict], k: int) -> None:
+    """Per test point (one panel each, own scale): the measured test-loss change after
+    removing the ``k`` most harmful and the ``k`` most helpful pretraining examples and
+    retraining, beside the linear prediction ``Σ −I(z)/m`` (harmful removal should lower
+    the loss, helpful raise it)."""
+    fig, axes = plt.subplots(1, len(points), figsize=(2.4 * len(points) + 0.6, 3.2), squeeze=False)
+    bars = [("harmful", "predicted_change", "harmful\npredicted", "tab:red", 0.4),
+            ("harmful", "actual_change", "harmful\nmeasured", "tab:red", 0.95),
+            ("helpful", "predicted_change", "helpful\npredicted", "tab:green", 0.4),
+            ("helpful", "actual_change", "helpful\nmeasured", "tab:green", 0.95)]
+    for ax, p in zip(axes[0], points):
+        for j, (kind, key, _, color, alpha) in enumerate(bars):
+            ax.bar(j, p[kind][key], 0.8, color=color, alpha=alpha)
+        ax.axhline(0, color="gray", lw=0.8)
+        ax.set_xticks(range(len(bars)))
+        ax.set_xticklabels([b[2] for b in bars], fontsize=6)
+        ax.tick_params(axis="y", labelsize=6)
+        ax.set_title(f"test point {p['test_index']} (label {p['label']})\nloss {p['control_loss']:.3g}", fontsize=7)
+    axes[0, 0].set_ylabel("test-loss change after retraining", fontsize=7)
+    fig.suptitle(f"removing the top {k} harmful / helpful pretraining examples (light: predicted Σ −I(z)/m)", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

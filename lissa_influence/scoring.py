@@ -51,7 +51,7 @@ class PerExample:
         theta = self.block.flatten(self.params)
         return vmap(grad(self._loss_one), in_dims=(None, 0, 0))(theta, batch.x, batch.y)
 
-    def directional(self, batch: Batch, S: torch.Tensor, method: ScoringMethod = "auto", jvp_max_queries: int = 8) -> torch.Tensor:
+    def directional(self, batch: Batch, S: torch.Tensor, method: ScoringMethod = "auto", jvp_max_queries: int = 3) -> torch.Tensor:
         """``[k, B]``: ``S[i]ᵀ ∇loss(example j)``."""
         if method == "auto":
             method = "jvp" if S.shape[0] <= jvp_max_queries else "grad"
@@ -76,7 +76,7 @@ def loss_gradients(per_example: PerExample, data, batch_size: int, mean: bool) -
 
 
 def score_dataset(per_example: PerExample, data, S: torch.Tensor, batch_size: int = 256, method: ScoringMethod = "auto",
-                  jvp_max_queries: int = 8, start: int = 0, stop: int | None = None, progress: bool = False) -> torch.Tensor:
+                  jvp_max_queries: int = 3, start: int = 0, stop: int | None = None, progress: bool = False) -> torch.Tensor:
     """``[k, n]``: ``S[i]ᵀ ∇loss(z_j)`` for every example ``z_j`` of ``data[start:stop]``,
     streamed in batches so memory does not grow with ``n``."""
     dtype, device = _dtype_device(per_example.params)
@@ -93,6 +93,8 @@ def score_dataset(per_example: PerExample, data, S: torch.Tensor, batch_size: in
         out.append(d)
         bar.update(len(b))
     bar.close()
+    if not out:  # an empty range (e.g. a rank's share of fewer examples than ranks)
+        return S.new_zeros(S.shape[0], 0)
     return torch.cat(out, dim=1)
 
 

@@ -1,0 +1,284 @@
+"""Resumable results: scores written in shards as they are computed.
+
+Layout of a :class:`ShardStore` folder (``<run dir>/scores/``), plain numpy and JSON so
+that no part of this package is needed to read it::
+
+    manifest.json          config hash (and the hashed config), n, k, shard_size, dtype,
+                           per-shard [start, stop) and shape, the list of complete shards
+    shard_00000.npy        float64 [k, stop - start]: scores of examples [start, stop)
+    shard_00001.npy        ...
+    query_vectors.npy      the solved s [k, P] (a resumed run does not solve again)
+    solve.json             the solver diagnostics of that solve
+
+Every file is written to a temporary name and renamed, and a shard counts as complete
+only once the manifest lists it, so a run killed at any point leaves a consistent folder;
+a rerun of the same configuration computes only the missing shards. A folder written
+under another configuration is refused (:class:`ResultsMismatchError`).
+
+Reading without this package::
+
+    m = json.load(open("scores/manifest.json"))
+    scores = np.concatenate([np.load(f"scores/shard_{i:05d}.npy") for i in range(m["num_shards"])], axis=1)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+
+from . import distributed
+
+log = logging.getLogger(__name__)
+
+FORMAT = "lissa_influence.shards/1"
+MANIFEST = "manifest.json"
+QUERY_VECTORS = "query_vectors.npy"
+SOLVE_INFO = "solve.json"
+
+
+class ResultsMismatchError(ValueError):
+    """The results folder holds results of another configuration or shape."""
+
+
+def config_hash(config: Mapping[str, Any]) -> str:
+    """A stable hash of a (JSON-serialisable) configuration."""
+    text = json.dumps(config, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, Mapping):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def config_diff(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
+    """``key: old -> new`` for every differing leaf of two nested configs."""
+    fa, fb = _flatten(a), _flatten(b)
+    return [f"{k}: {fa.get(k, '<absent>')!r} -> {fb.get(k, '<absent>')!r}"
+            for k in sorted(set(fa) | set(fb)) if fa.get(k, "<absent>") != fb.get(k, "<absent>")]
+
+
+def _write_atomic(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, mode) as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    _write_atomic(path, lambda f: np.save(f, array))
+
+
+def _save_json(path: Path, obj: Any) -> None:
+    _write_atomic(path, lambda f: f.write(json.dumps(obj, indent=2, default=str)), "w")
+
+
+class ShardStore:
+    """Scores ``[k, n]`` kept as shards of ``shard_size`` examples under ``root``.
+
+    Opening an existing folder checks that it was written for the same ``config_hash``,
+    ``n``, ``k`` and ``shard_size`` and raises :class:`ResultsMismatchError` otherwise
+    (naming the differing keys when the manifest holds the config); a new folder gets a
+    fresh manifest. Single-process file logic: under torch.distributed only rank 0
+    opens a store (see :func:`resumable_scores`).
+    """
+
+    def __init__(self, root: str | os.PathLike, config_hash: str, n: int, k: int, shard_size: int,
+                 config: Mapping[str, Any] | None = None, dtype: str = "float64"):
+        if shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        if n < 1 or k < 1:
+            raise ValueError(f"a score store needs n >= 1 examples and k >= 1 queries, got n={n}, k={k}")
+        self.root = Path(root)
+        self.config_hash, self.n, self.k, self.shard_size, self.dtype = config_hash, n, k, shard_size, dtype
+        self.num_shards = -(-n // shard_size)
+        existing = self.read_manifest(self.root)
+        if existing is None:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self.manifest = {
+                "format": FORMAT, "config_hash": config_hash, "config": dict(config) if config is not None else None,
+                "n": n, "k": k, "shard_size": shard_size, "num_shards": self.num_shards, "dtype": dtype,
+                "file_pattern": "shard_{index:05d}.npy",
+                "shards": [{"index": i, "file": self.shard_file(i).name, "start": lo, "stop": hi, "shape": [k, hi - lo]}
+                           for i, (lo, hi) in enumerate(map(self.bounds, range(self.num_shards)))],
+                "complete": [], "query_vectors": None, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            }
+            self._save_manifest()
+        else:
+            self._check(existing, config)
+            self.manifest = existing
+
+    # -- manifest -------------------------------------------------------------------
+    @staticmethod
+    def read_manifest(root: str | os.PathLike) -> dict[str, Any] | None:
+        path = Path(root) / MANIFEST
+        if not path.exists():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ResultsMismatchError(f"{path} is not valid JSON ({e}); delete {Path(root)} to start afresh") from None
+
+    @classmethod
+    def check_folder(cls, root: str | os.PathLike, config_hash: str, config: Mapping[str, Any] | None = None) -> bool:
+        """Fail early (before any training) if ``root`` holds results of another config;
+        True when there is something to resume."""
+        existing = cls.read_manifest(root)
+        if existing is not None and existing.get("config_hash") != config_hash:
+            raise ResultsMismatchError(cls._mismatch_message(Path(root), existing, config_hash, config))
+        return existing is not None
+
+    @staticmethod
+    def _mismatch_message(root: Path, existing: Mapping[str, Any], config_hash: str, config: Mapping[str, Any] | None) -> str:
+        msg = (f"{root} holds scores of a different configuration (hash {existing.get('config_hash')}, this run "
+               f"{config_hash})")
+        if config is not None and existing.get("config") is not None:
+            diff = config_diff(existing["config"], config)
+            if diff:
+                msg += "; differing keys: " + "; ".join(diff[:10]) + (" ..." if len(diff) > 10 else "")
+        return msg + (". Results are never mixed across configurations: use a new output directory "
+                      f"(e.g. another hydra.run.dir) or delete {root} to recompute.")
+
+    def _check(self, m: Mapping[str, Any], config: Mapping[str, Any] | None) -> None:
+        if m.get("format") != FORMAT:
+            raise ResultsMismatchError(f"{self.root / MANIFEST} has format {m.get('format')!r}, expected {FORMAT!r}; "
+                                       f"delete {self.root} or use a new output directory")
+        if m.get("config_hash") != self.config_hash:
+            raise ResultsMismatchError(self._mismatch_message(self.root, m, self.config_hash, config))
+        for key in ("n", "k", "shard_size", "dtype"):
+            if m.get(key) != getattr(self, key):
+                raise ResultsMismatchError(
+                    f"{self.root} was written with {key}={m.get(key)!r}, this run has {key}={getattr(self, key)!r} "
+                    f"(same configuration hash{'; the data on disk changed?' if key in ('n', 'k') else ''}); "
+                    f"use a new output directory or delete {self.root} to recompute.")
+
+    def _save_manifest(self) -> None:
+        self.manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        _save_json(self.root / MANIFEST, self.manifest)
+
+    # -- shards -----------------------------------------------------------------------
+    def bounds(self, i: int) -> tuple[int, int]:
+        if not 0 <= i < self.num_shards:
+            raise IndexError(f"shard {i} out of range 0..{self.num_shards - 1}")
+        return i * self.shard_size, min((i + 1) * self.shard_size, self.n)
+
+    def shard_file(self, i: int) -> Path:
+        return self.root / f"shard_{i:05d}.npy"
+
+    @property
+    def complete(self) -> list[int]:
+        return sorted(self.manifest["complete"])
+
+    def pending(self) -> list[int]:
+        """Shards still to compute: not listed as complete, or whose file is gone."""
+        done = {i for i in self.manifest["complete"] if self.shard_file(i).exists()}
+        return [i for i in range(self.num_shards) if i not in done]
+
+    def write(self, i: int, scores: np.ndarray | torch.Tensor) -> None:
+        lo, hi = self.bounds(i)
+        a = scores.detach().cpu().numpy() if torch.is_tensor(scores) else np.asarray(scores)
+        a = np.ascontiguousarray(a, dtype=self.dtype)
+        if a.shape != (self.k, hi - lo):
+            raise ValueError(f"shard {i} must have shape {(self.k, hi - lo)}, got {a.shape}")
+        _save_npy(self.shard_file(i), a)
+        self.manifest["complete"] = sorted(set(self.manifest["complete"]) | {i})
+        self._save_manifest()
+
+    def read(self, i: int) -> np.ndarray:
+        return np.load(self.shard_file(i))
+
+    def assemble(self) -> np.ndarray:
+        """All scores ``[k, n]``; every shard must be complete."""
+        missing = self.pending()
+        if missing:
+            raise RuntimeError(f"{self.root}: shards {missing[:10]} are not computed yet")
+        return np.concatenate([self.read(i) for i in range(self.num_shards)], axis=1)
+
+    # -- query vectors ------------------------------------------------------------------
+    def save_query_vectors(self, s: np.ndarray | torch.Tensor, info: Mapping[str, Any] | None = None) -> None:
+        a = s.detach().cpu().numpy() if torch.is_tensor(s) else np.asarray(s)
+        _save_json(self.root / SOLVE_INFO, dict(info or {}))
+        _save_npy(self.root / QUERY_VECTORS, np.ascontiguousarray(a))
+        self.manifest["query_vectors"] = {"file": QUERY_VECTORS, "shape": list(a.shape), "dtype": str(a.dtype),
+                                          "info": SOLVE_INFO}
+        self._save_manifest()
+
+    def load_query_vectors(self) -> tuple[np.ndarray, dict[str, Any]] | None:
+        """The saved ``s`` and its solve diagnostics, or None when not saved yet."""
+        if not self.manifest.get("query_vectors") or not (self.root / QUERY_VECTORS).exists():
+            return None
+        info_path = self.root / SOLVE_INFO
+        info = json.loads(info_path.read_text()) if info_path.exists() else {}
+        return np.load(self.root / QUERY_VECTORS), info
+
+
+def resumable_scores(estimator: Any, test_data: Any, root: str | os.PathLike, config_hash: str, shard_size: int,
+                     mean: bool = False, data: Any = None, config: Mapping[str, Any] | None = None,
+                     on_shard: Callable[[int, int, int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Query vectors and scores of a fitted :class:`~lissa_influence.MultiStageInfluence` or
+    :class:`~lissa_influence.Influence`, kept in a :class:`ShardStore` at ``root``.
+
+    Loads ``s`` from the store or solves (``estimator.query_vectors(test_data, mean)``)
+    and saves it; then scores every shard not yet complete
+    (``estimator.scores_from(s, data, start, stop)``) and writes it as soon as it is
+    done. Returns ``(s, scores [k, n], info)`` with ``info`` holding the solve
+    diagnostics and what was resumed. Under torch.distributed every rank must call it
+    (the solves and the scoring are collective); only rank 0 touches the files.
+    ``on_shard(index, start, stop)`` is called after each shard is written.
+    """
+    from .batching import as_dataset
+
+    if not getattr(estimator, "_fitted", False):
+        raise RuntimeError("call fit(...) on the estimator before resumable_scores")
+    pool = data if data is not None else getattr(estimator, "_pretrain", getattr(estimator, "_train", None))
+    n = len(as_dataset(pool, "scored data"))
+    k = 1 if mean else len(as_dataset(test_data, "test data"))
+    opened: dict[str, ShardStore] = {}
+
+    def open_store() -> None:  # rank 0 only; a mismatch error reaches every rank
+        opened["store"] = ShardStore(root, config_hash, n, k, shard_size, config)
+
+    distributed.on_rank0(open_store)
+    store = opened.get("store")
+
+    saved = distributed.on_rank0(lambda: store.load_query_vectors())
+    params = next(iter(estimator.pre_params.values() if hasattr(estimator, "pre_params") else estimator.params.values()))
+    if saved is not None:
+        s = torch.as_tensor(saved[0]).to(dtype=params.dtype, device=params.device)
+        solve_info = saved[1]
+        log.info("loaded the query vectors from %s (no solve)", root)
+    else:
+        s = estimator.query_vectors(test_data, mean)
+        solve_info = dict(estimator.diagnostics)
+        distributed.on_rank0(lambda: store.save_query_vectors(s, solve_info))
+
+    pending = distributed.on_rank0(lambda: store.pending())
+    total_shards = -(-n // shard_size)
+    if len(pending) < total_shards:
+        log.info("resuming %s: %d of %d score shards already computed", root, total_shards - len(pending), total_shards)
+    t0 = time.perf_counter()
+    for i in pending:
+        lo, hi = i * shard_size, min((i + 1) * shard_size, n)
+        block = estimator.scores_from(s, data, lo, hi)
+        distributed.on_rank0(lambda: store.write(i, block.double()))
+        if on_shard is not None:
+            on_shard(i, lo, hi)
+    scoring_time = time.perf_counter() - t0
+    scores = distributed.on_rank0(lambda: store.assemble())
+    info = {"solve": solve_info, "resumed_solve": saved is not None, "shards_computed": len(pending),
+            "shards_total": total_shards, "scoring_time": scoring_time}
+    return s, torch.from_numpy(scores), info
