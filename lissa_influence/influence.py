@@ -135,14 +135,30 @@ def _influence_scores(est: "Influence | MultiStageInfluence", per_example: PerEx
     return -d
 
 
+@dataclass(eq=False, kw_only=True)
+class _Settings:
+    """Settings both estimators share (keyword-only, after each estimator's own fields):
+    Gauss-Newton curvature, float type, batch size of products and scoring, the scoring
+    path (:mod:`~lissa_influence.scoring`), a progress bar, and ``distributed``: split
+    the Hessian samples and scoring across the ranks of an initialised
+    torch.distributed process group (no effect without one)."""
+
+    gauss_newton: bool = False
+    dtype: torch.dtype | None = None
+    batch_size: int = 256
+    scoring: ScoringMethod = "auto"
+    jvp_max_queries: int = 3
+    progress: bool = False
+    distributed: bool = True
+
+
 @dataclass(eq=False)
-class Influence:
+class Influence(_Settings):
     """Single-stage influence (Koh & Liang 2017): ``I(z) = −∇ℓᵀ (∇²G + λI)⁻¹ ∇g(z)``.
 
     ``fit(train_data)`` fixes the Hessian sample; ``scores(test_data, train_data)``
     returns ``[n_test, n_train]`` (``[1, n_train]`` with ``mean=True``: the mean test
-    loss as one query). ``distributed``: split the work across the ranks of an
-    initialised torch.distributed process group (no effect without one).
+    loss as one query).
     """
 
     model: nn.Module
@@ -151,13 +167,6 @@ class Influence:
     damping: float = 1e-2
     hessian_samples: int = 1000
     seed: int = 0
-    gauss_newton: bool = False
-    dtype: torch.dtype | None = None
-    batch_size: int = 256
-    scoring: ScoringMethod = "auto"
-    jvp_max_queries: int = 3
-    progress: bool = False
-    distributed: bool = True
 
     def __post_init__(self) -> None:
         self.diagnostics: dict[str, Any] = {}
@@ -207,7 +216,7 @@ class Influence:
 
 
 @dataclass(eq=False)
-class MultiStageInfluence:
+class MultiStageInfluence(_Settings):
     """Multi-stage influence (Chen et al. 2020) of pretraining examples on a finetuned
     model's test loss, with the embedding ``fixed`` or ``updated`` during finetuning.
 
@@ -216,8 +225,6 @@ class MultiStageInfluence:
     are ``Θ``. ``pretrain_solver`` / ``finetune_solver`` default to ``solver``.
     ``hessian_samples`` examples (seeded) estimate each Hessian;
     ``finetune_hessian_samples`` overrides it for the finetuning stage.
-    ``distributed``: split the Hessian samples and scoring across the ranks of an
-    initialised torch.distributed process group (no effect without one).
     """
 
     pretrained: nn.Module
@@ -235,13 +242,6 @@ class MultiStageInfluence:
     hessian_samples: int = 1000
     finetune_hessian_samples: int | None = None
     seed: int = 0
-    gauss_newton: bool = False
-    dtype: torch.dtype | None = None
-    batch_size: int = 256
-    scoring: ScoringMethod = "auto"
-    jvp_max_queries: int = 3
-    progress: bool = False
-    distributed: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in ("fixed", "updated"):
