@@ -19,15 +19,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 import lissa_influence
 from lissa_influence import analyses, config
 from lissa_influence.data import DataConfig, load_two_stage
 
-REPO = Path(__file__).resolve().parents[1]
-CONF = REPO / "conf"
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+from hydra_helpers import assert_png, compose_cfg
 
 TINY = [
     "pretrain.train.steps=10", "pretrain.train.polish_iters=0",
@@ -39,20 +36,9 @@ TINY = [
 pytestmark = pytest.mark.filterwarnings("ignore::lissa_influence.SolverWarning", "ignore::UserWarning")
 
 
-def compose_cfg(*overrides: str):
-    config.register()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
-
-
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
-
-
-def assert_png(path: Path) -> None:
-    assert path.is_file(), path
-    assert path.read_bytes()[:8] == PNG_MAGIC
 
 
 def finite_numbers(node) -> list[float]:

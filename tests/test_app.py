@@ -30,9 +30,7 @@ import lissa_influence
 from lissa_influence import config, pipeline
 from lissa_influence.data import DatasetNotFoundError
 
-REPO = Path(__file__).resolve().parents[1]
-CONF = REPO / "conf"
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+from hydra_helpers import CONF, REPO, assert_png, compose_cfg
 
 TINY = [
     "pretrain.train.steps=20", "pretrain.train.polish_iters=0",
@@ -46,12 +44,6 @@ TINY_VALIDATE = ["validate.enabled=true", "validate.num_examples=4", "validate.p
 
 # 20 CG iterations do not converge; the warning says so, and is expected here.
 pytestmark = pytest.mark.filterwarnings("ignore::lissa_influence.SolverWarning")
-
-
-def compose_cfg(*overrides: str):
-    config.register()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
 
 
 @pytest.fixture(scope="module")
@@ -73,11 +65,6 @@ def cli(args: list[str], cwd: Path, entry: str = "-m lissa_influence", timeout: 
     prefix = entry.split(" ", 1) if entry.startswith("-m ") else ["-c", entry]
     return subprocess.run([sys.executable, *prefix, *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
-
-
-def assert_png(path: Path) -> None:
-    assert path.is_file(), path
-    assert path.read_bytes()[:8] == PNG_MAGIC, f"{path} is not a PNG"
 
 
 def assert_outputs(out: Path, n_queries: int) -> dict:

@@ -1,0 +1,24 @@
+"""Shared by the tests that compose the Hydra configs of conf/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+
+from lissa_influence import config
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def compose_cfg(*overrides: str):
+    config.register()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def assert_png(path: Path) -> None:
+    assert path.is_file(), path
+    assert path.read_bytes()[:8] == PNG_MAGIC, f"{path} is not a PNG"
