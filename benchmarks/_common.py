@@ -106,3 +106,17 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig, outdir, name: str) -> str:
+    """Lay out, write ``outdir/name`` (created if missing) as a PNG, close ``fig``; the path."""
+    from pathlib import Path
+
+    path = Path(outdir) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return str(path)

@@ -34,7 +34,7 @@ import statistics
 import time
 import warnings
 
-from _common import interleaved, markdown, pyplot, setup_threads, table, write_json
+from _common import interleaved, markdown, pyplot, save_figure, setup_threads, table, write_json
 
 import torch
 from torch import nn
@@ -329,10 +329,7 @@ def report(args, res) -> str:
 
 def plots(args, res) -> list[str]:
     plt = pyplot()
-    from pathlib import Path
-
-    outdir = Path(args.out)
-    outdir.mkdir(parents=True, exist_ok=True)
+    outdir = args.out
     written = []
     prods = res["products"]
     keys = [("gradient", "gradient"), ("hvp", "HVP (library)"), ("ggn", "GGN")]
@@ -347,11 +344,7 @@ def plots(args, res) -> list[str]:
     ax.set_ylabel("ms per product (median)")
     ax.set_title(f"{args.arch} CNN, {res['setup']['hessian_samples']} examples, {res['env']['threads']} threads")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    p = outdir / f"curvature_products_{args.arch}.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    written.append(str(p))
+    written.append(save_figure(fig, outdir, f"curvature_products_{args.arch}.png"))
     if res.get("solvers"):
         runs = res["solvers"]["runs"]
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
@@ -376,11 +369,7 @@ def plots(args, res) -> list[str]:
         a2.set_ylabel("relative error vs Explicit")
         a2.legend(fontsize=7)
         fig.suptitle(f"Solvers, damping {res['solvers']['damping']:g}, {res['solvers']['dtype']}")
-        fig.tight_layout()
-        p = outdir / f"curvature_solvers_{args.arch}.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        written.append(str(p))
+        written.append(save_figure(fig, outdir, f"curvature_solvers_{args.arch}.png"))
     return written
 
 

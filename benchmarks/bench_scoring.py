@@ -28,7 +28,7 @@ import tempfile
 import time
 import warnings
 
-from _common import interleaved, markdown, pyplot, setup_threads, table, write_json
+from _common import interleaved, markdown, pyplot, save_figure, setup_threads, table, write_json
 
 import torch
 from torch.utils.data import TensorDataset
@@ -241,10 +241,7 @@ def report(args, res) -> str:
 
 def plots(args, res) -> list[str]:
     plt = pyplot()
-    from pathlib import Path
-
-    outdir = Path(args.out)
-    outdir.mkdir(parents=True, exist_ok=True)
+    outdir = args.out
     written = []
     keys = [k for k in ("digits", "mnist") if res.get(f"scoring_{k}")]
     if keys:
@@ -263,11 +260,7 @@ def plots(args, res) -> list[str]:
             ax.set_ylabel("scoring time / forward time")
             ax.set_title(f"{sc['label']}: {sc['examples']} examples, {sc['parameters']} params", fontsize=9)
             ax.legend(fontsize=7)
-        fig.tight_layout()
-        p = outdir / "scoring_vs_queries.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        written.append(str(p))
+        written.append(save_figure(fig, outdir, "scoring_vs_queries.png"))
     inf = res.get("influence")
     if inf and inf["runs"]:
         parts = ["test_gradients", "finetune_solve", "mixed_product", "pretrain_solve", "scoring"]
@@ -283,11 +276,7 @@ def plots(args, res) -> list[str]:
         ax.set_xlabel("seconds")
         ax.set_title("MultiStageInfluence time split (digits, CG, float32)", fontsize=9)
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        p = outdir / "influence_time_split.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        written.append(str(p))
+        written.append(save_figure(fig, outdir, "influence_time_split.png"))
     return written
 
 
