@@ -66,6 +66,7 @@ class SolverSchema:
     tol: float = 1e-6
     max_iter: int = 200
     preconditioner: Optional[str] = None  # null | jacobi
+    block: bool = True  # block CG: one Krylov space for all right-hand sides (rows run separately with a preconditioner)
     # LiSSA
     scale: str = "auto"  # "auto" or a number
     damping: float = 0.0  # LiSSA's own damping d (adds d*scale to the stage damping)
@@ -116,6 +117,17 @@ class AnalysisSchema:
 
 
 @dataclass
+class AccuracySchema:
+    """Solver accuracy against the explicit solve (``lissa-influence-accuracy``,
+    lissa_influence/accuracy.py, docs/benchmarks.md); ignored by the main job."""
+
+    top_k: int = 10  # overlap of the top_k most influential examples (by |I|) with the reference's
+    block_size: int = 8  # basis vectors per stacked product when the reference builds the dense Hessians
+    max_params: int = 10_000  # the reference refuses larger stages (a P x P float matrix each)
+    trace: bool = True  # record the error after every solver iteration (the error-vs-HVP curves)
+
+
+@dataclass
 class RunSchema:
     data: DataSchema = field(default_factory=DataSchema)
     model: ModelSchema = field(default_factory=ModelSchema)
@@ -124,6 +136,7 @@ class RunSchema:
     finetune: StageSchema = field(default_factory=lambda: StageSchema(damping=1e-8))
     validate: ValidateSchema = field(default_factory=ValidateSchema)
     analysis: AnalysisSchema = field(default_factory=AnalysisSchema)
+    accuracy: AccuracySchema = field(default_factory=AccuracySchema)
     mode: str = "fixed"  # fixed | updated
     alpha: float = 0.01  # proximity weight of alpha*||W - W*||^2 (mode=updated)
     seed: int = 0
@@ -165,7 +178,8 @@ def build_solver(node: Any):
     s = _plain(node)
     name = s["name"]
     if name == "cg":
-        return CG(tol=s["tol"], max_iter=s["max_iter"], preconditioner=s["preconditioner"], seed=s["seed"])
+        return CG(tol=s["tol"], max_iter=s["max_iter"], preconditioner=s["preconditioner"], block=s["block"],
+                  seed=s["seed"])
     if name == "lissa":
         scale = s["scale"]
         scale = scale if scale == "auto" else float(scale)

@@ -107,6 +107,11 @@ def _same_on_all_ranks(est: "Influence | MultiStageInfluence", t: torch.Tensor) 
     return _dist.broadcast_(t) if _rank_world(est.distributed)[1] > 1 else t
 
 
+def _check_rows(what: str, t: torch.Tensor, size: int) -> None:
+    if t.dim() != 2 or t.shape[1] != size:
+        raise ValueError(f"{what} must be [k, {size}] (one row per query), got shape {tuple(t.shape)}")
+
+
 def _timed(timings: dict[str, float], key: str):
     @contextlib.contextmanager
     def ctx():
@@ -314,41 +319,62 @@ class MultiStageInfluence(_Settings):
         return self
 
     # -- the chain ------------------------------------------------------------------
+    # query_vectors runs the three steps below; they are public so that solver
+    # benchmarks (lissa_influence.accuracy) can run each solve on its own.
+    def test_gradients(self, test_data: DataLike, mean: bool = False) -> torch.Tensor:
+        """``∇_{(W,Θ)} ℓ`` at the finetuned parameters, ``[k, |W|+|Θ|]`` (one row per test
+        point, or one row for the mean test loss)."""
+        self._check_fitted()
+        test = as_dataset(test_data, "test data")
+        with _eval_mode(self.pretrained, self.finetuned):
+            g = loss_gradients(PerExample(self.finetuned, self.finetune_loss, self.ft_params, self.W + self.Theta),
+                               test, self.batch_size, mean)
+        return _same_on_all_ranks(self, g)
+
+    def finetune_rhs(self, g: torch.Tensor) -> torch.Tensor:
+        """The right-hand side of the finetune solve: ``∇_Θ ℓ`` (fixed) or ``∇_{(W,Θ)} ℓ`` (updated)."""
+        _check_rows("g (test gradients)", g, self.W.numel + self.Theta.numel)
+        return g[:, self.W.numel :] if self.mode == "fixed" else g
+
+    def pretrain_rhs(self, v: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """``[u; 0]`` on the pretraining block from the finetune solution ``v``:
+        ``u = ∇_W ℓ − (∇²_WΘ F) v`` (fixed) or ``u = 2α [v]_W`` (updated)."""
+        _check_rows("v (finetune solution)", v, self.ft_block.numel)
+        _check_rows("g (test gradients)", g, self.W.numel + self.Theta.numel)
+        if self.mode == "fixed":
+            with _eval_mode(self.pretrained, self.finetuned):
+                u = g[:, : self.W.numel] - self.ft_objective.mixed_vp(self.W, self.Theta, v)
+        else:
+            u = 2 * self.alpha * v[:, : self.W.numel]
+        return self.pre_block.embed(self.W, u)
+
     def query_vectors(self, test_data: DataLike, mean: bool = False) -> torch.Tensor:
         """``s = H_G⁻¹ [u; 0]`` per test query, ``[k, |W|+|U|]``: the two solves and the
         mixed product of SPEC. Save these to score new pretraining examples later."""
-        if not self._fitted:
-            raise RuntimeError("call fit(pretrain_data, finetune_data) before scoring")
-        test = as_dataset(test_data, "test data")
+        self._check_fitted()
         ft_solver = self.finetune_solver or self.solver
         pre_solver = self.pretrain_solver or self.solver
         timings: dict[str, float] = {}
         infos: dict[str, SolveInfo] = {}
         with _eval_mode(self.pretrained, self.finetuned):
             with _timed(timings, "test_gradients"):
-                g = loss_gradients(PerExample(self.finetuned, self.finetune_loss, self.ft_params, self.W + self.Theta),
-                                   test, self.batch_size, mean)
-                g = _same_on_all_ranks(self, g)
-            gW, gTheta = g[:, : self.W.numel], g[:, self.W.numel :]
-            if self.mode == "fixed":
-                with _timed(timings, "finetune_solve"):
-                    v, infos["finetune"] = ft_solver.solve(self.ft_operator, gTheta)
-                with _timed(timings, "mixed_product"):
-                    u = gW - self.ft_objective.mixed_vp(self.W, self.Theta, v)
-            else:
-                with _timed(timings, "finetune_solve"):
-                    v, infos["finetune"] = ft_solver.solve(self.ft_operator, g)
-                with _timed(timings, "mixed_product"):
-                    u = 2 * self.alpha * v[:, : self.W.numel]
+                g = self.test_gradients(test_data, mean)
+            with _timed(timings, "finetune_solve"):
+                v, infos["finetune"] = ft_solver.solve(self.ft_operator, self.finetune_rhs(g))
+            with _timed(timings, "mixed_product"):
+                b = self.pretrain_rhs(v, g)
             with _timed(timings, "pretrain_solve"):
-                s, infos["pretrain"] = pre_solver.solve(self.pre_operator, self.pre_block.embed(self.W, u))
+                s, infos["pretrain"] = pre_solver.solve(self.pre_operator, b)
         self.diagnostics = {**{k: i.as_dict() for k, i in infos.items()}, "time": timings}
         return s
 
-    def scores_from(self, s: torch.Tensor, pretrain_data: DataLike | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """``I(z) = −sᵀ∇g(z)`` for every pretraining example (or ``[start:stop]``), ``[k, n]``."""
+    def _check_fitted(self) -> None:
         if not self._fitted:
             raise RuntimeError("call fit(pretrain_data, finetune_data) before scoring")
+
+    def scores_from(self, s: torch.Tensor, pretrain_data: DataLike | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """``I(z) = −sᵀ∇g(z)`` for every pretraining example (or ``[start:stop]``), ``[k, n]``."""
+        self._check_fitted()
         pre = self._pretrain if pretrain_data is None else as_dataset(pretrain_data, "pretraining data")
         per_example = PerExample(self.pretrained, self.pretrain_loss, self.pre_params, self.pre_block)
         return _influence_scores(self, per_example, pre, s, start, stop)

@@ -147,6 +147,19 @@ def test_mean_query_is_the_mean_of_the_queries(cnn):
     assert set(msi.diagnostics["time"]) >= {"finetune_solve", "mixed_product", "pretrain_solve", "scoring"}
 
 
+def test_chain_steps_compose_to_query_vectors(cnn):
+    msi = cnn.msi(Explicit())
+    test = (cnn.test.x, cnn.test.y)
+    g = msi.test_gradients(test)
+    v, _ = Explicit().solve(msi.ft_operator, msi.finetune_rhs(g))
+    s, _ = Explicit().solve(msi.pre_operator, msi.pretrain_rhs(v, g))
+    assert rel(s, msi.query_vectors(test)) <= 1e-12
+    with pytest.raises(ValueError, match=r"v \(finetune solution\) must be \[k, \d+\]"):
+        msi.pretrain_rhs(v[:, :-1], g)
+    with pytest.raises(ValueError, match=r"g \(test gradients\) must be"):
+        msi.finetune_rhs(g[0])
+
+
 # ---------------------------------------------------------------------- against retraining
 @pytest.mark.parametrize("mode", ["fixed", "updated"])
 def test_matches_retraining_finite_differences(mode):

@@ -59,12 +59,42 @@ def test_explicit_matches_linalg_solve(damped_operator, dense):
 def test_cg_matches_explicit_and_batches(damped_operator, dense):
     b = rhs(damped_operator, 4)
     exact = torch.linalg.solve(dense, b.T).T
-    x, info = CG(tol=1e-10, max_iter=2000).solve(damped_operator, b)
+    x, info = CG(tol=1e-10, max_iter=2000, block=False).solve(damped_operator, b)
     assert info.converged
     assert rel(x, exact) <= 1e-6
     one_at_a_time = torch.stack([CG(tol=1e-10, max_iter=2000).solve(damped_operator, row)[0] for row in b])
     assert rel(x, one_at_a_time) <= 1e-8
     assert info.num_products <= 4 * info.iterations
+
+
+def test_block_cg_matches_explicit_in_fewer_products(damped_operator, dense):
+    b = rhs(damped_operator, 6)
+    exact = torch.linalg.solve(dense, b.T).T
+    seen, callback = record()
+    x, info = CG(tol=1e-10, max_iter=2000, block=True).solve(damped_operator, b, callback=callback)
+    _, rows = CG(tol=1e-10, max_iter=2000, block=False).solve(damped_operator, b)
+    assert info.converged and info.extra["block"] and not rows.extra["block"] and rel(x, exact) <= 1e-7
+    true_residual = (x @ dense - b).norm(dim=1) / b.norm(dim=1)
+    assert float(true_residual.max()) <= 1e-8  # the recurrence's residual is not fooling itself
+    assert info.num_products == 6 * info.iterations < rows.num_products
+    assert len(seen) == info.iterations and torch.equal(seen[-1][0], x)
+
+
+def test_block_cg_handles_dependent_and_zero_right_hand_sides(damped_operator, dense):
+    b = rhs(damped_operator, 2)
+    b = torch.cat([b, 3 * b[:1], torch.zeros(1, damped_operator.size, dtype=torch.float64)])
+    x, info = CG(tol=1e-10, max_iter=2000, block=True).solve(damped_operator, b)
+    assert info.converged and rel(x, torch.linalg.solve(dense, b.T).T) <= 1e-7
+    assert torch.equal(x[3], torch.zeros_like(x[3]))
+
+
+def test_block_cg_reports_negative_curvature():
+    a = torch.diag(torch.tensor([3.0, 1.0, -2.0], dtype=torch.float64))
+    b = torch.eye(3, dtype=torch.float64)[:2] + 1.0
+    with pytest.raises(NegativeCurvatureError, match="damping.*Gauss-Newton"):
+        CG(block=True).solve(a, b)
+    with pytest.raises(NegativeCurvatureError):  # with a preconditioner the rows run separately
+        CG(block=True, preconditioner=torch.ones(3, dtype=torch.float64)).solve(a, b)
 
 
 def test_cg_jacobi_preconditioner_converges(damped_operator, dense):
@@ -124,6 +154,47 @@ def test_lissa_minibatch_recursion_is_seeded_and_close(lissa_operator, lissa_den
     assert torch.equal(x1, x2)  # same seed, same minibatches
     assert info.extra["stochastic"] and info.num_products == 50 + 3 * 300
     assert rel(x1, exact) <= 0.3  # a noisy estimate of the same solution
+
+
+def record():
+    seen: list[tuple[torch.Tensor, int]] = []
+    return seen, lambda x, n: seen.append((x.clone(), n))
+
+
+def test_cg_callback_sees_every_iterate(damped_operator, dense):
+    b = rhs(damped_operator, 2)
+    exact = torch.linalg.solve(dense, b.T).T
+    seen, callback = record()
+    x, info = CG(tol=1e-10, max_iter=2000, block=False).solve(damped_operator, b, callback=callback)
+    assert len(seen) == info.iterations and seen[-1][1] == info.num_products
+    assert torch.equal(seen[-1][0], x)
+    counts = [n for _, n in seen]
+    assert counts == sorted(counts) and counts[0] == 2  # one stacked product of both rows
+    errors = [rel(xi, exact) for xi, _ in seen]
+    # CG's error norm falls monotonically (Hestenes & Stiefel); allow rounding at the end
+    assert all(e2 <= e1 * (1 + 1e-6) + 1e-12 for e1, e2 in zip(errors, errors[1:]))
+    assert errors[0] > 1e4 * errors[-1]
+
+
+def test_lissa_callback_reports_the_running_average(lissa_operator):
+    b = rhs(lissa_operator, 1)[0]
+    seen, callback = record()
+    with pytest.warns(SolverWarning, match="stopped at depth 40"):
+        x, info = LiSSA(scale="auto", depth=40, tol=0.0).solve(lissa_operator, b, callback=callback)
+    assert [n for _, n in seen] == list(range(51, 91))  # after 50 power-iteration products
+    assert torch.equal(seen[-1][0], x) and seen[-1][0].shape == b.shape
+    seen, callback = record()
+    x, info = LiSSA(scale="auto", depth=20, repeats=3, batch_size=60, seed=1).solve(lissa_operator, b, callback=callback)
+    assert len(seen) == 60 and seen[-1][1] == info.num_products
+    assert torch.allclose(seen[-1][0], x, rtol=1e-12, atol=0)  # the average of the three recursions
+
+
+def test_direct_solvers_call_back_once(damped_operator):
+    b = rhs(damped_operator, 1)[0]
+    for solver in (Explicit(), Identity()):
+        seen, callback = record()
+        x, info = solver.solve(damped_operator, b, callback=callback)
+        assert len(seen) == 1 and torch.equal(seen[0][0], x) and seen[0][1] == info.num_products
 
 
 def test_lissa_memory_is_flat_over_depth():
