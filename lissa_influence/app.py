@@ -1,4 +1,5 @@
-"""Hydra entry points: ``lissa-influence`` (the main job) and ``lissa-influence-validate``."""
+"""Hydra entry points: ``lissa-influence`` (the main job), ``lissa-influence-validate`` and
+``lissa-influence-accuracy`` (solver accuracy against the explicit solve)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,16 @@ def _main(cfg: DictConfig) -> float | None:
     return metrics["influence"]["mean_abs_score"]
 
 
+@hydra.main(version_base="1.3", config_path=_config_path(), config_name="accuracy")
+def _accuracy(cfg: DictConfig) -> float | None:
+    from . import accuracy
+
+    hc = HydraConfig.get()
+    overrides = [o for o in hc.overrides.task if not o.startswith("hydra")]
+    row = accuracy.run(cfg, hc.runtime.output_dir, overrides)["row"]
+    return row.get("query_error")
+
+
 def _quiet_other_ranks() -> None:
     """Under torchrun only rank 0 keeps Hydra's ``.hydra/`` files and logs (every rank runs
     the job; only rank 0 writes outputs, see docs/scaling.md)."""
@@ -48,6 +59,12 @@ def _quiet_other_ranks() -> None:
 def main() -> None:
     _quiet_other_ranks()
     _main()
+
+
+def accuracy_main() -> None:
+    """``lissa-influence-accuracy``: one solver configuration against the explicit solve
+    (lissa_influence/accuracy.py; conf/accuracy.yaml)."""
+    _accuracy()
 
 
 def validate_main() -> None:

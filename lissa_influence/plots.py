@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -110,4 +111,64 @@ def removal_bars(path: Path, points: list[dict], k: int) -> None:
     fig.suptitle(f"removing the top {k} harmful / helpful pretraining examples (light: predicted Σ −I(z)/m)", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def error_vs_hvps(path: Path, payloads: list[dict]) -> None:
+    """Solver accuracy (lissa_influence.accuracy): relative error against the explicit solve
+    versus Hessian-vector products per right-hand side, one line per job (its per-iteration
+    trace, or its final point), for the finetune solve, the pretrain solve and the final
+    query vectors; and the Spearman correlation of the scores versus total products.
+    Identity (no products) is a dashed horizontal line."""
+    panels = [("finetune", "finetune_error", "finetune_hvps", "finetune solve"),
+              ("pretrain", "pretrain_error", "pretrain_hvps", "pretrain solve (same right-hand side)"),
+              ("query", "query_error", "hvps", "final query vectors s (end to end)")]
+    fig, grid = plt.subplots(2, 2, figsize=(12, 9.5))
+    axes = grid.ravel()
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = ["-", "--", ":", "-."]
+    with_points: set[int] = set()
+    for j, p in enumerate(payloads):
+        row, curves = p["row"], p.get("curves", {})
+        color, style = colors[j % len(colors)], styles[(j // len(colors)) % len(styles)]
+        # "solver=cg solver.tol=1e-06" -> "cg tol=1e-06": the legend holds many jobs
+        label = " ".join(t.removeprefix("solver=").removeprefix("solver.") for t in row["label"].split())
+        label += "" if row.get("status", "ok") == "ok" else " (failed)"
+        for panel, (ax, (curve, err_key, hvp_key, _)) in enumerate(zip(axes, panels)):
+            err, hvps = row.get(err_key), row.get(hvp_key)
+            if err is None:
+                continue
+            if not hvps:  # identity: no products
+                ax.axhline(max(err, 1e-16), color=color, ls="--", lw=1)
+                continue
+            pts = np.asarray(curves.get(curve) or [[hvps, err]], dtype=float)
+            pts = pts[pts[:, 0] > 0]
+            if len(pts):
+                with_points.add(panel)
+            ax.plot(pts[:, 0], np.maximum(pts[:, 1], 1e-16), ls=style, color=color, lw=1.2,
+                    marker="o" if len(pts) == 1 else None, ms=4)
+        if row.get("spearman") is not None:
+            if row.get("hvps"):
+                axes[3].plot([row["hvps"]], [row["spearman"]], "o", color=color, ms=5)
+                with_points.add(3)
+            else:
+                axes[3].axhline(row["spearman"], color=color, ls="--", lw=1)
+        axes[3].plot([], [], ls=style, color=color, label=label)  # one legend entry per job
+    for ax, (_, _, _, title) in zip(axes, panels):
+        ax.set(xlabel="Hessian-vector products per right-hand side", ylabel="relative error vs explicit", title=title)
+    axes[3].set(xlabel="Hessian-vector products per right-hand side, both solves",
+                ylabel="Spearman of the scores vs explicit", title="score ranking")
+    for i, ax in enumerate(axes):
+        if i in with_points:  # log axes need positive data; a failed solve leaves its panel empty
+            ax.set_xscale("log")
+            if i < 3:
+                ax.set_yscale("log")
+        else:
+            ax.text(0.5, 0.5, "no solve with products finished", ha="center", va="center", transform=ax.transAxes)
+        ax.grid(True, which="both", alpha=0.3)
+    longest = max(len(t) for t in axes[3].get_legend_handles_labels()[1])
+    ncol = max(1, min(3, len(payloads), 150 // max(longest, 1)))
+    fig.legend(*axes[3].get_legend_handles_labels(), loc="lower center", ncol=ncol, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, min(0.4, 0.018 * math.ceil(len(payloads) / ncol) + 0.01), 1, 1))
+    fig.savefig(path, dpi=110)
     plt.close(fig)

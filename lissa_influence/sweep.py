@@ -53,9 +53,15 @@ def summarise(sweep_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
-    cols = ["job", "overrides", "converged", "finetune_iterations", "pretrain_iterations", "mean_abs_score", "seconds", "pearson"]
-    text = [[str(r[c]) if not isinstance(r[c], float) else f"{r[c]:.4g}" for c in cols] for r in rows]
+TABLE = ["job", "overrides", "converged", "finetune_iterations", "pretrain_iterations", "mean_abs_score", "seconds", "pearson"]
+
+
+def format_table(rows: list[dict[str, Any]], cols: list[str] = TABLE, max_width: int = 80) -> str:
+    """A plain-text table of ``rows`` (missing values as ``-``, cells cut at ``max_width``)."""
+    def cell(v: Any) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else "-" if v is None else str(v)[:max_width]
+
+    text = [[cell(r.get(c)) for c in cols] for r in rows]
     widths = [max(len(c), *(len(t[i]) for t in text)) for i, c in enumerate(cols)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(t, widths)) for t in text]

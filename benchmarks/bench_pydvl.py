@@ -1,0 +1,242 @@
+"""Optional side-by-side of ``Influence`` with pyDVL's ``CgInfluence`` / ``LissaInfluence``.
+
+Same model (the digits CNN, float64, trained with full-batch Adam + L-BFGS and an L2
+weight decay equal to the damping λ, as conf/preset/digits.yaml), same data (Hessian
+over all 576 pretraining examples, one batch in both libraries), same λ (pyDVL's
+``regularization``), the same test points; every training example is scored. The
+reference is ``Explicit(method="eigh")`` (dense damped Hessian, direct solve).
+
+Sign: pyDVL's ``influences`` documents ⟨H⁻¹∇ℓ_test, ∇ℓ(z)⟩; SPEC's I(z) is minus that.
+The script checks it (rel. distance of the raw pyDVL scores to +S* and to −S*) and flips.
+
+CG mapping. Ours stops a row when ‖r‖ ≤ tol·‖b‖ (x0 = 0). pyDVL (x0 = b) stops when
+‖r‖ < max(rtol²·y, atol²): in block mode (``solve_simultaneously=True``) y = ‖b_i‖, so
+``rtol = √tol, atol = 0`` is the same criterion; in the default one-at-a-time mode y is the
+norm of a *column* of the right-hand-side stack, so ``rtol = tol`` taken literally means
+an absolute ‖r‖ ≲ tol² (that variant runs once, on --literal-points test points, as
+"literal"; its default maxiter is 10 × parameters per right-hand side). No preconditioner
+in either; ``precompute_grad`` is stored but unused by pyDVL 0.10.0. Both run block CG (one
+Krylov space for all right-hand sides); ``CG(block=False)`` (one CG per row) is timed too.
+
+LiSSA mapping. Both run h ← b + (1 − d)·h − (H + λI)h / s, result h / s:
+ours ``LiSSA(scale=s, damping=d, depth=D, tol=0)`` on the λ-damped operator ≡ pyDVL
+``LissaInfluence(regularization=λ, scale=s, dampen=d, maxiter=D, rtol=0)`` with a
+DataLoader whose batch is the whole set (pyDVL draws one shuffled batch per step; with
+batch = all examples the recursion is deterministic, as ours with ``batch_size=None``).
+tol = rtol = 0 switch early stopping off so both take exactly D steps (pyDVL's rtol is
+an element-wise max |Δh/h|, ours a norm ratio, so they cannot be matched otherwise).
+d = 0 and s = 1.2 × λ_max(H + λI) (from the reference's eigh; pyDVL's default is 10).
+
+    /work/venv_dvl/bin/python benchmarks/bench_pydvl.py --threads 1 --out docs/figures
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+import warnings
+
+from _common import interleaved, markdown, pyplot, save_figure, setup_threads, table, write_json
+
+import torch
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from lissa_influence.data import DataConfig, load_two_stage
+from lissa_influence.models import build_model
+from lissa_influence.influence import Influence
+from lissa_influence.scoring import PerExample, loss_gradients
+from lissa_influence.solvers import CG, Explicit, LiSSA, SolverWarning
+from lissa_influence.training import TrainConfig, pretrain
+
+
+def rowwise(a: torch.Tensor, b: torch.Tensor, rank: bool) -> float:
+    """Mean over test points (rows) of the Pearson (or Spearman: Pearson of ranks) correlation."""
+    if rank:
+        a, b = a.argsort(1).argsort(1).double(), b.argsort(1).argsort(1).double()
+    a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+    return float(((a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))).mean())
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def count_products(model, counter: list) -> None:
+    """Count Hessian-vector products (rows) inside a fitted pyDVL CgInfluence."""
+    for block in model.block_mapper.composable_block_dict.values():
+        op = block.op.operator
+        apply = op.apply
+
+        def counted(t, apply=apply):
+            counter[0] += 1 if t.dim() == 1 else t.shape[0]
+            return apply(t)
+        op.apply = counted
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (keep <= free cores)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--test-points", type=int, default=8, help="pretraining test examples queried (seeded choice)")
+    ap.add_argument("--damping", type=float, default=1e-2, help="λ in both, and the training weight decay")
+    ap.add_argument("--train-steps", type=int, default=300)
+    ap.add_argument("--polish-iters", type=int, default=500)
+    ap.add_argument("--cg-tol", type=float, default=1e-6)
+    ap.add_argument("--cg-max-iter", type=int, default=1000)
+    ap.add_argument("--lissa-depth", type=int, default=50, help="kept low: each step is one product per test point")
+    ap.add_argument("--lissa-safety", type=float, default=1.2, help="scale = safety × λ_max of the damped Hessian")
+    ap.add_argument("--explicit-block", type=int, default=64, help="Explicit(block_size=...): basis vectors per stacked product")
+    ap.add_argument("--literal-points", type=int, default=2, help="test points for pyDVL's default CG mode with rtol=tol (0 skips)")
+    ap.add_argument("--literal-max-iter", type=int, default=500, help="its maxiter (pyDVL's default is 10 × parameters)")
+    ap.add_argument("--out", default=None, help="directory for pydvl.json and pydvl_scatter.png")
+    args = ap.parse_args(argv)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # pyDVL's deprecation chatter on import
+    try:
+        import pydvl
+        from pydvl.influence import InfluenceMode
+        from pydvl.influence.torch import CgInfluence, LissaInfluence
+        from pydvl.influence.torch.operator import HessianOperator
+    except ImportError as e:  # plain `pip install pydvl` lacks dask/distributed, which pydvl.influence imports
+        print(f"pyDVL is not installed ({e}); skipping the side-by-side. pip install 'pydvl[influence]' to run it.")
+        return 0
+    warnings.filterwarnings("ignore", category=SolverWarning)  # LiSSA at tol=0 "did not converge" by design
+    logging.getLogger("pydvl").setLevel(logging.ERROR)  # its LiSSA logs the same at WARNING
+
+    env = setup_threads(args.threads)
+    env["pydvl"] = pydvl.__version__
+    t_start = time.perf_counter()
+    print(f"threads={env['threads']} (cpu_count={env['cpu_count']}, load={env['load_average']}), torch {env['torch']}, pyDVL {pydvl.__version__}")
+    data = load_two_stage(DataConfig(name="digits", seed=args.seed))
+    lam = args.damping
+    cfg = TrainConfig(steps=args.train_steps, lr=1e-2, seed=args.seed, polish_iters=args.polish_iters, weight_decay=lam)
+    model, report = pretrain(build_model("digits", len(data.pretrain_classes), args.seed, torch.float64), data, cfg)
+    model.eval()
+    x, y = data.pretrain_train.tensors
+    x = x.double()
+    tx, ty = data.pretrain_test.tensors
+    pick = torch.randperm(len(ty), generator=torch.Generator().manual_seed(args.seed))[: args.test_points]
+    tx, ty = tx[pick].double(), ty[pick]
+    train, test, m = TensorDataset(x, y), TensorDataset(tx, ty), len(y)
+    loader = DataLoader(train, batch_size=m)  # one batch: pyDVL averages chunk means unweighted
+    P = sum(p.numel() for p in model.parameters())
+    print(f"digits CNN {P} parameters, {m} training examples, {len(ty)} test points; trained {report.seconds:.0f}s, "
+          f"loss {report.loss:.4g}, grad norm {report.grad_norm:.2e}")
+
+    def ours(solver):
+        return Influence(model, solver=solver, damping=lam, hessian_samples=m, batch_size=m, seed=args.seed)
+
+    t0 = time.perf_counter()
+    ref_est = ours(Explicit(method="eigh", block_size=args.explicit_block)).fit(train)
+    s_ref = ref_est.query_vectors(test)
+    S_ref = ref_est.scores_from(s_ref)
+    ex = ref_est.diagnostics["solve"]
+    t_ref = time.perf_counter() - t0
+    lmin, lmax = ex["min_eigenvalue"], ex["max_eigenvalue"]
+    scale = args.lissa_safety * lmax
+    op = ref_est.operator  # (H + λI), ours; used for residuals and the same-operator check
+    b = loss_gradients(PerExample(model, ref_est.loss, ref_est.params, ref_est.block), test, m, False)
+    v = torch.randn(P, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    hv_dvl = HessianOperator(model, F.cross_entropy, loader).apply(v) + lam * v
+    same_op = rel(hv_dvl, op(v[None])[0])
+    print(f"Explicit reference {t_ref:.0f}s; damped Hessian eigenvalues [{lmin:.3g}, {lmax:.3g}]; "
+          f"LiSSA scale {scale:.3g}; pyDVL vs our (H+λI)v rel. diff {same_op:.1e}")
+
+    res: dict = {}  # name -> (scores in SPEC sign, query vectors, products)
+
+    def run_ours(name, solver):
+        def f():
+            est = ours(solver).fit(train)
+            s = est.query_vectors(test)
+            d = est.diagnostics["solve"]
+            res[name] = (est.scores_from(s), s, d["num_products"], d["converged"] if solver.name == "cg" else None)
+        return f
+
+    def run_dvl(name, make, cg=True, n=len(ty)):
+        def f():
+            inf = make().fit(loader)
+            counter = [0]
+            if cg:
+                count_products(inf, counter)
+            with warnings.catch_warnings(record=True) as caught:  # CG warns once per unconverged solve
+                warnings.simplefilter("always", UserWarning)
+                s = inf.influence_factors(tx[:n], ty[:n])
+            raw = inf.influences_from_factors(s, x, y, mode=InfluenceMode.Up)
+            capped = sum("max number of iterations" in str(w.message) for w in caught)
+            res[name] = (-raw, s, counter[0] if cg else args.lissa_depth * n, not capped if cg else None, raw)
+        return f
+
+    cg_tol = args.cg_tol
+    fns = {
+        "CG ours": run_ours("CG ours", CG(tol=cg_tol, max_iter=args.cg_max_iter)),  # block CG, the default
+        "CG ours, one per query": run_ours("CG ours, one per query", CG(tol=cg_tol, max_iter=args.cg_max_iter, block=False)),
+        "CG pyDVL": run_dvl("CG pyDVL", lambda: CgInfluence(model, F.cross_entropy, regularization=lam, rtol=cg_tol ** 0.5, atol=0.0,
+                                                             maxiter=args.cg_max_iter, solve_simultaneously=True)),
+        "LiSSA ours": run_ours("LiSSA ours", LiSSA(scale=scale, damping=0.0, depth=args.lissa_depth, tol=0.0)),
+        "LiSSA pyDVL": run_dvl("LiSSA pyDVL", lambda: LissaInfluence(model, F.cross_entropy, regularization=lam, maxiter=args.lissa_depth,
+                                                                     dampen=0.0, scale=scale, rtol=0.0), cg=False),
+    }
+    print(f"timing {list(fns)}, {args.repeats} interleaved repeats ...")
+    times = {k: v["median"] for k, v in interleaved(fns, args.repeats, warmup=0).items()}
+    if args.literal_points:  # slow (one right-hand side at a time, to ‖r‖ ≲ tol²): one run, first test points only
+        print(f"CG pyDVL literal (default mode, rtol={cg_tol:g}), {args.literal_points} test point(s), one run ...")
+        t0 = time.perf_counter()
+        run_dvl("CG pyDVL literal", lambda: CgInfluence(model, F.cross_entropy, regularization=lam, rtol=cg_tol,
+                                                         maxiter=args.literal_max_iter), n=args.literal_points)()
+        times["CG pyDVL literal"] = time.perf_counter() - t0
+
+    raw = res["CG pyDVL"][4]
+    sign = {"raw_vs_plus_ref": rel(raw, S_ref), "raw_vs_minus_ref": rel(-raw, S_ref), "raw_pearson": rowwise(raw, S_ref, False)}
+    print(f"sign check: raw pyDVL CG scores vs +S* rel. {sign['raw_vs_plus_ref']:.3g}, vs −S* rel. {sign['raw_vs_minus_ref']:.2e}, "
+          f"Pearson(raw, S*) {sign['raw_pearson']:.4f}")
+
+    headers = ["method", "wall s", "time / ours", "HVPs", "converged", "residual", "rel. err", "Pearson", "Spearman",
+               "vs ours rel.", "vs ours r"]
+    rows, runs = [["Explicit (reference)", t_ref, None, P, True, None, 0.0, 1.0, 1.0, None, None]], []
+    for name in res:
+        S, s, prods, conv = res[name][:4]
+        n = len(S)  # the literal run covers only the first test points: compare those rows
+        base = "CG ours" if name.startswith("CG") else "LiSSA ours"
+        mine, ours_S, ref = name == base, res[base][0][:n], S_ref[:n]
+        resid = float(((op(s) - b[:n]).norm(dim=1) / b[:n].norm(dim=1)).max())
+        r = {"method": name, "wall_s": times[name], "ratio": None if mine or n < len(ty) else times[name] / times[base],
+             "products": prods, "converged": conv, "residual": resid, "rel_error": rel(S, ref), "pearson": rowwise(S, ref, False),
+             "spearman": rowwise(S, ref, True), "vs_ours_rel": None if mine else rel(S, ours_S),
+             "vs_ours_pearson": None if mine else rowwise(S, ours_S, False), "test_points": n}
+        runs.append(r)
+        rows.append([name + (f" ({n} pts, 1 run)" if n < len(ty) else "")] + list(r.values())[1:-1])
+    title = (f"\npyDVL {pydvl.__version__} vs lissa_influence: digits CNN, {P} params, float64, λ={lam:g}, Hessian over {m} examples, "
+             f"{len(ty)} test points x {m} scored; CG tol {cg_tol:g}, LiSSA depth {args.lissa_depth} scale {scale:.3g}; "
+             f"median of {args.repeats}, {env['threads']} thread(s)")
+    print(table(headers, rows, title))
+    print("residual: worst ‖(H+λI)x − b‖/‖b‖ of the query vectors; rel. err / Pearson / Spearman vs Explicit; "
+          "HVPs: single-vector products (LiSSA: depth × test points)")
+    out = {"env": env, "config": vars(args), "load_average_end": list(os.getloadavg()),
+           "setup": {"parameters": P, "train_examples": m, "test_indices": pick.tolist(), "train_report": report.__dict__,
+                     "eigenvalues_damped": [lmin, lmax], "lissa_scale": scale, "explicit_seconds": t_ref,
+                     "hvp_rel_diff_pydvl_vs_ours": same_op},
+           "sign_check": sign, "runs": runs, "markdown": markdown(headers, rows), "total_seconds": time.perf_counter() - t_start}
+    if args.out:
+        plt = pyplot()
+        pairs = [(k, "CG ours" if k.startswith("CG") else "LiSSA ours") for k in res if "pyDVL" in k]
+        fig, axes = plt.subplots(1, len(pairs), figsize=(4.2 * len(pairs), 4), squeeze=False)
+        for ax, (k, base) in zip(axes[0], pairs):
+            a, d = res[base][0][: len(res[k][0])].flatten(), res[k][0].flatten()
+            ax.scatter(a, d, s=4, alpha=0.5)
+            lo, hi = float(min(a.min(), d.min())), float(max(a.max(), d.max()))
+            ax.plot([lo, hi], [lo, hi], "k:", lw=0.8)
+            ax.set_xlabel(f"{base} I(z)")
+            ax.set_ylabel(f"{k} (sign flipped)")
+            ax.set_title(f"{k}: rel. diff {rel(d, a):.1e}", fontsize=9)
+        out["plots"] = [save_figure(fig, args.out, "pydvl_scatter.png")]
+        print(f"wrote {write_json(args.out, 'pydvl.json', out)} and {out['plots'][0]}")
+    print(f"total {out['total_seconds']:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
