@@ -120,3 +120,14 @@ def save_figure(fig, outdir, name: str) -> str:
 
     plt.close(fig)
     return str(path)
+
+
+def finish(res: dict, out: str | None, name: str, draw: Callable[[], Any]) -> dict:
+    """End of a benchmark script: with ``out``, draw the figures (``draw()`` returns their
+    path or paths) and write ``res`` as ``out/name``; print the total time."""
+    if out:
+        figures = draw()
+        res["plots"] = [figures] if isinstance(figures, str) else list(figures)
+        print(f"\nwrote {write_json(out, name, res)} and {', '.join(res['plots'])}")
+    print(f"total {res['total_seconds']:.0f}s")
+    return res

@@ -34,7 +34,7 @@ import statistics
 import time
 import warnings
 
-from _common import interleaved, markdown, pyplot, save_figure, setup_threads, table, write_json
+from _common import finish, interleaved, markdown, pyplot, save_figure, setup_threads, table
 
 import torch
 from torch import nn
@@ -419,12 +419,7 @@ def main(argv=None) -> dict:
     print("\n" + text)
     tables = res.pop("_tables")
     res["markdown"] = {k: markdown(*v) for k, v in tables.items()}
-    if args.out:
-        res["plots"] = plots(args, res)
-        path = write_json(args.out, f"curvature_{args.arch}.json", res)
-        print(f"\nwrote {path} and {', '.join(res['plots'])}")
-    print(f"total {res['total_seconds']:.0f}s")
-    return res
+    return finish(res, args.out, f"curvature_{args.arch}.json", lambda: plots(args, res))
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ import sys
 import time
 import warnings
 
-from _common import markdown, pyplot, save_figure, setup_threads, table, write_json
+from _common import finish, markdown, pyplot, save_figure, setup_threads, table
 
 import numpy as np
 import torch
@@ -278,12 +278,7 @@ def main(argv=None) -> dict:
     print("\nlog-log slopes: " + ", ".join(f"{k} {v:.2f}" for k, v in fits.items() if isinstance(v, float)))
     print(f"affine fit over N: total = {fixed:.1f} s + {per_n * 1e6:.0f} us x N")
     res["total_seconds"] = time.perf_counter() - t_start
-    if args.out:
-        res["plot"] = plots(args, axes, fits)
-        path = write_json(args.out, "scaling.json", res)
-        print(f"wrote {path} and {res['plot']}")
-    print(f"total {res['total_seconds']:.0f}s")
-    return res
+    return finish(res, args.out, "scaling.json", lambda: plots(args, axes, fits))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import tempfile
 import time
 import warnings
 
-from _common import interleaved, markdown, pyplot, save_figure, setup_threads, table, write_json
+from _common import finish, interleaved, markdown, pyplot, save_figure, setup_threads, table
 
 import torch
 from torch.utils.data import TensorDataset
@@ -345,12 +345,7 @@ def main(argv=None) -> dict:
     print(text)
     tables = res.pop("_tables")
     res["markdown"] = {k: markdown(*v) for k, v in tables.items()}
-    if args.out:
-        res["plots"] = plots(args, res)
-        path = write_json(args.out, "scoring.json", res)
-        print(f"\nwrote {path} and {', '.join(res['plots'])}")
-    print(f"total {res['total_seconds']:.0f}s")
-    return res
+    return finish(res, args.out, "scoring.json", lambda: plots(args, res))
 
 
 if __name__ == "__main__":

@@ -179,8 +179,12 @@ def _solve(solver, op, b: torch.Tensor, trace: ErrorTrace | None) -> tuple[torch
     d = info.as_dict()
     out = {"status": "ok", "iterations": d["iterations"], "hvps": full_products(solver, op, d["num_products"]) / b.shape[0],
            "converged": d["converged"], "seconds": d["wall_time"], "final_residual": d["final_residual"]}
-    if caught:
-        out["warnings"] = sorted({str(w.message).split(";")[0] for w in caught})
+    solver_warnings = [w for w in caught if issubclass(w.category, SolverWarning)]
+    for w in caught:  # anything else (a library's deprecation notice) is passed on
+        if w not in solver_warnings:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if solver_warnings:  # expected ones (a capped CG) go into the row, not the console
+        out["warnings"] = sorted({str(w.message).split(";")[0] for w in solver_warnings})
     return x, out
 
 
