@@ -8,7 +8,10 @@ import sys
 
 import pytest
 
-from hydra_helpers import REPO
+from hydra import compose, initialize_config_dir
+
+from hydra_helpers import CONF, REPO
+from lissa_influence import config
 
 BENCH = REPO / "benchmarks"
 
@@ -22,6 +25,19 @@ def test_pydvl_comparison_skips_with_a_notice_without_pydvl():
     assert "pyDVL is not installed" in proc.stdout + proc.stderr and "pip install" in proc.stdout + proc.stderr
 
 
-def test_solver_accuracy_suite_script_parses():
-    proc = subprocess.run(["bash", "-n", str(BENCH / "solver_accuracy.sh")], capture_output=True, text=True)
+def test_solver_accuracy_suite_script_parses_and_its_overrides_compose():
+    script = BENCH / "solver_accuracy.sh"
+    proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+    sweeps = [line.split()[2:] for line in script.read_text().splitlines() if line.strip().startswith("run ")]
+    assert len(sweeps) >= 10
+    config.register()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        for overrides in sweeps:  # every value of every swept key, the others at their first value
+            first = [o.split(",")[0] for o in overrides]
+            for i, o in enumerate(overrides):
+                for value in o.split("=", 1)[1].split(","):
+                    chosen = first[:i] + [f"{o.split('=', 1)[0]}={value}"] + first[i + 1:]
+                    cfg = compose(config_name="accuracy", overrides=chosen)
+                    config.check(cfg)
+                    config.build_solver(cfg.solver)
