@@ -145,7 +145,7 @@ class CG:
     orthonormalised residual blocks, which stays stable when the right-hand sides are
     dependent or converge at different speeds). Each iteration multiplies all ``k``
     columns, and it takes far fewer iterations than ``k`` separate solves (8 test queries
-    of the digits model: 4x fewer products, docs/benchmarks.md). The result is checked
+    of the digits model: 3.7x fewer products, docs/benchmarks.md). The result is checked
     against the true residual ``B − AX`` (``k`` products); when the block recurrence
     breaks down (``SᵀAS`` not numerically positive definite, ``stall_iters`` iterations
     without a new lowest residual, or the check fails), separate CG recursions finish from
