@@ -141,15 +141,17 @@ def test_mnist_missing_files_offline(tmp_path):
     assert "train-images-idx3-ubyte" in message and "data.download=true" in message
 
 
-def test_mnist_failed_download_is_explained(tmp_path, monkeypatch):
-    import torchvision.datasets.mnist as tv_mnist
-
+@pytest.mark.parametrize("name, downloader, advice", [
+    ("mnist", "torchvision.datasets.mnist.download_and_extract_archive", "put the uncompressed idx files there"),
+    ("cifar10", "torchvision.datasets.utils.download_and_extract_archive", "extract cifar-10-python.tar.gz"),
+])
+def test_failed_download_is_explained(tmp_path, monkeypatch, name, downloader, advice):
     def offline(*args, **kwargs):
         raise URLError("no internet")
 
-    monkeypatch.setattr(tv_mnist, "download_and_extract_archive", offline)
-    with pytest.raises(DatasetDownloadError, match="put the uncompressed idx files there"):
-        load_two_stage(DataConfig(name="mnist", root=str(tmp_path), download=True))
+    monkeypatch.setattr(downloader, offline)
+    with pytest.raises(DatasetDownloadError, match=advice):
+        load_two_stage(DataConfig(name=name, root=str(tmp_path), download=True))
 
 
 # --- CIFAR-10 (python pickle batches) ------------------------------------------------
@@ -186,17 +188,6 @@ def test_cifar10_missing_files_offline(tmp_path):
         load_two_stage(DataConfig(name="cifar10", root=str(tmp_path)))
     message = str(err.value)
     assert os.path.join(str(tmp_path), "cifar-10-batches-py") in message and "data.download=true" in message
-
-
-def test_cifar10_failed_download_is_explained(tmp_path, monkeypatch):
-    import torchvision.datasets.utils as tv_utils
-
-    def offline(*args, **kwargs):
-        raise URLError("no internet")
-
-    monkeypatch.setattr(tv_utils, "download_and_extract_archive", offline)
-    with pytest.raises(DatasetDownloadError, match="extract cifar-10-python.tar.gz"):
-        load_two_stage(DataConfig(name="cifar10", root=str(tmp_path), download=True))
 
 
 def test_cifar10_corrupt_batch(tmp_path):
