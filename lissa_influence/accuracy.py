@@ -225,13 +225,14 @@ def run(cfg: Any, out_dir: str | Path, overrides: list[str] | tuple[str, ...] = 
     if v is not None:
         row["finetune_error"] = relative_error(v, ref["v"])
         b_pre = msi.pretrain_rhs(v, g)
-        pre_trace = (ErrorTrace({"pretrain": inv_pre.solve(b_pre), "query": ref["s"]}, rows,
+        s_same_rhs = inv_pre.solve(b_pre)  # the exact solve of the candidate's own right-hand side
+        pre_trace = (ErrorTrace({"pretrain": s_same_rhs, "query": ref["s"]}, rows,
                                 partial(full_products, solver, msi.pre_operator), {"query": ft["hvps"]})
                      if trace_on else None)
         s, pre = _solve(solver, msi.pre_operator, b_pre, pre_trace)
         row.update({f"pretrain_{k}": x for k, x in pre.items()})
         if s is not None:
-            row["pretrain_error"] = relative_error(s, inv_pre.solve(b_pre))
+            row["pretrain_error"] = relative_error(s, s_same_rhs)
             row["query_error"] = relative_error(s, ref["s"])
             row.update(score_agreement(msi.scores_from(s), ref["scores"], cfg.accuracy.top_k))
             row["hvps"] = ft["hvps"] + pre["hvps"]

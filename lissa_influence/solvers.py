@@ -198,10 +198,11 @@ class CG:
             # blocks): check the true residual, and let row CG finish from X where needed.
             R = B - op(X)
             products += k
-            if stop is None and bool((_rownorm(R) / safe_bnorm <= self.tol).all()):
-                return (X[0] if single else X), self._finish(_rownorm(R) / safe_bnorm, history, it, products, start,
-                                                             [], {"block": True, "preconditioner": None})
-            history.append(float((_rownorm(R) / safe_bnorm).max()))
+            true_rel = _rownorm(R) / safe_bnorm
+            if stop is None and bool((true_rel <= self.tol).all()):
+                return (X[0] if single else X), self._finish(true_rel, history, it, products, start, [],
+                                                             {"block": True, "preconditioner": None})
+            history.append(float(true_rel.max()))
         minv = self._inverse_diagonal(op, size, B)
         if minv is not None and not torch.is_tensor(self.preconditioner):
             products += self.jacobi_samples
