@@ -45,6 +45,7 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from lissa_influence.accuracy import relative_error as rel
 from lissa_influence.data import DataConfig, load_two_stage
 from lissa_influence.models import build_model
 from lissa_influence.influence import Influence
@@ -59,10 +60,6 @@ def rowwise(a: torch.Tensor, b: torch.Tensor, rank: bool) -> float:
         a, b = a.argsort(1).argsort(1).double(), b.argsort(1).argsort(1).double()
     a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
     return float(((a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))).mean())
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
 
 
 def count_products(model, counter: list) -> None:

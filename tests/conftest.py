@@ -38,6 +38,11 @@ class TinyMLP(nn.Module):
         return self.head(self.embedding(x))
 
 
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative difference ``‖a − b‖ / ‖b‖``."""
+    return float((a - b).norm() / b.norm())
+
+
 def make_data(n: int, shape: tuple[int, ...], classes: int, seed: int, dtype=torch.float64, noise: float | None = None) -> Batch:
     """Random inputs; labels uniform at random, or (with ``noise``) from a fixed random
     linear teacher plus Gaussian noise, so that a model learns without interpolating."""

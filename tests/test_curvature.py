@@ -4,13 +4,9 @@ import pytest
 import torch
 from torch.func import functional_call, hessian
 
-from conftest import TinyCNN, TinyMLP, dense_hessian, make_data
+from conftest import TinyCNN, TinyMLP, dense_hessian, make_data, rel
 from lissa_influence.curvature import CurvatureOperator, Objective, cross_entropy
 from lissa_influence.params import make_block, named_params, prefix_matcher
-
-
-def rel(a, b):
-    return float((a - b).norm() / b.norm())
 
 
 @pytest.mark.parametrize("arch,shape", [(TinyCNN, (1, 6, 6)), (TinyMLP, (5,))])

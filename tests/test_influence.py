@@ -7,15 +7,11 @@ import pytest
 import torch
 from torch.func import functional_call, hessian
 
-from conftest import TinyCNN, make_data, train_full_batch
+from conftest import TinyCNN, make_data, rel, train_full_batch
 from twostage import TwoStage
 from lissa_influence import CG, Explicit, Identity, Influence, LiSSA, MultiStageInfluence
 from lissa_influence.curvature import cross_entropy
 from lissa_influence.params import make_block, named_params, prefix_matcher
-
-
-def rel(a, b):
-    return float((a - b).norm() / b.norm())
 
 
 def pearson(a, b):

@@ -6,15 +6,11 @@ import warnings
 import pytest
 import torch
 
-from conftest import TinyCNN, TinyMLP, make_data, train_full_batch
+from conftest import TinyCNN, TinyMLP, make_data, rel, train_full_batch
 from lissa_influence import CG, Explicit, Identity, LiSSA
 from lissa_influence.curvature import CurvatureOperator, Objective, cross_entropy
 from lissa_influence.params import make_block, named_params
 from lissa_influence.solvers import DivergenceError, NegativeCurvatureError, SolverWarning
-
-
-def rel(a, b):
-    return float((a - b).norm() / b.norm())
 
 
 @pytest.fixture(scope="module")
