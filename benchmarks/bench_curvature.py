@@ -42,11 +42,12 @@ from torch.func import grad, vjp
 
 from lissa_influence.batching import Batch, subsample_indices
 from lissa_influence.curvature import CurvatureOperator, Objective, cross_entropy
-from lissa_influence.data import DataConfig, load_two_stage
-from lissa_influence.models import build_model
+from lissa_influence.experiments.data import DataConfig, load_two_stage
+from lissa_influence.experiments.models import build_model
+from lissa_influence.operators import LinearOperator
 from lissa_influence.params import ParamBlock, make_block, named_params
 from lissa_influence.solvers import CG, Explicit, Identity, LiSSA, SolverError
-from lissa_influence.training import TrainConfig, pretrain
+from lissa_influence.experiments.training import TrainConfig, pretrain
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -63,7 +64,7 @@ def hvp_vjp_of_grad(obj: Objective, block: ParamBlock, v: torch.Tensor) -> torch
     return total.detach()
 
 
-class RetainedGraphHVP:
+class RetainedGraphHVP(LinearOperator):
     """``v ↦ ∇²L v`` from one differentiable gradient graph per chunk, built once.
 
     Every product is then only the second backward pass (no forward, no first backward):
@@ -73,10 +74,9 @@ class RetainedGraphHVP:
     ``is_grads_batched=True`` (vmap over the second backward).
     """
 
-    accepts_stack = True
-
     def __init__(self, obj: Objective, block: ParamBlock, damping: float = 0.0, stack: str = "rows"):
         self.damping, self.stack, self.parts = damping, stack, []
+        self._shape, self._dtype, self._device = (block.numel, block.numel), obj.dtype, obj.device
         self.num_products = 0
         t0 = time.perf_counter()
         theta0 = obj.point(block).detach()
@@ -104,6 +104,21 @@ class RetainedGraphHVP:
         else:
             out = torch.stack([self._one(row, False) for row in v])
         return out + self.damping * v
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self._shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        return self(V)
 
 
 # --- FLOP model -------------------------------------------------------------------------------

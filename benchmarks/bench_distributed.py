@@ -37,7 +37,7 @@ import torch
 
 def worker(args) -> None:
     from lissa_influence import CG, MultiStageInfluence, distributed
-    from lissa_influence.models import build_model, finetune_model_from
+    from lissa_influence.experiments.models import build_model, finetune_model_from
 
     setup_threads(args.threads)
     distributed.init_from_env()

@@ -6,7 +6,7 @@ over all 576 pretraining examples, one batch in both libraries), same λ (pyDVL'
 ``regularization``), the same test points; every training example is scored. The
 reference is ``Explicit(method="eigh")`` (dense damped Hessian, direct solve).
 
-Sign: pyDVL's ``influences`` documents ⟨H⁻¹∇ℓ_test, ∇ℓ(z)⟩; SPEC's I(z) is minus that.
+Sign: pyDVL's ``influences`` documents ⟨H⁻¹∇ℓ_test, ∇ℓ(z)⟩; our I(z) (docs/math.md) is minus that.
 The script checks it (rel. distance of the raw pyDVL scores to +S* and to −S*) and flips.
 
 CG mapping. Ours stops a row when ‖r‖ ≤ tol·‖b‖ (x0 = 0). pyDVL (x0 = b) stops when
@@ -45,13 +45,13 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from lissa_influence.accuracy import relative_error as rel
-from lissa_influence.data import DataConfig, load_two_stage
-from lissa_influence.models import build_model
-from lissa_influence.influence import Influence
+from lissa_influence import relative_error as rel
+from lissa_influence.experiments.data import DataConfig, load_two_stage
+from lissa_influence.experiments.models import build_model
+from lissa_influence import Influence
 from lissa_influence.scoring import PerExample, loss_gradients
 from lissa_influence.solvers import CG, Explicit, LiSSA, SolverWarning
-from lissa_influence.training import TrainConfig, pretrain
+from lissa_influence.experiments.training import TrainConfig, pretrain
 
 
 def rowwise(a: torch.Tensor, b: torch.Tensor, rank: bool) -> float:
@@ -143,7 +143,7 @@ def main(argv=None) -> int:
     print(f"Explicit reference {t_ref:.0f}s; damped Hessian eigenvalues [{lmin:.3g}, {lmax:.3g}]; "
           f"LiSSA scale {scale:.3g}; pyDVL vs our (H+λI)v rel. diff {same_op:.1e}")
 
-    res: dict = {}  # name -> (scores in SPEC sign, query vectors, products)
+    res: dict = {}  # name -> (scores in our sign, query vectors, products)
 
     def run_ours(name, solver):
         def f():

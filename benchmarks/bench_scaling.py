@@ -50,7 +50,7 @@ from torch.utils.data import Dataset
 
 from lissa_influence import CG, MultiStageInfluence, SolverWarning
 from lissa_influence.batching import iter_batches
-from lissa_influence.models import TwoStageNet, build_model, count_params, finetune_model_from
+from lissa_influence.experiments.models import TwoStageNet, build_model, count_params, finetune_model_from
 
 STAGES = ["test_gradients", "finetune_solve", "mixed_product", "pretrain_solve", "scoring"]
 SHAPE = (1, 28, 28)

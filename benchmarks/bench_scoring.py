@@ -36,11 +36,11 @@ from torch.utils.data import TensorDataset
 from lissa_influence import CG, MultiStageInfluence
 from lissa_influence.batching import Batch, iter_batches
 from lissa_influence.curvature import CurvatureOperator, Objective, cross_entropy
-from lissa_influence.data import DataConfig, load_two_stage
-from lissa_influence.models import ModelConfig, build_model
+from lissa_influence.experiments.data import DataConfig, load_two_stage
+from lissa_influence.experiments.models import ModelConfig, build_model
 from lissa_influence.params import make_block, named_params
 from lissa_influence.scoring import PerExample, loss_gradients, score_dataset
-from lissa_influence.training import TrainConfig, train_two_stage
+from lissa_influence.experiments.training import TrainConfig, train_two_stage
 
 from bench_curvature import RetainedGraphHVP
 

@@ -36,4 +36,4 @@ else
   run lissa_stochastic solver=lissa solver.depth=1000 solver.batch_size=64 solver.repeats=1,4
   run lissa_gn solver=lissa solver.depth=1000 gauss_newton=true
 fi
-python -m lissa_influence.accuracy "$OUT"
+python -m lissa_influence.experiments.accuracy "$OUT"

@@ -2,20 +2,31 @@
 
 ``MultiStageInfluence`` scores pretraining examples for a finetuned model's test loss
 (Chen et al., NeurIPS 2020); ``Influence`` is the single-stage special case (Koh &
-Liang 2017). Every inverse Hessian is applied matrix-free by one of the solvers
-``CG``, ``LiSSA``, ``Explicit`` (dense, small models) or ``Identity`` (ablation).
+Liang 2017). Every inverse Hessian is applied matrix-free by a :class:`Solver`:
+``CG``, ``LiSSA``, ``Explicit`` (dense, small models), ``Identity`` (ablation), or one
+of your own. The mathematics is in docs/math.md, the layout in docs/architecture.md.
+
+This package is the library; the paper's experiments (Hydra app, data, models,
+training, validation) live in :mod:`lissa_influence.experiments`, which the library
+never imports.
 """
 
 from .curvature import CurvatureOperator, Objective, cross_entropy
-from .influence import Influence, MultiStageInfluence
+from .estimator import InfluenceEstimator
+from .influence import Influence
+from .metrics import ErrorTrace, relative_error, score_agreement
+from .multistage import MultiStageInfluence
+from .operators import DenseOperator, FunctionOperator, LinearOperator, aslinearoperator
 from .params import ParamBlock
 from .solvers import (CG, DivergenceError, Explicit, Identity, LiSSA, NegativeCurvatureError, NotConvergedError,
-                      SolveInfo, SolverError, SolverWarning)
+                      SolveInfo, Solver, SolverError, SolverWarning)
 
 __all__ = [
-    "MultiStageInfluence", "Influence",
-    "CG", "LiSSA", "Explicit", "Identity", "SolveInfo",
+    "MultiStageInfluence", "Influence", "InfluenceEstimator",
+    "Solver", "CG", "LiSSA", "Explicit", "Identity", "SolveInfo",
     "SolverError", "NegativeCurvatureError", "NotConvergedError", "DivergenceError", "SolverWarning",
+    "LinearOperator", "DenseOperator", "FunctionOperator", "aslinearoperator",
     "CurvatureOperator", "Objective", "ParamBlock", "cross_entropy",
+    "relative_error", "score_agreement", "ErrorTrace",
 ]
 __version__ = "0.1.0"

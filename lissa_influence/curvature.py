@@ -1,7 +1,7 @@
 """Matrix-free curvature: Hessian-, Gauss-Newton- and mixed-block-vector products.
 
 All products are of the empirical loss ``L(θ) = mean_i loss(model(x_i; θ), y_i)`` over
-a fixed sample held in memory (SPEC's subsampled Hessian), restricted to one block of
+a fixed sample held in memory (the subsampled Hessian of docs/math.md), restricted to one block of
 parameters with the rest held at their values. They are built from ``torch.func``
 (forward-over-reverse: ``jvp`` of ``grad``), streamed over the sample in chunks so
 memory is bounded by the chunk, and accept one vector ``[P]`` or a stack ``[k, P]``
@@ -14,17 +14,22 @@ sample (``sample_size``) and ``reduce`` sums the ranks' partial results.
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
-
-import dataclasses
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from .batching import Batch
+from .operators import LinearOperator
 from .params import ParamBlock, Params
+
+# torch's forward-mode AD scripts its jvp decompositions on first use and warns that
+# torch.jit.script is deprecated: harmless, and nothing a user of this package can act on.
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``(outputs, targets) -> mean loss over the batch`` (cross-entropy by default)."""
@@ -152,20 +157,21 @@ class Objective:
 
     def mixed_vp(self, rows: ParamBlock, cols: ParamBlock, v: torch.Tensor, batch: Batch | None = None) -> torch.Tensor:
         """``∇²_{rows, cols} L · v``: ``v`` lives on ``cols``, the result on ``rows``
-        (SPEC's ``∇²_WΘ F · v`` is ``mixed_vp(W, Θ, v)``)."""
+        (the ``∇²_WΘ F · v`` of docs/math.md is ``mixed_vp(W, Θ, v)``)."""
         a, b = self.point(rows), self.point(cols)
         g_rows = grad(lambda fa, fb, x, y: self._loss((rows, cols), (fa, fb), x, y), argnums=0)
         return self._batched(lambda vv, c: jvp(lambda fb: g_rows(a, fb, c.x, c.y), (b,), (vv,))[1], v, batch, rows.numel)
 
 
-@dataclass
-class CurvatureOperator:
-    """The damped curvature ``v ↦ (∇²_{block} L + D) v`` as a linear operator.
+@dataclass(eq=False)
+class CurvatureOperator(LinearOperator):
+    """The damped curvature ``v ↦ (∇²_{block} L + D) v`` as a :class:`~lissa_influence.operators.LinearOperator`.
 
     ``damping`` is a scalar ``λ`` (``D = λI``) or a vector of per-coordinate shifts
-    (SPEC's ``2α·P_W + λ_ft·I`` for the embedding-updated finetune Hessian).
+    (``2α·P_W + λ_ft·I`` for the embedding-updated finetune Hessian, docs/math.md).
     ``gauss_newton=True`` replaces the Hessian by the GGN. ``num_products`` counts
-    Hessian-vector products (a ``[k, P]`` stack counts ``k``).
+    Hessian-vector products (a ``[k, P]`` stack counts ``k``). It can draw minibatches of
+    its Hessian sample (:meth:`minibatch`, for LiSSA's stochastic recursion).
     """
 
     objective: Objective
@@ -173,7 +179,6 @@ class CurvatureOperator:
     damping: float | torch.Tensor = 0.0
     gauss_newton: bool = False
     num_products: int = field(default=0, init=False)
-    accepts_stack = True  # multiplies a stack [k, P] in one call (see solvers.as_stack_operator)
 
     @property
     def size(self) -> int:
@@ -184,8 +189,17 @@ class CurvatureOperator:
         return self.objective.dtype
 
     @property
+    def device(self) -> torch.device:
+        return self.objective.device
+
+    @property
     def shape(self) -> tuple[int, int]:
         return (self.size, self.size)
+
+    @property
+    def sample_size(self) -> int:  # type: ignore[override]
+        """Examples in the Hessian sample (over all ranks)."""
+        return self.objective.total
 
     def _apply(self, v: torch.Tensor, objective: Objective) -> torch.Tensor:
         if v.shape[-1] != self.size:
@@ -198,17 +212,40 @@ class CurvatureOperator:
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         return self._apply(v, self.objective)
 
-    def minibatch(self, batch_size: int, generator: torch.Generator) -> Callable[[torch.Tensor], torch.Tensor]:
-        """A product over a fresh random minibatch of the Hessian sample (for LiSSA's
-        stochastic recursion); ``batch_size >= len(sample)`` gives the full product.
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        return self._apply(V, self.objective)
+
+    def minibatch(self, batch_size: int, generator: torch.Generator) -> LinearOperator:
+        """The operator over a fresh random minibatch of the Hessian sample (for LiSSA's
+        stochastic recursion); ``batch_size >= sample_size`` gives the full operator.
         The indices are drawn over the whole sample, so ranks with the same ``generator``
         state agree on the minibatch and each contributes the part in its shard."""
         if batch_size >= self.objective.total:
             return self
         mini = self.objective.restricted(torch.randperm(self.objective.total, generator=generator)[:batch_size])
+        return _Minibatch(self, mini)
 
-        def product(v: torch.Tensor) -> torch.Tensor:
-            return self._apply(v, mini)
 
-        product.accepts_stack = True  # type: ignore[attr-defined]
-        return product
+class _Minibatch(LinearOperator):
+    """One drawn minibatch of a :class:`CurvatureOperator` (its products are counted there)."""
+
+    def __init__(self, parent: CurvatureOperator, objective: Objective):
+        self.parent, self.objective = parent, objective
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.parent.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.parent.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.parent.device
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        return self.parent._apply(v, self.objective)
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        return self.parent._apply(V, self.objective)

@@ -1,7 +1,7 @@
 """Named parameters <-> flat vectors, for any subset of a model's parameters.
 
-Every stage of the influence chain works on a block of parameters (SPEC's W, U,
-Theta, or (W, Theta)). A :class:`ParamBlock` fixes which names belong to the block
+Every stage of the influence chain works on a block of parameters (W, U, Θ, or
+(W, Θ) in the notation of docs/math.md). A :class:`ParamBlock` fixes which names belong to the block
 and in what order, so that flat vectors from different operators line up.
 """
 

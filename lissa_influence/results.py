@@ -35,6 +35,8 @@ import numpy as np
 import torch
 
 from . import distributed
+from .batching import as_dataset
+from .estimator import InfluenceEstimator
 
 log = logging.getLogger(__name__)
 
@@ -226,26 +228,24 @@ class ShardStore:
         return np.load(self.root / QUERY_VECTORS), info
 
 
-def resumable_scores(estimator: Any, test_data: Any, root: str | os.PathLike, config_hash: str, shard_size: int,
-                     mean: bool = False, data: Any = None, config: Mapping[str, Any] | None = None,
+def resumable_scores(estimator: InfluenceEstimator, test_data: Any, root: str | os.PathLike, config_hash: str,
+                     shard_size: int, mean: bool = False, data: Any = None, config: Mapping[str, Any] | None = None,
                      on_shard: Callable[[int, int, int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Query vectors and scores of a fitted :class:`~lissa_influence.MultiStageInfluence` or
-    :class:`~lissa_influence.Influence`, kept in a :class:`ShardStore` at ``root``.
+    """Query vectors and scores of a fitted estimator (:class:`~lissa_influence.MultiStageInfluence`
+    or :class:`~lissa_influence.Influence`), kept in a :class:`ShardStore` at ``root``.
 
     Loads ``s`` from the store or solves (``estimator.query_vectors(test_data, mean)``)
     and saves it; then scores every shard not yet complete
-    (``estimator.scores_from(s, data, start, stop)``) and writes it as soon as it is
-    done. Returns ``(s, scores [k, n], info)`` with ``info`` holding the solve
-    diagnostics and what was resumed. Under torch.distributed every rank must call it
-    (the solves and the scoring are collective); only rank 0 touches the files.
-    ``on_shard(index, start, stop)`` is called after each shard is written.
+    (``estimator.scores_from(s, data, start, stop)``; ``data`` defaults to the
+    estimator's ``scored_data``) and writes it as soon as it is done. Returns
+    ``(s, scores [k, n], info)`` with ``info`` holding the solve diagnostics and what was
+    resumed. Under torch.distributed every rank must call it (the solves and the scoring
+    are collective); only rank 0 touches the files. ``on_shard(index, start, stop)`` is
+    called after each shard is written.
     """
-    from .batching import as_dataset
-
-    if not getattr(estimator, "_fitted", False):
+    if not estimator.is_fitted:
         raise RuntimeError("call fit(...) on the estimator before resumable_scores")
-    pool = data if data is not None else getattr(estimator, "_pretrain", getattr(estimator, "_train", None))
-    n = len(as_dataset(pool, "scored data"))
+    n = len(as_dataset(data, "scored data")) if data is not None else len(estimator.scored_data)
     k = 1 if mean else len(as_dataset(test_data, "test data"))
     opened: dict[str, ShardStore] = {}
 
@@ -256,9 +256,8 @@ def resumable_scores(estimator: Any, test_data: Any, root: str | os.PathLike, co
     store = opened.get("store")
 
     saved = distributed.on_rank0(lambda: store.load_query_vectors())
-    params = next(iter(estimator.pre_params.values() if hasattr(estimator, "pre_params") else estimator.params.values()))
     if saved is not None:
-        s = torch.as_tensor(saved[0]).to(dtype=params.dtype, device=params.device)
+        s = estimator.as_query_vectors(saved[0])
         solve_info = saved[1]
         log.info("loaded the query vectors from %s (no solve)", root)
     else:

@@ -21,11 +21,11 @@ from typing import Literal
 import torch
 from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
-from tqdm.auto import tqdm
 
 from .batching import Batch, iter_batches
 from .curvature import LossFn
 from .params import ParamBlock, Params
+from .progress import progress_bar
 
 ScoringMethod = Literal["auto", "jvp", "grad"]
 
@@ -83,7 +83,7 @@ def score_dataset(per_example: PerExample, data, S: torch.Tensor, batch_size: in
     S = S.to(dtype=dtype, device=device)
     stop = len(data) if stop is None else stop
     out = []
-    bar = tqdm(total=stop - start, desc="scoring", unit="ex", disable=not progress, leave=False)
+    bar = progress_bar(stop - start, "scoring", enabled=progress, unit="ex")
     for lo, b in zip(range(start, stop, batch_size), iter_batches(data, batch_size, dtype, device, start, stop)):
         d = per_example.directional(b, S, method, jvp_max_queries).detach()
         if not torch.isfinite(d).all():

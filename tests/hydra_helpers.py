@@ -6,7 +6,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from lissa_influence import config
+from lissa_influence.experiments import config
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"

@@ -39,7 +39,7 @@ TINY_RUN = [
 def compose_run(*overrides: str):
     from hydra import compose, initialize_config_dir
 
-    from lissa_influence import config
+    from lissa_influence.experiments import config
 
     config.register()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
@@ -111,7 +111,7 @@ def run_distributed(out: Path) -> None:
 
     import warnings
 
-    from lissa_influence import pipeline
+    from lissa_influence.experiments import pipeline
 
     warnings.simplefilter("ignore")  # 20 CG iterations do not converge; expected here
     metrics = pipeline.run(compose_run(f"cache_dir={out / 'cache'}"), out / ("run" if r == 0 else f"run_rank{r}"))

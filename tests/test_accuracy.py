@@ -14,8 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from lissa_influence import CG, LiSSA, accuracy
-from lissa_influence.accuracy import DenseInverse, ErrorTrace, full_products, relative_error, score_agreement
+from lissa_influence import CG, LiSSA
+from lissa_influence.experiments import accuracy
+from lissa_influence.experiments.accuracy import DenseInverse, full_products
+from lissa_influence.metrics import ErrorTrace, relative_error, score_agreement
+from lissa_influence.operators import DenseOperator
 
 from hydra_helpers import assert_png, compose_cfg
 from test_app import TINY, cli
@@ -56,15 +59,16 @@ def test_error_trace_and_stochastic_product_cost():
     trace(torch.zeros(2, 4, dtype=torch.float64), 4)
     assert trace.points["a"] == [[12.0, 1.0]]
 
-    class Op:  # a Hessian sample of 200 examples that can draw minibatches
-        objective = type("O", (), {"total": 200})()
+    class Op(DenseOperator):  # a Hessian sample of 200 examples that can draw minibatches
+        sample_size = 200
 
         def minibatch(self, *_):
             return self
 
     lissa = LiSSA(scale="auto", batch_size=50, power_iters=50)
-    assert full_products(lissa, Op(), 50 + 400) == 50 + 400 * 0.25
-    assert full_products(CG(), Op(), 30) == 30.0
+    op = Op(torch.eye(4, dtype=torch.float64))
+    assert full_products(lissa, op, 50 + 400) == 50 + 400 * 0.25
+    assert full_products(CG(), op, 30) == 30.0
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +130,7 @@ def test_cli_multirun_collects_rows(cache, tmp_path):
     sweep = tmp_path / "sweep"  # the shared cache holds the trained models and the reference
     proc = cli(["-m", "solver=cg,identity", *TINY, *DAMPED, "solver.tol=1e-8", f"cache_dir={cache}",
                 f"hydra.sweep.dir={sweep}"], tmp_path,
-               entry="from lissa_influence.app import accuracy_main; accuracy_main()")
+               entry="from lissa_influence.experiments.app import accuracy_main; accuracy_main()")
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(sweep / "solver_accuracy.csv", newline="") as f:
         rows = list(csv.DictReader(f))

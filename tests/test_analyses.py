@@ -1,4 +1,4 @@
-"""The paper's analyses as presets of the main job (lissa_influence/analyses.py).
+"""The paper's analyses as presets of the main job (lissa_influence/experiments/analyses.py).
 
 Each digits preset runs in-process with tiny settings (a few Adam steps, 32-example
 Hessian samples, 10 solver iterations, Gauss-Newton curvature so that CG never meets
@@ -21,8 +21,8 @@ import pytest
 import torch
 
 import lissa_influence
-from lissa_influence import analyses, config
-from lissa_influence.data import DataConfig, load_two_stage
+from lissa_influence.experiments import analyses, config
+from lissa_influence.experiments.data import DataConfig, load_two_stage
 
 from hydra_helpers import assert_png, compose_cfg
 

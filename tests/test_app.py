@@ -27,8 +27,8 @@ import yaml
 from hydra import compose, initialize_config_dir
 
 import lissa_influence
-from lissa_influence import config, pipeline
-from lissa_influence.data import DatasetNotFoundError
+from lissa_influence.experiments import config, pipeline
+from lissa_influence.experiments.data import DatasetNotFoundError
 
 from hydra_helpers import CONF, REPO, assert_png, compose_cfg
 
@@ -272,10 +272,26 @@ def test_cli_main_job(tmp_path):
 
 
 @pytest.mark.slow
+def test_cli_first_run_is_quiet_and_shows_progress(tmp_path):
+    """``lissa-influence`` with the defaults, as a newcomer runs it (stdout and stderr in one
+    log): training shows progress, no warning, and the summary starts its own line."""
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(Path(lissa_influence.__file__).resolve().parents[1]))
+    proc = subprocess.run([sys.executable, "-m", "lissa_influence", f"cache_dir={tmp_path / 'cache'}",
+                           f"hydra.run.dir={run_dir}"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "Warning" not in proc.stdout, proc.stdout[-3000:]
+    assert re.search(r"^multi-stage influence \(fixed, solver=cg\): 8 queries x 576", proc.stdout, re.M)
+    assert re.search(r"pretrain: 100%.*300/300.*loss=", proc.stdout) and "finetune (fixed) L-BFGS polish" in proc.stdout
+    assert (run_dir / "scores.npy").is_file()
+
+
+@pytest.mark.slow
 def test_cli_validate_entry_point(tmp_path):
     run_dir = tmp_path / "run"
     args = [*TINY, "gauss_newton=true", *TINY_VALIDATE[1:], f"cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={run_dir}"]
-    proc = cli(args, tmp_path, entry="from lissa_influence.app import validate_main; validate_main()")
+    proc = cli(args, tmp_path, entry="from lissa_influence.experiments.app import validate_main; validate_main()")
     assert proc.returncode == 0, proc.stderr[-3000:]
     loo = json.loads((run_dir / "loo.json").read_text())
     assert loo["num_examples"] == 4 and np.isfinite(loo["pearson"]) and np.isfinite(loo["spearman"])
@@ -324,7 +340,7 @@ def _yaml_files() -> list[str]:
 
 
 def test_wheel_ships_the_configs(tmp_path):
-    """A non-editable install carries conf/ as the package lissa_influence.conf."""
+    """A non-editable install carries conf/ as the package lissa_influence.experiments.conf."""
     if not (REPO / "pyproject.toml").is_file():
         pytest.skip("needs the source tree")
     # --no-build-isolation (no network): the backend must be importable here; setuptools
@@ -348,9 +364,10 @@ def test_wheel_ships_the_configs(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     expected = _yaml_files()
     assert "config.yaml" in expected and len(expected) >= 15
-    missing = [f for f in expected if f"lissa_influence/conf/{f}" not in names]
+    missing = [f for f in expected if f"lissa_influence/experiments/conf/{f}" not in names]
     assert not missing, f"the wheel lacks {missing}"
-    assert "lissa_influence/app.py" in names
+    assert "lissa_influence/experiments/app.py" in names
+    assert "lissa_influence/solvers/cg.py" in names
 
 
 def test_no_config_file_is_git_ignored():
@@ -363,8 +380,8 @@ def test_no_config_file_is_git_ignored():
 
 
 def test_installed_package_finds_its_configs():
-    """In a non-editable install (CI), the app reads pkg://lissa_influence.conf and every file is there."""
-    from lissa_influence import app
+    """In a non-editable install (CI), the app reads pkg://lissa_influence.experiments.conf and every file is there."""
+    from lissa_influence.experiments import app
 
     path = app._config_path()
     if not path.startswith("pkg://"):
@@ -374,11 +391,11 @@ def test_installed_package_finds_its_configs():
 
     from hydra import initialize_config_module
 
-    conf = files("lissa_influence.conf")
+    conf = files("lissa_influence.experiments.conf")
     installed = sorted(str(p) for p in _walk_yaml(conf))
     assert installed == _yaml_files()
     config.register()
-    with initialize_config_module(config_module="lissa_influence.conf", version_base="1.3"):
+    with initialize_config_module(config_module="lissa_influence.experiments.conf", version_base="1.3"):
         cfg = compose(config_name="config", overrides=["experiment=mnist_fixed"])
     assert cfg.model.arch == "mnist" and cfg.pretrain.train.batch_size == 512
 

@@ -11,7 +11,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from hydra_helpers import CONF, REPO
-from lissa_influence import config
+from lissa_influence.experiments import config
 
 BENCH = REPO / "benchmarks"
 

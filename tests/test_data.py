@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from fake_datasets import write_fake_cifar10, write_fake_mnist
-from lissa_influence import data as data_mod
-from lissa_influence.data import (
+from lissa_influence.experiments import data as data_mod
+from lissa_influence.experiments.data import (
     DataConfig,
     DatasetDownloadError,
     DatasetFormatError,

@@ -25,7 +25,8 @@ import torch
 import lissa_influence
 import scale_worker
 from conftest import make_data
-from lissa_influence import app, distributed, pipeline, results
+from lissa_influence import distributed, results
+from lissa_influence.experiments import app, pipeline
 from lissa_influence.batching import Batch
 from lissa_influence.curvature import CurvatureOperator, Objective, cross_entropy
 from lissa_influence.params import make_block, named_params, prefix_matcher
@@ -271,7 +272,7 @@ def test_launcher_configs_compose():
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="hydra-submitit-launcher is not installed")
     from hydra import compose, initialize_config_dir
 
-    from lissa_influence import config
+    from lissa_influence.experiments import config
 
     config.register()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):

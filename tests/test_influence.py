@@ -64,7 +64,7 @@ def cnn(request):
 
 
 def dense_reference(t: CNNTwoStage, lam_pre=0.5, lam_ft=0.2):
-    """SPEC's formula with full Hessians from torch.func.hessian and torch.linalg.solve;
+    """The formula of docs/math.md with full Hessians from torch.func.hessian and torch.linalg.solve;
     per-example gradients by plain autograd, one example at a time."""
     pre_p, ft_p = named_params(t.pre), named_params(t.ft)
     W = make_block(pre_p, prefix_matcher("embedding"))

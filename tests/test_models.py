@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from lissa_influence.models import (
+from lissa_influence.experiments.models import (
     ModelConfig,
     TwoStageNet,
     build_embedding,

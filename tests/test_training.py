@@ -5,10 +5,10 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from lissa_influence import training
-from lissa_influence.data import DataConfig, TwoStageData, load_two_stage
-from lissa_influence.models import ModelConfig, build_model, embedding_names, embedding_state, finetune_model_from
-from lissa_influence.training import (
+from lissa_influence.experiments import training
+from lissa_influence.experiments.data import DataConfig, TwoStageData, load_two_stage
+from lissa_influence.experiments.models import ModelConfig, build_model, embedding_names, embedding_state, finetune_model_from
+from lissa_influence.experiments.training import (
     TrainConfig,
     finetune,
     finetune_objective,

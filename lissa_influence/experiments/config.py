@@ -3,9 +3,10 @@
 The schema is registered in Hydra's ConfigStore, so a misspelt key or a value of the
 wrong type fails when the config is composed, with Hydra's message naming the key.
 The data, model and training sections mirror the library's own frozen dataclasses
-(:class:`~lissa_influence.data.DataConfig`, :class:`~lissa_influence.models.ModelConfig`,
-:class:`~lissa_influence.training.TrainConfig`); Hydra needs mutable copies of them,
-made here field by field so the two never drift apart.
+(:class:`~lissa_influence.experiments.data.DataConfig`,
+:class:`~lissa_influence.experiments.models.ModelConfig`,
+:class:`~lissa_influence.experiments.training.TrainConfig`); Hydra needs mutable copies of
+them, made here field by field so the two never drift apart.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from ..solvers import CG, Explicit, Identity, LiSSA
 from .data import DataConfig
 from .models import ModelConfig
-from .solvers import CG, Explicit, Identity, LiSSA
 from .training import TrainConfig
 
 
@@ -83,13 +84,13 @@ class SolverSchema:
 @dataclass
 class StageSchema:
     damping: float = 1e-2
-    hessian_samples: int = 1000
+    hessian_samples: Any = 1000  # a count (seeded subsample) or "all"; checked by check()
     train: TrainSchema = field(default_factory=TrainSchema)
 
 
 @dataclass
 class ValidateSchema:
-    """Leave-one-out validation (SPEC's protocol)."""
+    """Leave-one-out validation (docs/validation.md)."""
 
     enabled: bool = False
     num_examples: int = 30  # K removed pretraining examples: a third most harmful, a third most helpful, a third random
@@ -103,7 +104,7 @@ class ValidateSchema:
 
 @dataclass
 class AnalysisSchema:
-    """The paper's analyses (lissa_influence/analyses.py, docs/analyses.md); ``none`` runs the main job."""
+    """The paper's analyses (lissa_influence/experiments/analyses.py, docs/analyses.md); ``none`` runs the main job."""
 
     name: str = "none"  # none | task_similarity | finetune_size | influential_examples
     # task_similarity (section 4.3, Figure B): one pretrained model, two finetuning tasks
@@ -119,7 +120,7 @@ class AnalysisSchema:
 @dataclass
 class AccuracySchema:
     """Solver accuracy against the explicit solve (``lissa-influence-accuracy``,
-    lissa_influence/accuracy.py, docs/benchmarks.md); ignored by the main job."""
+    lissa_influence/experiments/accuracy.py, docs/benchmarks.md); ignored by the main job."""
 
     top_k: int = 10  # overlap of the top_k most influential examples (by |I|) with the reference's
     block_size: int = 8  # basis vectors per stacked product when the reference builds the dense Hessians
@@ -208,8 +209,9 @@ def check(cfg: Any) -> None:
     for stage in ("pretrain", "finetune"):
         if cfg[stage].damping < 0:
             raise ValueError(f"{stage}.damping={cfg[stage].damping} must be >= 0")
-        if cfg[stage].hessian_samples < 1:
-            raise ValueError(f"{stage}.hessian_samples={cfg[stage].hessian_samples} must be >= 1")
+        n = cfg[stage].hessian_samples
+        if n != "all" and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueError(f"{stage}.hessian_samples={n!r} must be a number >= 1 or 'all'")
     if cfg.test_points < 1:
         raise ValueError(f"test_points={cfg.test_points} must be >= 1")
     if cfg.mode == "updated" and not cfg.alpha > 0:  # else it fails only after both stages trained

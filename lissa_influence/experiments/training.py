@@ -1,6 +1,6 @@
 """Two-stage training: pretrain (W, U) on G, then finetune Theta (and maybe W) on F.
 
-The objectives are exactly SPEC's, because influence functions differentiate the
+The objectives are exactly those of docs/math.md, because influence functions differentiate the
 optimality conditions of these objectives:
 
 - pretraining: ``G(W, U) = (1/m) sum_i w_i CE_i`` (all ``w_i = 1`` unless ``weights``
@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as nnf
 from torch import nn
 
+from ..progress import progress_bar
 from .data import TwoStageData
 from .models import EMBEDDING, ModelConfig, TwoStageNet, build_from_config, embedding_state, finetune_model_from
 
@@ -202,7 +203,7 @@ def _with_weight_decay(problem: _Problem, weight_decay: float) -> _Problem:
     return _Problem(problem.params, problem.n, problem.example_sum, extra)
 
 
-def _optimise(problem: _Problem, cfg: TrainConfig, stage: str) -> TrainReport:
+def _optimise(problem: _Problem, cfg: TrainConfig, stage: str, progress: bool = False) -> TrainReport:
     _check_train_config(cfg)
     if cfg.weight_decay:
         problem = _with_weight_decay(problem, cfg.weight_decay)
@@ -210,17 +211,18 @@ def _optimise(problem: _Problem, cfg: TrainConfig, stage: str) -> TrainReport:
     device = problem.params[0].device
     full_batch = cfg.batch_size is None or cfg.batch_size >= problem.n
     opt = torch.optim.Adam(problem.params, lr=cfg.lr)
-    if full_batch:
-        for _ in range(cfg.steps):
-            problem.full()
+    steps = range(cfg.steps) if full_batch else _batches(problem.n, cfg.batch_size, cfg.steps, cfg.seed)
+    every = max(1, cfg.steps // 100)  # the loss shown on the bar: a device sync, so not every step
+    with progress_bar(cfg.steps, stage, enabled=progress and cfg.steps > 0, unit="step") as bar:
+        for step, idx in enumerate(steps):
+            loss = problem.full() if full_batch else problem.batch(idx.to(device))
             opt.step()
-    else:
-        for idx in _batches(problem.n, cfg.batch_size, cfg.steps, cfg.seed):
-            problem.batch(idx.to(device))
-            opt.step()
+            if progress and step % every == 0:
+                bar.set_postfix(loss=f"{float(loss):.4g}", refresh=False)
+            bar.update()
     evals = 0
     if cfg.polish_iters > 0:
-        evals = _polish(problem, cfg)
+        evals = _polish(problem, cfg, stage, progress)
     loss = float(problem.full())
     report = TrainReport(
         stage, problem.n, cfg.steps, evals, loss, problem.grad_norm(), problem.param_norm(), time.perf_counter() - start
@@ -231,7 +233,7 @@ def _optimise(problem: _Problem, cfg: TrainConfig, stage: str) -> TrainReport:
     return report
 
 
-def _polish(problem: _Problem, cfg: TrainConfig) -> int:
+def _polish(problem: _Problem, cfg: TrainConfig, stage: str, progress: bool = False) -> int:
     """Full-batch L-BFGS with a strong Wolfe line search; returns the objective evaluations used."""
     opt = torch.optim.LBFGS(
         problem.params,
@@ -243,7 +245,15 @@ def _polish(problem: _Problem, cfg: TrainConfig) -> int:
         history_size=50,
         line_search_fn="strong_wolfe",
     )
-    opt.step(problem.full)
+    with progress_bar(2 * cfg.polish_iters, f"{stage} L-BFGS polish", enabled=progress, unit="eval") as bar:
+
+        def closure() -> torch.Tensor:
+            loss = problem.full()
+            bar.set_postfix(loss=f"{float(loss):.4g}", refresh=False)
+            bar.update()
+            return loss
+
+        opt.step(closure if progress else problem.full)
     return int(opt.state[opt._params[0]]["func_evals"])
 
 
@@ -270,11 +280,13 @@ def pretrain(
     *,
     init: Mapping[str, torch.Tensor] | None = None,
     weights: torch.Tensor | None = None,
+    progress: bool = False,
 ) -> tuple[TwoStageNet, TrainReport]:
     """Minimise G over all parameters, starting from ``model`` (or ``init`` weights).
 
     Returns a trained copy; ``model`` is not modified. ``weights`` (one per
     pretraining example) turns the objective into ``(1/m) sum_i w_i CE_i``.
+    ``progress``: a progress bar with the step and the loss.
     """
     model = _copy_with(model, init)
     x, y = _tensors(model, data.pretrain_train)
@@ -288,7 +300,7 @@ def pretrain(
         return (ce if weights is None else weights[idx] * ce).sum()
 
     problem = _Problem([p for p in model.parameters()], len(y), example_sum)
-    return model, _optimise(problem, cfg, "pretrain")
+    return model, _optimise(problem, cfg, "pretrain", progress)
 
 
 def finetune(
@@ -300,6 +312,7 @@ def finetune(
     w_star: Mapping[str, torch.Tensor] | None = None,
     *,
     init: Mapping[str, torch.Tensor] | None = None,
+    progress: bool = False,
 ) -> tuple[TwoStageNet, TrainReport]:
     """Minimise F on the finetuning set; returns a trained copy of ``ft_model``.
 
@@ -336,7 +349,7 @@ def finetune(
             return nnf.cross_entropy(model(x[idx]), y[idx], reduction="sum")
 
         problem = _Problem(list(model.parameters()), len(y), example_sum, lambda: alpha * proximity(model, w_star))
-    return model, _optimise(problem, cfg, f"finetune ({mode})")
+    return model, _optimise(problem, cfg, f"finetune ({mode})", progress)
 
 
 # --- cached two-stage training ---------------------------------------------------------
@@ -403,9 +416,11 @@ def train_two_stage(
     mode: str = "fixed",
     alpha: float = 0.01,
     cache_dir: str | os.PathLike | None = None,
+    progress: bool = False,
 ) -> tuple[TwoStageNet, TwoStageNet, TwoStageInfo]:
     """Pretrain, then finetune; each stage is loaded from ``cache_dir/<key>.pt`` when the
-    same settings were trained before (None: no cache)."""
+    same settings were trained before (None: no cache). ``progress``: a bar per stage
+    that trains."""
     _check_mode(mode, alpha)
     pre_settings = pretrain_settings(data, model_cfg, pre_cfg)
     pre_key = settings_key(pre_settings)
@@ -419,7 +434,7 @@ def train_two_stage(
     if pre_cached:
         pretrained, pre_report = hit
     else:
-        pretrained, pre_report = pretrain(fresh, data, pre_cfg)
+        pretrained, pre_report = pretrain(fresh, data, pre_cfg, progress=progress)
         if cache:
             _save_cached(cache / f"{pre_key}.pt", pretrained, pre_report, pre_settings)
 
@@ -429,7 +444,8 @@ def train_two_stage(
     if ft_cached:
         finetuned, ft_report = hit
     else:
-        finetuned, ft_report = finetune(fresh, data, ft_cfg, mode, alpha, embedding_state(pretrained))
+        finetuned, ft_report = finetune(fresh, data, ft_cfg, mode, alpha, embedding_state(pretrained),
+                                        progress=progress)
         if cache:
             _save_cached(cache / f"{ft_key}.pt", finetuned, ft_report, ft_settings)
     info = TwoStageInfo(pre_key, ft_key, pre_report, ft_report, pre_cached, ft_cached)

@@ -1,4 +1,4 @@
-"""Leave-one-out validation (SPEC's protocol, the seed's Figure A).
+"""Leave-one-out validation (docs/validation.md; the paper's Figure A).
 
 For K chosen pretraining examples (a third with the largest scores, a third with the
 smallest, a third at random): remove the example, retrain pretraining then finetuning
@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from scipy import stats
 from torch.nn import functional as nnf
-from tqdm.auto import tqdm
 
+from ..progress import progress_bar
 from . import config, plots
 from .data import TwoStageData
 from .models import embedding_state
@@ -73,15 +73,17 @@ def run(cfg: Any, data: TwoStageData, pretrained, finetuned, scores: torch.Tenso
 
     def retrained_loss(removed: int | None) -> float:
         weights = None if removed is None else leave_out(m, removed, dtype=next(pretrained.parameters()).dtype)
-        pre, _ = pretrain(pretrained, data, pre_cfg, weights=weights)
-        ft, _ = finetune(finetuned, data, ft_cfg, cfg.mode, cfg.alpha, embedding_state(pre))
+        pre, _ = pretrain(pretrained, data, pre_cfg, weights=weights, progress=cfg.progress)
+        ft, _ = finetune(finetuned, data, ft_cfg, cfg.mode, cfg.alpha, embedding_state(pre), progress=cfg.progress)
         return test_loss(ft, x, y)
 
     control = retrained_loss(None)
     chosen = choose_examples(row, v.num_examples, v.seed)
     actual = []
-    for z in tqdm(chosen, desc="leave-one-out", disable=not cfg.progress, leave=False):
-        actual.append(retrained_loss(z) - control)
+    with progress_bar(len(chosen), "leave-one-out", enabled=cfg.progress, unit="example") as bar:
+        for z in chosen:
+            actual.append(retrained_loss(z) - control)
+            bar.update()
     predicted = (-row[chosen] / m).double().cpu().numpy()
     actual_arr = np.asarray(actual)
     pearson = float(stats.pearsonr(predicted, actual_arr)[0]) if len(chosen) > 2 else float("nan")

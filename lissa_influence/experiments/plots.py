@@ -46,7 +46,7 @@ def top_examples_grid(path: Path, x_test: torch.Tensor, y_test: torch.Tensor, da
 
 
 def loo_scatter(path: Path, predicted: np.ndarray, actual: np.ndarray, pearson: float, spearman: float, title: str) -> None:
-    """The seed's Figure A: true test-loss change on removal vs the predicted ``−I(z)/m``."""
+    """Leave-one-out (the paper's Figure A): true test-loss change on removal vs the predicted ``−I(z)/m``."""
     fig, ax = plt.subplots(figsize=(4.2, 4))
     ax.scatter(predicted, actual, s=14, alpha=0.8)
     lo, hi = float(min(predicted.min(), actual.min())), float(max(predicted.max(), actual.max()))
@@ -61,7 +61,7 @@ def loo_scatter(path: Path, predicted: np.ndarray, actual: np.ndarray, pearson: 
 
 def histograms(path: Path, series: dict[str, np.ndarray], xlabel: str, title: str, clip: float | None = None,
                ylabel: str = "pretraining examples") -> None:
-    """Overlaid histograms of score distributions (the seed's Figures B and C).
+    """Overlaid histograms of score distributions (the paper's Figures B and C).
 
     ``clip``: show only the central ``1 - 2 clip`` of the pooled values (heavy tails
     otherwise squeeze every bar into one bin); the legend counts what lies outside.
@@ -115,7 +115,7 @@ def removal_bars(path: Path, points: list[dict], k: int) -> None:
 
 
 def error_vs_hvps(path: Path, payloads: list[dict]) -> None:
-    """Solver accuracy (lissa_influence.accuracy): relative error against the explicit solve
+    """Solver accuracy (lissa_influence.experiments.accuracy): relative error against the explicit solve
     versus Hessian-vector products per right-hand side, one line per job (its per-iteration
     trace, or its final point), for the finetune solve, the pretrain solve and the final
     query vectors; and the Spearman correlation of the scores versus total products.

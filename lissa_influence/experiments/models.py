@@ -1,7 +1,7 @@
 """The paper's networks (Table A of Chen et al. 2020) as two-stage models.
 
 A :class:`TwoStageNet` is ``head(embedding(x))``. Parameter names therefore start
-with ``embedding.`` (SPEC's W, shared between the stages) or ``head.`` (U for the
+with ``embedding.`` (W of docs/math.md, shared between the stages) or ``head.`` (U for the
 pretrained model, Theta for the finetuned one). Only plain Conv/Tanh/MaxPool/Linear
 layers are used: no BatchNorm or dropout, so the loss is a deterministic function of
 the parameters, which influence functions need.
@@ -113,7 +113,7 @@ ARCHS: dict[str, _Arch] = {
     "cifar": _Arch((3, 32, 32), _cifar_embedding, _cifar_head, 512),
 }
 
-# The arch that fits each dataset name of lissa_influence.data.
+# The arch that fits each dataset name of lissa_influence.experiments.data.
 ARCH_FOR_DATASET = {"digits": "digits", "mnist": "mnist", "cifar10": "cifar"}
 
 
@@ -193,7 +193,7 @@ def head_names(model: nn.Module) -> list[str]:
 
 
 def embedding_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Detached clones of the embedding parameters, keyed by full name (SPEC's W*)."""
+    """Detached clones of the embedding parameters, keyed by full name (W* of docs/math.md)."""
     return {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith(EMBEDDING + ".")}
 
 

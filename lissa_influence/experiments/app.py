@@ -11,26 +11,27 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from . import config, pipeline
+from . import config, errors, pipeline
 
 config.register()
 
 
 def _config_path() -> str:
     # A source checkout (or editable install) reads the repository's conf/; an installed
-    # wheel carries the same files as the package lissa_influence.conf.
-    repo_conf = Path(__file__).resolve().parent.parent / "conf"
-    return str(repo_conf) if (repo_conf / "config.yaml").is_file() else "pkg://lissa_influence.conf"
+    # wheel carries the same files as the package lissa_influence.experiments.conf.
+    repo_conf = Path(__file__).resolve().parents[2] / "conf"
+    return str(repo_conf) if (repo_conf / "config.yaml").is_file() else "pkg://lissa_influence.experiments.conf"
 
 
 @hydra.main(version_base="1.3", config_path=_config_path(), config_name="config")
 def _main(cfg: DictConfig) -> float | None:
-    if cfg.analysis.name != "none":  # the paper's analyses (docs/analyses.md)
-        from . import analyses
+    with errors.config_terms():  # the library's messages in this app's config keys
+        if cfg.analysis.name != "none":  # the paper's analyses (docs/analyses.md)
+            from . import analyses
 
-        analyses.run(cfg, HydraConfig.get().runtime.output_dir)
-        return None
-    metrics = pipeline.run(cfg, HydraConfig.get().runtime.output_dir)
+            analyses.run(cfg, HydraConfig.get().runtime.output_dir)
+            return None
+        metrics = pipeline.run(cfg, HydraConfig.get().runtime.output_dir)
     return metrics["influence"]["mean_abs_score"]
 
 
@@ -40,7 +41,8 @@ def _accuracy(cfg: DictConfig) -> float | None:
 
     hc = HydraConfig.get()
     overrides = [o for o in hc.overrides.task if not o.startswith("hydra")]
-    row = accuracy.run(cfg, hc.runtime.output_dir, overrides)["row"]
+    with errors.config_terms():
+        row = accuracy.run(cfg, hc.runtime.output_dir, overrides)["row"]
     return row.get("query_error")
 
 
@@ -63,7 +65,7 @@ def main() -> None:
 
 def accuracy_main() -> None:
     """``lissa-influence-accuracy``: one solver configuration against the explicit solve
-    (lissa_influence/accuracy.py; conf/accuracy.yaml)."""
+    (lissa_influence/experiments/accuracy.py; conf/accuracy.yaml)."""
     _accuracy()
 
 

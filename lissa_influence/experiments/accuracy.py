@@ -2,7 +2,7 @@
 
 ``lissa-influence-accuracy`` (Hydra config ``conf/accuracy.yaml``: the main job's config
 plus ``accuracy.*``) trains or loads the two-stage model of the config and runs the
-configured solver (``solver``, ``gauss_newton``) through the multi-stage chain of SPEC,
+configured solver (``solver``, ``gauss_newton``) through the multi-stage chain of docs/math.md,
 measuring each step against exact linear algebra on the damped **Hessians** (never
 Gauss-Newton: that is one of the approximations measured):
 
@@ -22,7 +22,7 @@ The exact reference (eigendecompositions of both dense damped Hessians, the exac
 ``v*``, ``s*`` and scores) is built once per model, data, damping and query and cached
 under ``cache_dir``; small models only (``accuracy.max_params``). Each job writes
 ``accuracy.json``; :func:`summarise` (run by the multirun callback
-:class:`AccuracySummary`, or ``python -m lissa_influence.accuracy DIR...``) collects the
+:class:`AccuracySummary`, or ``python -m lissa_influence.experiments.accuracy DIR...``) collects the
 rows below a folder into ``solver_accuracy.csv`` and ``error_vs_hvps.png`` (and one
 figure per iterative solver).
 A solver that fails (negative curvature, divergence, a refused size) gives a row with
@@ -39,19 +39,20 @@ import math
 import os
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-import numpy as np
 import torch
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
-from scipy import stats
 
-from . import config, pipeline, plots, results, sweep
-from .solvers import Explicit, LiSSA, SolverError, SolverWarning
+from .. import results
+from ..metrics import ErrorTrace, relative_error, score_agreement
+from ..solvers import Explicit, LiSSA, SolverError, SolverWarning
+from . import config, pipeline, plots, sweep
+from .errors import in_config_terms
 
 log = logging.getLogger(__name__)
 
@@ -60,29 +61,7 @@ REFERENCE_VERSION = 1  # bump when the cached reference's contents change
 NOT_IN_REFERENCE = ("solver", "gauss_newton", "scoring", "batch_size", "accuracy", "analysis")
 
 
-# -- metrics --------------------------------------------------------------------------
-def relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """``‖x − ref‖_F / ‖ref‖_F`` over all rows."""
-    return float(torch.linalg.norm((x - ref).double()) / torch.linalg.norm(ref.double()).clamp_min(1e-300))
-
-
-def score_agreement(scores: torch.Tensor, ref: torch.Tensor, top_k: int = 10) -> dict[str, float]:
-    """Agreement of ``[k, n]`` scores with reference scores: relative error, and per
-    query (then averaged) Pearson, Spearman and the overlap fraction of the ``top_k``
-    examples of largest ``|I|``."""
-    a, b = scores.double().cpu().numpy(), ref.double().cpu().numpy()
-    k = min(top_k, a.shape[1])
-    pearson, spearman, overlap = [], [], []
-    for x, y in zip(a, b):
-        constant = np.ptp(x) == 0 or np.ptp(y) == 0
-        pearson.append(math.nan if constant else float(stats.pearsonr(x, y)[0]))
-        spearman.append(math.nan if constant else float(stats.spearmanr(x, y)[0]))
-        top_x, top_y = np.argsort(-np.abs(x))[:k], np.argsort(-np.abs(y))[:k]
-        overlap.append(len(set(top_x) & set(top_y)) / k)
-    return {"scores_error": relative_error(scores, ref), "pearson": float(np.mean(pearson)),
-            "spearman": float(np.mean(spearman)), f"top{top_k}_overlap": float(np.mean(overlap))}
-
-
+# -- the exact inverse -----------------------------------------------------------------
 @dataclass
 class DenseInverse:
     """``A⁻¹`` of a small symmetric matrix through its eigendecomposition (also gives
@@ -103,24 +82,6 @@ class DenseInverse:
     def spectrum(self) -> dict[str, float]:
         lo, hi = float(self.eigenvalues[0]), float(self.eigenvalues[-1])
         return {"min_eigenvalue": lo, "max_eigenvalue": hi, "condition": hi / lo if lo > 0 else math.inf}
-
-
-@dataclass
-class ErrorTrace:
-    """A solver ``callback``: after each iteration, the relative error of the iterate
-    against each named target, with the products per right-hand side so far."""
-
-    targets: dict[str, torch.Tensor]
-    rows: int
-    cost: Callable[[int], float] = float  # products -> full-product equivalents
-    offsets: dict[str, float] = field(default_factory=dict)  # products spent before this solve (end-to-end curves)
-    points: dict[str, list[list[float]]] = field(default_factory=dict)
-
-    def __call__(self, x: torch.Tensor, num_products: int) -> None:
-        x = x if x.dim() == 2 else x[None]
-        for name, target in self.targets.items():
-            at = self.offsets.get(name, 0.0) + self.cost(num_products) / self.rows
-            self.points.setdefault(name, []).append([at, relative_error(x, target)])
 
 
 # -- the exact reference --------------------------------------------------------------
@@ -162,10 +123,10 @@ def reference(cfg: Any, pretrained, finetuned, data, test) -> dict[str, Any]:
 def full_products(solver, op, n: int) -> float:
     """``n`` products in full-Hessian-sample equivalents: a stochastic LiSSA minibatch
     product costs its fraction of the sample (its power iteration runs on the full one)."""
-    if not (isinstance(solver, LiSSA) and solver.batch_size and hasattr(op, "minibatch")):
+    if not (isinstance(solver, LiSSA) and solver.batch_size and op.sample_size is not None):
         return float(n)
     power = solver.power_iters if solver.scale == "auto" else 0
-    return power + (n - power) * min(1.0, solver.batch_size / op.objective.total)
+    return power + (n - power) * min(1.0, solver.batch_size / op.sample_size)
 
 
 def _solve(solver, op, b: torch.Tensor, trace: ErrorTrace | None) -> tuple[torch.Tensor | None, dict[str, Any]]:
@@ -175,7 +136,7 @@ def _solve(solver, op, b: torch.Tensor, trace: ErrorTrace | None) -> tuple[torch
         try:
             x, info = solver.solve(op, b, callback=trace)
         except (SolverError, MemoryError) as e:
-            return None, {"status": f"{type(e).__name__}: {e}"}
+            return None, {"status": f"{type(e).__name__}: {in_config_terms(str(e))}"}
     d = info.as_dict()
     out = {"status": "ok", "iterations": d["iterations"], "hvps": full_products(solver, op, d["num_products"]) / b.shape[0],
            "converged": d["converged"], "seconds": d["wall_time"], "final_residual": d["final_residual"]}
@@ -184,7 +145,7 @@ def _solve(solver, op, b: torch.Tensor, trace: ErrorTrace | None) -> tuple[torch
         if w not in solver_warnings:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if solver_warnings:  # expected ones (a capped CG) go into the row, not the console
-        out["warnings"] = sorted({str(w.message).split(";")[0] for w in solver_warnings})
+        out["warnings"] = sorted({in_config_terms(str(w.message).split(";")[0]) for w in solver_warnings})
     return x, out
 
 
@@ -317,7 +278,7 @@ class AccuracySummary(Callback):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m lissa_influence.accuracy",
+    parser = argparse.ArgumentParser(prog="python -m lissa_influence.experiments.accuracy",
                                      description="Collect the accuracy.json rows of one or more sweep folders.")
     parser.add_argument("root", help="folder searched recursively for accuracy.json (e.g. one suite's output)")
     parser.add_argument("--out", help="where solver_accuracy.csv and error_vs_hvps.png go (default: root)")

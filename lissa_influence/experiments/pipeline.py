@@ -1,9 +1,9 @@
 """The main job: data -> two-stage training (cached) -> multi-stage influence -> outputs.
 
-Configured by a :class:`~lissa_influence.config.RunSchema` node (Hydra composes it from
+Configured by a :class:`~lissa_influence.experiments.config.RunSchema` node (Hydra composes it from
 ``conf/``); writes into ``out_dir``:
 
-- ``scores.npy``: ``[n_queries, n_pretrain]`` float array of ``I(z)`` (SPEC's sign:
+- ``scores.npy``: ``[n_queries, n_pretrain]`` float array of ``I(z)`` (the sign of docs/math.md:
   positive = harmful); ``query_vectors.npy``: the solved ``s`` per query, enough to
   score new pretraining examples later without solving again;
 - ``scores/``: the same scores in shards of ``shard_size`` examples with a manifest,
@@ -32,9 +32,10 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from . import __version__, config, distributed, plots, results
+from .. import __version__, distributed, results
+from ..multistage import MultiStageInfluence
+from . import config, plots
 from .data import DataConfig, TwoStageData, load_two_stage
-from .influence import MultiStageInfluence
 from .models import ModelConfig
 from .training import TrainConfig, train_two_stage
 
@@ -64,7 +65,8 @@ def train(cfg: Any) -> tuple[TwoStageData, torch.nn.Module, torch.nn.Module, Any
     data = load_two_stage(config.to_frozen(DataConfig, cfg.data))
     pretrained, finetuned, info = train_two_stage(
         data, config.to_frozen(ModelConfig, cfg.model), config.to_frozen(TrainConfig, cfg.pretrain.train),
-        config.to_frozen(TrainConfig, cfg.finetune.train), cfg.mode, cfg.alpha, Path(cfg.cache_dir).expanduser())
+        config.to_frozen(TrainConfig, cfg.finetune.train), cfg.mode, cfg.alpha, Path(cfg.cache_dir).expanduser(),
+        progress=cfg.progress and distributed.is_main())
     return data, pretrained, finetuned, info
 
 

@@ -39,8 +39,8 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 from torch.nn import functional as nnf
-from tqdm.auto import tqdm
 
+from ..progress import progress_bar
 from . import config, pipeline, plots
 from .models import embedding_state
 from .training import finetune, leave_out, pretrain
@@ -200,8 +200,8 @@ def influential_examples(cfg: Any, out: Path) -> dict[str, Any]:
     def point_losses(removed: list[int] | None) -> np.ndarray:
         """Per-test-point losses after retraining both stages without ``removed``."""
         weights = None if removed is None else leave_out(m, removed, dtype=dtype)
-        pre, _ = pretrain(pretrained, data, pre_cfg, weights=weights)
-        ft, _ = finetune(finetuned, data, ft_cfg, cfg.mode, cfg.alpha, embedding_state(pre))
+        pre, _ = pretrain(pretrained, data, pre_cfg, weights=weights, progress=cfg.progress)
+        ft, _ = finetune(finetuned, data, ft_cfg, cfg.mode, cfg.alpha, embedding_state(pre), progress=cfg.progress)
         ref = next(ft.parameters())
         with torch.no_grad():
             return nnf.cross_entropy(ft(x.to(ref)), y.to(ref.device), reduction="none").double().cpu().numpy()
@@ -211,7 +211,7 @@ def influential_examples(cfg: Any, out: Path) -> dict[str, Any]:
         trained_losses = nnf.cross_entropy(finetuned(x.to(ref)), y.to(ref.device), reduction="none").double().cpu().numpy()
     control = point_losses(None)
     points = []
-    bar = tqdm(total=2 * len(idx), desc="remove top examples", disable=not cfg.progress, leave=False)
+    bar = progress_bar(2 * len(idx), "remove top examples", enabled=cfg.progress)
     for t in range(len(idx)):
         order = torch.argsort(scores[t])
         row = {"test_index": int(idx[t]), "label": int(data.finetune_classes[int(y[t])]),

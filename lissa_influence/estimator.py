@@ -1,0 +1,234 @@
+"""What every influence estimator shares: settings, fitting state, scoring, removal effects.
+
+``I(z) = dℓ/dε`` for upweighting a scored example ``z`` by ``ε`` (docs/math.md): positive
+means harmful (upweighting raises the test loss), negative helpful. Removing ``z``
+changes the test loss by about ``−I(z)/m`` (:meth:`InfluenceEstimator.removal_effects`).
+
+An estimator solves once per test query for a query vector ``s`` (its
+``query_vectors``), and a score is then ``I(z) = −sᵀ∇g(z)`` for the loss ``g`` of each
+scored example, streamed over the scored dataset (:mod:`lissa_influence.scoring`).
+:class:`~lissa_influence.Influence` (single stage) and
+:class:`~lissa_influence.MultiStageInfluence` (pretraining examples of a finetuned
+model) differ only in how they get ``s``.
+
+Under ``torchrun`` (an initialised process group of several ranks, and
+``distributed=True``, the default) each rank holds a shard of every Hessian sample and
+the products are summed across ranks, the solvers run identically on every rank, and
+scoring splits the examples across ranks and gathers the scores on every rank
+(:mod:`lissa_influence.distributed`). The results equal the single-process ones up to
+rounding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Iterator, Literal
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from . import distributed as _dist
+from .batching import DataLike, as_dataset, gather, subsample_indices
+from .params import Params, check_finite, named_params
+from .scoring import PerExample, ScoringMethod, score_dataset
+from .solvers import SolveInfo, Solver, SolverError
+
+HessianSamples = int | Literal["all"]
+"""How many examples estimate a Hessian: a count (seeded subsample) or ``"all"``."""
+
+
+@contextlib.contextmanager
+def eval_mode(*models: nn.Module) -> Iterator[None]:
+    """Influence is a property of the deterministic (eval-mode) function."""
+    modes = [m.training for m in models]
+    try:
+        for m in models:
+            m.eval()
+        yield
+    finally:
+        for m, was in zip(models, modes):
+            m.train(was)
+
+
+def trainable_params(model: nn.Module, dtype: torch.dtype | None, what: str) -> Params:
+    """The model's trainable parameters (cast to ``dtype``), checked finite."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{what} must be a torch.nn.Module, got {type(model).__name__}")
+    params = named_params(model)
+    if not params:
+        raise ValueError(f"{what} has no trainable parameters")
+    if dtype is not None:
+        params = {n: p.to(dtype) for n, p in params.items()}
+    check_finite(f"{what} parameter", params)
+    return params
+
+
+def rank_world(distributed: bool) -> tuple[int, int]:
+    return (_dist.rank(), _dist.world_size()) if distributed and _dist.is_distributed() else (0, 1)
+
+
+def hessian_sample(data: Dataset, size: HessianSamples, seed: int, params: Params, what: str,
+                   distributed: bool) -> dict[str, Any]:
+    """The seeded Hessian sample as :class:`~lissa_influence.curvature.Objective` keyword
+    arguments: all of it, or under torch.distributed this rank's contiguous shard of the
+    same draw (every rank draws with the same seed), its place in the sample and the
+    cross-rank sum."""
+    if size == "all":
+        size = len(data)
+    elif isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"hessian_samples must be a positive number or 'all', got {size!r}")
+    elif size > len(data):
+        warnings.warn(f"hessian_samples={size} exceeds the {len(data)} {what} examples; using all of them "
+                      "(hessian_samples='all' asks for that)", stacklevel=3)
+    t = next(iter(params.values()))
+    indices = subsample_indices(len(data), size, seed)
+    rank, world = rank_world(distributed)
+    if world == 1:
+        batch = gather(data, indices, t.dtype, t.device)
+        check_finite(f"{what} data (Hessian sample)", batch.x)
+        return {"batch": batch}
+    lo, hi = _dist.shard_range(len(indices), rank, world)
+    batch = gather(data, indices[lo:hi], t.dtype, t.device)
+    check_finite(f"{what} data (Hessian sample, rank {rank})", batch.x)
+    return {"batch": batch, "sample_size": len(indices), "sample_offset": lo, "reduce": _dist.all_reduce_sum}
+
+
+def check_rows(what: str, t: torch.Tensor, size: int) -> None:
+    if t.dim() != 2 or t.shape[1] != size:
+        raise ValueError(f"{what} must be [k, {size}] (one row per query), got shape {tuple(t.shape)}")
+
+
+@contextlib.contextmanager
+def timed(timings: dict[str, float], key: str) -> Iterator[None]:
+    t0 = time.perf_counter()
+    yield
+    timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
+
+
+@dataclass(eq=False, kw_only=True)
+class InfluenceEstimator(ABC):
+    """The base of :class:`~lissa_influence.Influence` and
+    :class:`~lissa_influence.MultiStageInfluence`.
+
+    Settings both share (keyword-only, after each estimator's own fields):
+    ``gauss_newton`` curvature, the float ``dtype`` (None: the model's), ``batch_size``
+    of products and scoring, the ``scoring`` path and ``jvp_max_queries``
+    (:mod:`~lissa_influence.scoring`), a ``progress`` bar, and ``distributed``: split
+    the Hessian samples and scoring across the ranks of an initialised torch.distributed
+    process group (no effect without one).
+
+    State after ``fit``: :attr:`is_fitted`, :attr:`scored_data` (the examples that
+    :meth:`scores` scores by default), ``diagnostics`` (solver reports and timings of
+    the last solve).
+    """
+
+    gauss_newton: bool = False
+    dtype: torch.dtype | None = None
+    batch_size: int = 256
+    scoring: ScoringMethod = "auto"
+    jvp_max_queries: int = 3
+    progress: bool = False
+    distributed: bool = True
+
+    def __post_init__(self) -> None:
+        self.diagnostics: dict[str, Any] = {}
+        self._scored: Dataset | None = None
+
+    # -- what each estimator defines ---------------------------------------------------
+    @abstractmethod
+    def query_vectors(self, test_data: DataLike, mean: bool = False) -> torch.Tensor:
+        """``s`` per test query, ``[k, P]`` (``[1, P]`` for the mean test loss): all
+        that scoring needs. Save these to score new examples later."""
+
+    @abstractmethod
+    def _scored_losses(self) -> PerExample:
+        """The per-example loss ``g`` of the scored examples, as a function of the scored block."""
+
+    # -- fitted state --------------------------------------------------------------------
+    @property
+    def is_fitted(self) -> bool:
+        return self._scored is not None
+
+    @property
+    def scored_data(self) -> Dataset:
+        """The dataset given to ``fit`` whose examples are scored (training or pretraining data)."""
+        self._check_fitted()
+        assert self._scored is not None
+        return self._scored
+
+    @property
+    def num_scored(self) -> int:
+        """``m``, the number of scored examples (the ``1/m`` of :meth:`removal_effects`)."""
+        return len(self.scored_data)
+
+    def _fitted_on(self, scored: Dataset) -> None:
+        self._scored = scored
+
+    def _check_fitted(self) -> None:
+        if not self.is_fitted:
+            raise RuntimeError(f"call {type(self).__name__}.fit(...) before scoring")
+
+    # -- scoring -----------------------------------------------------------------------
+    def as_query_vectors(self, s: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Query vectors (e.g. loaded from ``query_vectors.npy``) checked against the
+        scored block, ``[k, P]``, in the dtype and device of the scored parameters."""
+        self._check_fitted()
+        per_example = self._scored_losses()
+        t = next(iter(per_example.params.values()))
+        s = torch.as_tensor(s).to(dtype=t.dtype, device=t.device)
+        check_rows("query vectors s", s, per_example.block.numel)
+        return s
+
+    def scores_from(self, s: torch.Tensor, data: DataLike | None = None, start: int = 0,
+                    stop: int | None = None) -> torch.Tensor:
+        """``I(z) = −sᵀ∇g(z)`` for the given query vectors, ``[k, n]``, over every
+        scored example (or ``data``, or its ``[start:stop]``). Distributed: each rank
+        scores a contiguous share and every rank returns all scores, in dataset order."""
+        self._check_fitted()
+        data = self.scored_data if data is None else as_dataset(data, "scored data")
+        per_example = self._scored_losses()
+        t0 = time.perf_counter()
+        stop = len(data) if stop is None else stop
+        rank, world = rank_world(self.distributed)
+        lo, hi = _dist.shard_range(stop - start, rank, world)
+        with eval_mode(per_example.model):
+            d = score_dataset(per_example, data, s, self.batch_size, self.scoring, self.jvp_max_queries, start + lo,
+                              start + hi, self.progress and rank == 0)
+        if world > 1:
+            d = _dist.all_gather_cat(d, dim=1)
+        self.diagnostics.setdefault("time", {})["scoring"] = time.perf_counter() - t0
+        return -d
+
+    def scores(self, test_data: DataLike, data: DataLike | None = None, mean: bool = False) -> torch.Tensor:
+        """``[n_test, n]`` (``[1, n]`` with ``mean=True``: the mean test loss as one
+        query): ``I(z)`` of every scored example (or of ``data``) for each test query."""
+        return self.scores_from(self.query_vectors(test_data, mean), data)
+
+    def removal_effects(self, test_data: DataLike, data: DataLike | None = None, mean: bool = False) -> torch.Tensor:
+        """Predicted change of each test loss when each scored example is removed: ``−I(z)/m``."""
+        return -self.scores(test_data, data, mean) / self.num_scored
+
+    # -- helpers of the estimators --------------------------------------------------------
+    def _same_on_all_ranks(self, t: torch.Tensor) -> torch.Tensor:
+        """Rank 0's copy of a right-hand side: every rank computes it, but nondeterministic
+        (GPU) kernels could differ in the last bits, and the solvers must see identical
+        inputs on every rank to take identical iterates."""
+        return _dist.broadcast_(t) if rank_world(self.distributed)[1] > 1 else t
+
+    @staticmethod
+    def _solve(solver: Solver, operator: Any, b: torch.Tensor, stage: str | None = None,
+               damping: str | None = None) -> tuple[torch.Tensor, SolveInfo]:
+        """One solve; a solver error names the stage and the damping keyword it used."""
+        try:
+            return solver.solve(operator, b)
+        except SolverError as e:
+            if stage is None:
+                raise
+            where = f"{stage} solve" + (f" ({damping})" if damping else "")
+            raise type(e)(f"{where}: {e}") from e

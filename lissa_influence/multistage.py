@@ -1,0 +1,195 @@
+"""Multi-stage influence (Chen et al., NeurIPS 2020): pretraining examples scored for a finetuned model.
+
+Embedding fixed during finetuning (docs/math.md)::
+
+    v = (∇²_ΘΘ F + λ_ft·I)⁻¹ ∇_Θ ℓ
+    u = ∇_W ℓ − (∇²_WΘ F) v
+    s = H_G⁻¹ [u ; 0]
+    I(z) = −sᵀ ∇g(z)
+
+Embedding updated::
+
+    v = (∇²_{(W,Θ)} F + 2α·P_W + λ_ft·I)⁻¹ ∇_{(W,Θ)} ℓ
+    u = 2α [v]_W
+    s = H_G⁻¹ [u ; 0]
+    I(z) = −sᵀ ∇g(z)
+
+The two solves run once for all test queries (a stack of right-hand sides); scoring
+then streams the pretraining set (:class:`~lissa_influence.estimator.InfluenceEstimator`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+from .batching import DataLike, as_dataset
+from .curvature import CurvatureOperator, LossFn, Objective, cross_entropy
+from .estimator import (HessianSamples, InfluenceEstimator, check_rows, eval_mode, hessian_sample, timed,
+                        trainable_params)
+from .params import make_block, prefix_matcher
+from .scoring import PerExample, loss_gradients
+from .solvers import CG, SolveInfo, Solver
+
+Mode = Literal["fixed", "updated"]
+
+
+@dataclass(eq=False)
+class MultiStageInfluence(InfluenceEstimator):
+    """Multi-stage influence (Chen et al. 2020) of pretraining examples on a finetuned
+    model's test loss, with the embedding ``fixed`` or ``updated`` during finetuning.
+
+    ``shared`` is the name prefix of the embedding parameters ``W`` present in both
+    models; the pretrained model's other parameters are ``U``, the finetuned model's
+    are ``Θ``. ``pretrain_solver`` / ``finetune_solver`` default to ``solver``.
+    ``hessian_samples`` examples (seeded, or ``"all"``) estimate each Hessian;
+    ``finetune_hessian_samples`` overrides it for the finetuning stage.
+
+    The chain (docs/math.md) runs in :meth:`query_vectors`: :meth:`test_gradients`, the
+    finetune solve of :meth:`finetune_rhs`, :meth:`pretrain_rhs`, the pretrain solve.
+    """
+
+    pretrained: nn.Module
+    finetuned: nn.Module
+    shared: str = "embedding"
+    pretrain_loss: LossFn = cross_entropy
+    finetune_loss: LossFn = cross_entropy
+    mode: Mode = "fixed"
+    alpha: float = 0.01
+    solver: Solver = field(default_factory=CG)
+    pretrain_solver: Solver | None = None
+    finetune_solver: Solver | None = None
+    pretrain_damping: float = 1e-2
+    finetune_damping: float = 1e-8
+    hessian_samples: HessianSamples = 1000
+    finetune_hessian_samples: HessianSamples | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("fixed", "updated"):
+            raise ValueError(f"unknown mode {self.mode!r}; use 'fixed' (embedding frozen in finetuning) or 'updated'")
+        if self.mode == "updated" and not self.alpha > 0:
+            raise ValueError(f"mode='updated' needs alpha > 0 (the proximity weight α of α‖W − W*‖²), got {self.alpha}")
+        super().__post_init__()
+        self._setup_blocks()
+
+    # -- parameter blocks ---------------------------------------------------------------
+    def _setup_blocks(self) -> None:
+        self.pre_params = trainable_params(self.pretrained, self.dtype, "pretrained model")
+        self.ft_params = trainable_params(self.finetuned, self.dtype, "finetuned model")
+        is_w = prefix_matcher(self.shared)
+        pre_w = [n for n in self.pre_params if is_w(n)]
+        ft_w = [n for n in self.ft_params if is_w(n)]
+        if not pre_w or not ft_w:
+            which = "pretrained" if not pre_w else "finetuned"
+            tops = sorted({n.split(".")[0] for n in (self.pre_params if not pre_w else self.ft_params)})
+            raise ValueError(f"shared={self.shared!r} matches no parameter of the {which} model; "
+                             f"its top-level parameter prefixes are {tops}")
+        if set(pre_w) != set(ft_w):
+            raise ValueError(f"shared={self.shared!r} names different parameters in the two models: "
+                             f"only pretrained {sorted(set(pre_w) - set(ft_w))}, only finetuned {sorted(set(ft_w) - set(pre_w))}")
+        for n in pre_w:
+            if self.pre_params[n].shape != self.ft_params[n].shape:
+                raise ValueError(f"shared parameter {n!r} has shape {tuple(self.pre_params[n].shape)} in the pretrained "
+                                 f"model but {tuple(self.ft_params[n].shape)} in the finetuned one")
+        self.W = make_block(self.pre_params, pre_w)
+        self.U = make_block(self.pre_params, lambda n: not is_w(n))
+        self.Theta = make_block(self.ft_params, lambda n: not is_w(n))
+        if self.Theta.numel == 0:
+            raise ValueError("the finetuned model has no parameters outside the shared embedding (no finetuning head Θ)")
+        self.pre_block = self.W + self.U
+        if self.mode == "fixed":
+            for n in pre_w:
+                a, b = self.pre_params[n], self.ft_params[n]
+                if not torch.allclose(a, b, rtol=1e-6, atol=1e-8):
+                    raise ValueError(f"mode='fixed' but the embedding parameter {n!r} differs between the pretrained "
+                                     f"and finetuned models (max |Δ| = {float((a - b).abs().max()):.3g}); "
+                                     "use mode='updated' when finetuning trained the embedding")
+            self.ft_block = self.Theta
+        else:
+            self.ft_block = self.W + self.Theta
+
+    # -- fit ------------------------------------------------------------------------
+    def fit(self, pretrain_data: DataLike, finetune_data: DataLike) -> "MultiStageInfluence":
+        """Draw the Hessian samples of both stages and build the damped operators."""
+        pre = as_dataset(pretrain_data, "pretraining data")
+        ft = as_dataset(finetune_data, "finetuning data")
+        pre_sample = hessian_sample(pre, self.hessian_samples, self.seed, self.pre_params, "pretraining", self.distributed)
+        ft_n = self.finetune_hessian_samples or self.hessian_samples
+        ft_sample = hessian_sample(ft, ft_n, self.seed + 1, self.ft_params, "finetuning", self.distributed)
+        self.pre_objective = Objective(self.pretrained, self.pretrain_loss, self.pre_params, chunk_size=self.batch_size,
+                                       **pre_sample)
+        self.ft_objective = Objective(self.finetuned, self.finetune_loss, self.ft_params, chunk_size=self.batch_size,
+                                      **ft_sample)
+        self.pre_operator = CurvatureOperator(self.pre_objective, self.pre_block, self.pretrain_damping, self.gauss_newton)
+        ft_damping: float | torch.Tensor = self.finetune_damping
+        if self.mode == "updated":
+            # The proximity term α‖W − W*‖² adds 2α on the W block of the finetune Hessian.
+            ft_damping = torch.full((self.ft_block.numel,), self.finetune_damping, dtype=self.ft_objective.dtype,
+                                    device=self.ft_objective.device)
+            ft_damping[: self.W.numel] += 2 * self.alpha
+        self.ft_operator = CurvatureOperator(self.ft_objective, self.ft_block, ft_damping, self.gauss_newton)
+        self._fitted_on(pre)
+        return self
+
+    @property
+    def num_pretrain(self) -> int:
+        return self.num_scored
+
+    def _scored_losses(self) -> PerExample:
+        return PerExample(self.pretrained, self.pretrain_loss, self.pre_params, self.pre_block)
+
+    # -- the chain ------------------------------------------------------------------
+    # query_vectors runs the three steps below; they are public so that solver
+    # benchmarks (lissa_influence.experiments.accuracy) can run each solve on its own.
+    def test_gradients(self, test_data: DataLike, mean: bool = False) -> torch.Tensor:
+        """``∇_{(W,Θ)} ℓ`` at the finetuned parameters, ``[k, |W|+|Θ|]`` (one row per test
+        point, or one row for the mean test loss)."""
+        self._check_fitted()
+        test = as_dataset(test_data, "test data")
+        with eval_mode(self.pretrained, self.finetuned):
+            g = loss_gradients(PerExample(self.finetuned, self.finetune_loss, self.ft_params, self.W + self.Theta),
+                               test, self.batch_size, mean)
+        return self._same_on_all_ranks(g)
+
+    def finetune_rhs(self, g: torch.Tensor) -> torch.Tensor:
+        """The right-hand side of the finetune solve: ``∇_Θ ℓ`` (fixed) or ``∇_{(W,Θ)} ℓ`` (updated)."""
+        check_rows("g (test gradients)", g, self.W.numel + self.Theta.numel)
+        return g[:, self.W.numel :] if self.mode == "fixed" else g
+
+    def pretrain_rhs(self, v: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """``[u; 0]`` on the pretraining block from the finetune solution ``v``:
+        ``u = ∇_W ℓ − (∇²_WΘ F) v`` (fixed) or ``u = 2α [v]_W`` (updated)."""
+        check_rows("v (finetune solution)", v, self.ft_block.numel)
+        check_rows("g (test gradients)", g, self.W.numel + self.Theta.numel)
+        if self.mode == "fixed":
+            with eval_mode(self.pretrained, self.finetuned):
+                u = g[:, : self.W.numel] - self.ft_objective.mixed_vp(self.W, self.Theta, v)
+        else:
+            u = 2 * self.alpha * v[:, : self.W.numel]
+        return self.pre_block.embed(self.W, u)
+
+    def query_vectors(self, test_data: DataLike, mean: bool = False) -> torch.Tensor:
+        """``s = H_G⁻¹ [u; 0]`` per test query, ``[k, |W|+|U|]``: the two solves and the
+        mixed product of docs/math.md. Save these to score new pretraining examples later."""
+        self._check_fitted()
+        ft_solver = self.finetune_solver or self.solver
+        pre_solver = self.pretrain_solver or self.solver
+        timings: dict[str, float] = {}
+        infos: dict[str, SolveInfo] = {}
+        with eval_mode(self.pretrained, self.finetuned):
+            with timed(timings, "test_gradients"):
+                g = self.test_gradients(test_data, mean)
+            with timed(timings, "finetune_solve"):
+                v, infos["finetune"] = self._solve(ft_solver, self.ft_operator, self.finetune_rhs(g), "finetune",
+                                                  f"finetune_damping={self.finetune_damping:g}")
+            with timed(timings, "mixed_product"):
+                b = self.pretrain_rhs(v, g)
+            with timed(timings, "pretrain_solve"):
+                s, infos["pretrain"] = self._solve(pre_solver, self.pre_operator, b, "pretrain",
+                                                   f"pretrain_damping={self.pretrain_damping:g}")
+        self.diagnostics = {**{k: i.as_dict() for k, i in infos.items()}, "time": timings}
+        return s

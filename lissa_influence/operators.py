@@ -1,0 +1,126 @@
+"""The linear-operator protocol that every solver accepts.
+
+A :class:`LinearOperator` is a square linear map ``A`` on vectors of size ``n`` that
+knows its ``shape``, ``dtype`` and ``device`` and multiplies a stack of vectors
+``[k, n]`` in one call (:meth:`~LinearOperator.matmat`; calling the operator also
+takes a single vector ``[n]``). Optionally it averages over a sample of examples and can
+draw a minibatch of them (:meth:`~LinearOperator.minibatch`, announced by
+``sample_size``), which the stochastic LiSSA recursion uses.
+
+The damped curvature of :mod:`lissa_influence.curvature` is one; :func:`aslinearoperator`
+wraps a dense matrix or a plain function ``v ↦ A v`` (applied row by row), in the manner
+of ``scipy.sparse.linalg.aslinearoperator``. A user-written operator subclasses
+:class:`LinearOperator` and implements ``shape``, ``dtype``, ``device`` and ``matmat``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Callable, Union
+
+import torch
+
+Matvec = Callable[[torch.Tensor], torch.Tensor]
+
+
+class LinearOperator(ABC):
+    """A square linear map ``v ↦ A v`` on vectors of size ``shape[0]``.
+
+    Subclasses implement ``shape``, ``dtype``, ``device`` and :meth:`matmat`. An
+    operator over a sample of examples may also set ``sample_size`` and implement
+    :meth:`minibatch`; ``sample_size is None`` (the default) means it cannot draw
+    minibatches.
+    """
+
+    sample_size: int | None = None
+    """Examples the operator averages over, when it can draw minibatches of them."""
+
+    @property
+    @abstractmethod
+    def shape(self) -> tuple[int, int]: ...
+
+    @property
+    @abstractmethod
+    def dtype(self) -> torch.dtype: ...
+
+    @property
+    @abstractmethod
+    def device(self) -> torch.device: ...
+
+    @abstractmethod
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        """``[k, n] -> [k, n]``: the product with every row of ``V``."""
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        """``A v`` for one vector ``[n]`` or each row of a stack ``[k, n]``."""
+        if v.dim() == 1:
+            return self.matmat(v[None])[0]
+        if v.dim() == 2:
+            return self.matmat(v)
+        raise ValueError(f"expected a vector [n] or a stack [k, n], got shape {tuple(v.shape)}")
+
+    def minibatch(self, batch_size: int, generator: torch.Generator) -> "LinearOperator":
+        """The same operator over ``batch_size`` examples drawn with ``generator``."""
+        raise NotImplementedError(f"{type(self).__name__} cannot draw minibatches (its sample_size is None)")
+
+
+class DenseOperator(LinearOperator):
+    """An explicit matrix ``A`` (``[n, n]``) as an operator."""
+
+    def __init__(self, matrix: torch.Tensor):
+        if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
+            raise ValueError(f"a dense operator needs a square matrix, got shape {tuple(matrix.shape)}")
+        self.matrix = matrix
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.matrix.shape[0], self.matrix.shape[1])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.matrix.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.matrix.device
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        return V @ self.matrix.T.to(V.dtype)
+
+
+class FunctionOperator(LinearOperator):
+    """A function ``v ↦ A v`` on single vectors ``[n]``, applied to a stack row by row."""
+
+    def __init__(self, matvec: Matvec, size: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
+        self.matvec, self._size, self._dtype, self._device = matvec, size, dtype, torch.device(device)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self._size, self._size)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.matvec(row) for row in V])
+
+
+OperatorLike = Union[LinearOperator, torch.Tensor, Matvec]
+"""What a solver accepts: an operator, a dense matrix, or a function on vectors."""
+
+
+def aslinearoperator(A: OperatorLike, like: torch.Tensor) -> LinearOperator:
+    """``A`` as a :class:`LinearOperator`; a plain function takes its size, dtype and
+    device from ``like`` (the right-hand side ``[n]`` or ``[k, n]``)."""
+    if isinstance(A, LinearOperator):
+        return A
+    if isinstance(A, torch.Tensor):
+        return DenseOperator(A)
+    if callable(A):
+        return FunctionOperator(A, like.shape[-1], like.dtype, like.device)
+    raise TypeError(f"expected a LinearOperator, a matrix or a function v -> A v, got {type(A).__name__}")

@@ -1,0 +1,19 @@
+"""Solvers for ``A x = b`` given only products ``v ↦ A v`` (``A`` = damped curvature).
+
+One module per method family: :mod:`.cg` (conjugate gradient, block CG), :mod:`.lissa`
+(the Neumann series), :mod:`.direct` (the dense solve and the identity), and
+:mod:`.base` (the :class:`Solver` protocol, :class:`SolveInfo` and the errors every
+solver shares). Any object with a ``solve(A, b, callback=None) -> (x, SolveInfo)``
+method is a solver: see docs/architecture.md.
+"""
+
+from .base import (Callback, DivergenceError, NegativeCurvatureError, NotConvergedError, SolveInfo, Solver, SolverError,
+                   SolverWarning)
+from .cg import CG
+from .direct import Explicit, Identity
+from .lissa import LiSSA, power_iteration
+
+__all__ = [
+    "Solver", "SolveInfo", "Callback", "CG", "LiSSA", "Explicit", "Identity", "power_iteration",
+    "SolverError", "NegativeCurvatureError", "NotConvergedError", "DivergenceError", "SolverWarning",
+]

@@ -1,0 +1,96 @@
+"""Direct solvers: the dense matrix from products (:class:`Explicit`) and the identity."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from ..operators import DenseOperator, OperatorLike, aslinearoperator
+from .base import Callback, NegativeCurvatureError, SolveInfo, SolverWarning, as_stack, check_rhs, rownorm
+
+
+@dataclass
+class Explicit:
+    """Dense ``A`` from stacked products with basis vectors, then a direct solve.
+
+    For small models and tests: refuses above ``max_params`` (the matrix takes
+    ``P² × itemsize`` bytes). ``method``: ``"cholesky"``, ``"eigh"``, ``"lu"``, or
+    ``"auto"`` (Cholesky, falling back to LU with a warning when ``A`` is not
+    positive definite).
+    """
+
+    method: Literal["auto", "cholesky", "eigh", "lu"] = "auto"
+    max_params: int = 10_000
+    block_size: int = 256
+
+    name = "explicit"
+
+    def matrix(self, matvec: OperatorLike, size: int, like: torch.Tensor) -> torch.Tensor:
+        """The dense ``[size, size]`` matrix of the operator, in ``like``'s dtype and device."""
+        op = aslinearoperator(matvec, like)
+        if isinstance(op, DenseOperator):
+            return op.matrix.to(like)
+        if size > self.max_params:
+            gib = size * size * like.element_size() / 2**30
+            raise MemoryError(
+                f"Explicit solver refuses {size} parameters (the dense matrix needs {gib:.1f} GiB; limit "
+                f"max_params={self.max_params}); use CG or LiSSA for this model"
+            )
+        eye = torch.eye(size, dtype=like.dtype, device=like.device)
+        rows = [op(eye[i : i + self.block_size]) for i in range(0, size, self.block_size)]
+        a = torch.cat(rows)
+        return 0.5 * (a + a.T)  # rows of a symmetric operator; symmetrise the rounding
+
+    def solve(self, matvec: OperatorLike, b: torch.Tensor, callback: Callback | None = None) -> tuple[torch.Tensor, SolveInfo]:
+        check_rhs(b)
+        start = time.perf_counter()
+        B, single = as_stack(b)
+        size = B.shape[1]
+        op = aslinearoperator(matvec, B)
+        a = self.matrix(op, size, B)
+        extra: dict[str, Any] = {"method": self.method}
+        method = self.method
+        if method in ("auto", "cholesky"):
+            chol, info = torch.linalg.cholesky_ex(a)
+            if int(info) == 0:
+                X = torch.cholesky_solve(B.T, chol).T
+                extra["method"] = "cholesky"
+            elif method == "cholesky":
+                raise NegativeCurvatureError("Explicit(method='cholesky'): the damped Hessian is not positive definite; "
+                                             "add damping or use gauss_newton=True")
+            else:
+                warnings.warn("Explicit: the damped Hessian is not positive definite; solving with LU. "
+                              "Influence assumes a minimum: add damping or use gauss_newton=True.", SolverWarning, stacklevel=2)
+                method = "lu"
+        if method == "eigh":
+            evals, evecs = torch.linalg.eigh(a)
+            X = ((B @ evecs) / evals) @ evecs.T
+            extra.update(method="eigh", min_eigenvalue=float(evals[0]), max_eigenvalue=float(evals[-1]))
+        elif method == "lu":
+            X = torch.linalg.solve(a, B.T).T
+            extra["method"] = "lu"
+        elif method not in ("auto", "cholesky"):
+            raise ValueError(f"unknown method {self.method!r}; use 'auto', 'cholesky', 'eigh' or 'lu'")
+        resid = float((rownorm(X @ a - B) / rownorm(B).clamp_min(torch.finfo(B.dtype).tiny)).max())
+        products = 0 if isinstance(op, DenseOperator) else size
+        info = SolveInfo("explicit", True, 1, products, time.perf_counter() - start, [resid], extra)
+        if callback is not None:
+            callback(X[0] if single else X, products)
+        return (X[0] if single else X), info
+
+
+@dataclass
+class Identity:
+    """``x = b``: every inverse Hessian replaced by the identity (the paper's ablation)."""
+
+    name = "identity"
+
+    def solve(self, matvec: OperatorLike, b: torch.Tensor, callback: Callback | None = None) -> tuple[torch.Tensor, SolveInfo]:
+        check_rhs(b)
+        if callback is not None:
+            callback(b.clone(), 0)
+        return b.clone(), SolveInfo("identity", True, 0, 0, 0.0, [])

@@ -1,0 +1,139 @@
+"""LiSSA: the (stochastic) Neumann-series solver, and the power iteration that scales it."""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from ..operators import LinearOperator, Matvec, OperatorLike, aslinearoperator
+from .base import Callback, DivergenceError, SolveInfo, SolverWarning, as_stack, check_rhs, rownorm
+
+
+def power_iteration(matvec: Matvec, size: int, dtype: torch.dtype, device: torch.device | str = "cpu", iters: int = 30, seed: int = 0, rtol: float = 1e-3) -> float:
+    """Estimate of the eigenvalue of largest magnitude of a symmetric operator (a
+    lower bound of it, in exact arithmetic), by power iteration."""
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(size, generator=g, dtype=dtype).to(device)
+    v /= v.norm()
+    estimate = 0.0
+    for _ in range(iters):
+        w = matvec(v)
+        new = float(v @ w)
+        norm = float(w.norm())
+        if norm == 0.0 or not math.isfinite(norm):
+            return new
+        v = w / norm
+        if abs(new - estimate) <= rtol * abs(new):
+            return new
+        estimate = new
+    return estimate
+
+
+@dataclass
+class LiSSA:
+    """Stochastic Neumann-series solver (Agarwal et al. 2017; Koh & Liang 2017).
+
+    ``h ← b + (1 − damping)·h − A h / scale`` for ``depth`` steps, result ``h / scale``:
+    it solves ``(A + damping·scale·I) x = b`` and converges when every eigenvalue of
+    ``A`` lies in ``(−damping·scale, (2 − damping)·scale)``. ``scale="auto"`` takes
+    ``safety ×`` a power-iteration estimate of the top eigenvalue.
+
+    ``batch_size``: Hessian samples per step, used when the operator can draw
+    minibatches (its ``sample_size`` is set and ``minibatch(batch_size, generator)``
+    draws one, as :class:`~lissa_influence.curvature.CurvatureOperator` does);
+    ``repeats`` independent recursions are averaged. With an operator that cannot (or no
+    ``batch_size``) the recursion is deterministic and one repeat is run.
+    ``tol``: stop early when the worst relative update falls below it (deterministic
+    runs only; a stochastic recursion has a noise floor).
+    """
+
+    scale: float | Literal["auto"] = "auto"
+    damping: float = 0.0
+    depth: int = 1000
+    repeats: int = 1
+    batch_size: int | None = None
+    seed: int = 0
+    tol: float = 1e-6
+    safety: float = 1.2
+    power_iters: int = 50
+    check_every: int = 10
+
+    name = "lissa"
+
+    def _top_eigenvalue(self, op: LinearOperator, size: int, like: torch.Tensor) -> float:
+        return power_iteration(lambda v: op(v[None])[0], size, like.dtype, like.device, self.power_iters, self.seed)
+
+    def solve(self, matvec: OperatorLike, b: torch.Tensor, callback: Callback | None = None) -> tuple[torch.Tensor, SolveInfo]:
+        check_rhs(b)
+        start = time.perf_counter()
+        full = aslinearoperator(matvec, b)
+        B, single = as_stack(b)
+        size = B.shape[1]
+        products = 0
+        lam_max = None
+        scale = self.scale
+        if scale == "auto":
+            lam_max = self._top_eigenvalue(full, size, B)
+            products += self.power_iters
+            if lam_max <= 0:
+                raise DivergenceError(f"power iteration found top eigenvalue {lam_max:.3g} ≤ 0: the operator is not positive definite; add damping")
+            scale = self.safety * lam_max
+        elif not (isinstance(scale, (int, float)) and scale > 0):
+            raise ValueError(f"scale must be a positive number or 'auto', got {scale!r}")
+        scale = float(scale)
+
+        stochastic = self.batch_size is not None and full.sample_size is not None
+        repeats = self.repeats if stochastic else 1
+        g = torch.Generator().manual_seed(self.seed)
+        total = torch.zeros_like(B)
+        history: list[float] = []
+        steps = 0
+        for r in range(repeats):
+            h = B.clone()
+            smallest = math.inf
+            for t in range(1, self.depth + 1):
+                op = full.minibatch(self.batch_size, g) if stochastic else full
+                h_new = B + (1.0 - self.damping) * h - op(h) / scale
+                products += B.shape[0]
+                if callback is not None:  # the running average, counting the current recursion
+                    x = (total + h_new / scale) / (r + 1)
+                    callback(x[0] if single else x, products)
+                if t % self.check_every == 0 or t == self.depth:
+                    upd = float((rownorm(h_new - h) / rownorm(h).clamp_min(torch.finfo(B.dtype).tiny)).max())
+                    history.append(upd)
+                    if not math.isfinite(upd) or upd > 1e2 * smallest or upd > 1e6:
+                        raise self._divergence(full, size, B, scale, t)
+                    smallest = min(smallest, upd)
+                    if not stochastic and upd <= self.tol:
+                        h = h_new
+                        steps = max(steps, t)
+                        break
+                h = h_new
+                steps = max(steps, t)
+            total += h / scale
+        X = total / repeats
+        final = history[-1] if history else math.nan
+        converged = stochastic or final <= self.tol
+        info = SolveInfo("lissa", converged, steps, products, time.perf_counter() - start, history,
+                         {"scale": scale, "top_eigenvalue": lam_max, "effective_damping": self.damping * scale,
+                          "repeats": repeats, "stochastic": stochastic})
+        if not converged:
+            warnings.warn(f"LiSSA stopped at depth {self.depth} with relative update {final:.3g} > tol={self.tol:g}: "
+                          "the error is about update/(1 − rate); raise depth, lower scale towards the top eigenvalue, or add damping",
+                          SolverWarning, stacklevel=2)
+        return (X[0] if single else X), info
+
+    def _divergence(self, op: LinearOperator, size: int, like: torch.Tensor, scale: float, step: int) -> DivergenceError:
+        lam = self._top_eigenvalue(op, size, like)
+        need = lam / (2.0 - self.damping) if self.damping < 2 else math.inf
+        return DivergenceError(
+            f"LiSSA diverged at step {step} with scale={scale:.4g}: the top eigenvalue of the damped Hessian is about "
+            f"{lam:.4g} (power iteration), and the recursion converges only for scale > {need:.4g}; use "
+            f"scale ≥ {self.safety * lam:.4g} or scale='auto'. If the Hessian has negative eigenvalues, add damping "
+            "or use the Gauss-Newton operator."
+        )
