@@ -15,6 +15,7 @@ sample (``sample_size``) and ``reduce`` sums the ranks' partial results.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable
@@ -27,9 +28,19 @@ from .batching import Batch
 from .operators import LinearOperator
 from .params import ParamBlock, Params
 
-# torch's forward-mode AD scripts its jvp decompositions on first use and warns that
-# torch.jit.script is deprecated: harmless, and nothing a user of this package can act on.
-warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+
+
+@functools.cache
+def load_forward_ad() -> None:
+    """Let torch load its forward-mode AD decompositions, once, before our first ``jvp``.
+
+    torch scripts them on first use and warns that ``torch.jit.script`` is deprecated:
+    harmless, and nothing a user of this package can act on. That one warning is silenced
+    here, for this one load; every other warnings filter stays as the program set it.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+        jvp(torch.sin, (torch.zeros(1),), (torch.ones(1),))
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``(outputs, targets) -> mean loss over the batch`` (cross-entropy by default)."""
@@ -128,6 +139,7 @@ class Objective:
                  out_size: int) -> torch.Tensor:
         if v.dim() not in (1, 2):
             raise ValueError(f"expected a vector [P] or a stack [k, P], got shape {tuple(v.shape)}")
+        load_forward_ad()
         total = None
         for c, w in self._chunks(batch):
             out = fn(v, c) if v.dim() == 1 else vmap(lambda vv: fn(vv, c))(v)

@@ -22,11 +22,12 @@ rounding.
 from __future__ import annotations
 
 import contextlib
+import operator
 import time
 import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal
+from typing import Any, ClassVar, Iterator, Literal
 
 import numpy as np
 import torch
@@ -38,6 +39,7 @@ from .batching import DataLike, as_dataset, gather, subsample_indices
 from .params import Params, check_finite, named_params
 from .scoring import PerExample, ScoringMethod, score_dataset
 from .solvers import SolveInfo, Solver, SolverError
+from .solvers.base import reworded
 
 HessianSamples = int | Literal["all"]
 """How many examples estimate a Hessian: a count (seeded subsample) or ``"all"``."""
@@ -79,11 +81,17 @@ def hessian_sample(data: Dataset, size: HessianSamples, seed: int, params: Param
     arguments: all of it, or under torch.distributed this rank's contiguous shard of the
     same draw (every rank draws with the same seed), its place in the sample and the
     cross-rank sum."""
+    asked = size
     if size == "all":
         size = len(data)
-    elif isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ValueError(f"hessian_samples must be a positive number or 'all', got {size!r}")
-    elif size > len(data):
+    else:
+        try:  # any integer (numpy's too), but not a bool, a float or another string
+            size = operator.index(size) if not isinstance(size, bool) else 0
+        except TypeError:
+            size = 0
+        if size < 1:
+            raise ValueError(f"hessian_samples must be a positive number or 'all', got {asked!r}")
+    if size > len(data):
         warnings.warn(f"hessian_samples={size} exceeds the {len(data)} {what} examples; using all of them "
                       "(hessian_samples='all' asks for that)", stacklevel=3)
     t = next(iter(params.values()))
@@ -136,6 +144,8 @@ class InfluenceEstimator(ABC):
     progress: bool = False
     distributed: bool = True
 
+    _old_data_keyword: ClassVar[str] = ""  # what ``data=`` was called before 0.2 (still accepted)
+
     def __post_init__(self) -> None:
         self.diagnostics: dict[str, Any] = {}
         self._scored: Dataset | None = None
@@ -186,10 +196,11 @@ class InfluenceEstimator(ABC):
         return s
 
     def scores_from(self, s: torch.Tensor, data: DataLike | None = None, start: int = 0,
-                    stop: int | None = None) -> torch.Tensor:
+                    stop: int | None = None, **renamed: DataLike) -> torch.Tensor:
         """``I(z) = −sᵀ∇g(z)`` for the given query vectors, ``[k, n]``, over every
         scored example (or ``data``, or its ``[start:stop]``). Distributed: each rank
         scores a contiguous share and every rank returns all scores, in dataset order."""
+        data = self._renamed(data, renamed, "scores_from")
         self._check_fitted()
         data = self.scored_data if data is None else as_dataset(data, "scored data")
         per_example = self._scored_losses()
@@ -205,14 +216,30 @@ class InfluenceEstimator(ABC):
         self.diagnostics.setdefault("time", {})["scoring"] = time.perf_counter() - t0
         return -d
 
-    def scores(self, test_data: DataLike, data: DataLike | None = None, mean: bool = False) -> torch.Tensor:
+    def scores(self, test_data: DataLike, data: DataLike | None = None, mean: bool = False,
+               **renamed: DataLike) -> torch.Tensor:
         """``[n_test, n]`` (``[1, n]`` with ``mean=True``: the mean test loss as one
         query): ``I(z)`` of every scored example (or of ``data``) for each test query."""
+        data = self._renamed(data, renamed, "scores")
         return self.scores_from(self.query_vectors(test_data, mean), data)
 
-    def removal_effects(self, test_data: DataLike, data: DataLike | None = None, mean: bool = False) -> torch.Tensor:
+    def removal_effects(self, test_data: DataLike, data: DataLike | None = None, mean: bool = False,
+                        **renamed: DataLike) -> torch.Tensor:
         """Predicted change of each test loss when each scored example is removed: ``−I(z)/m``."""
+        data = self._renamed(data, renamed, "removal_effects")
         return -self.scores(test_data, data, mean) / self.num_scored
+
+    def _renamed(self, data: DataLike | None, renamed: dict[str, DataLike], method: str) -> DataLike | None:
+        """``data``, or what came under its name before 0.2 (with a DeprecationWarning)."""
+        if not renamed:
+            return data
+        unknown = sorted(set(renamed) - {self._old_data_keyword})
+        if unknown:
+            raise TypeError(f"{type(self).__name__}.{method}() got an unexpected keyword argument {unknown[0]!r}")
+        if data is not None:
+            raise TypeError(f"{type(self).__name__}.{method}(): pass data= or {self._old_data_keyword}=, not both")
+        warnings.warn(f"{self._old_data_keyword}= is now data=", DeprecationWarning, stacklevel=3)
+        return renamed[self._old_data_keyword]
 
     # -- helpers of the estimators --------------------------------------------------------
     def _same_on_all_ranks(self, t: torch.Tensor) -> torch.Tensor:
@@ -230,5 +257,4 @@ class InfluenceEstimator(ABC):
         except SolverError as e:
             if stage is None:
                 raise
-            where = f"{stage} solve" + (f" ({damping})" if damping else "")
-            raise type(e)(f"{where}: {e}") from e
+            raise reworded(e, f"{stage} solve" + (f" ({damping})" if damping else "") + f": {e}") from e

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -13,6 +14,8 @@ from .estimator import HessianSamples, InfluenceEstimator, eval_mode, hessian_sa
 from .params import make_block
 from .scoring import PerExample, loss_gradients
 from .solvers import CG, Solver
+
+__all__ = ["Influence", "MultiStageInfluence"]
 
 
 @dataclass(eq=False)
@@ -30,6 +33,8 @@ class Influence(InfluenceEstimator):
     damping: float = 1e-2
     hessian_samples: HessianSamples = 1000
     seed: int = 0
+
+    _old_data_keyword: ClassVar[str] = "train_data"
 
     def fit(self, train_data: DataLike) -> "Influence":
         train = as_dataset(train_data, "training data")
@@ -60,3 +65,7 @@ class Influence(InfluenceEstimator):
                 s, info = self._solve(self.solver, self.operator, grads, "influence", f"damping={self.damping:g}")
         self.diagnostics = {"solve": info.as_dict(), "time": timings}
         return s
+
+
+# MultiStageInfluence lived in this module before 0.2: the old import path keeps working.
+from .multistage import MultiStageInfluence  # noqa: E402

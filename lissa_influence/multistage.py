@@ -21,7 +21,7 @@ then streams the pretraining set (:class:`~lissa_influence.estimator.InfluenceEs
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
@@ -67,6 +67,8 @@ class MultiStageInfluence(InfluenceEstimator):
     hessian_samples: HessianSamples = 1000
     finetune_hessian_samples: HessianSamples | None = None
     seed: int = 0
+
+    _old_data_keyword: ClassVar[str] = "pretrain_data"
 
     def __post_init__(self) -> None:
         if self.mode not in ("fixed", "updated"):

@@ -23,7 +23,7 @@ from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 
 from .batching import Batch, iter_batches
-from .curvature import LossFn
+from .curvature import LossFn, load_forward_ad
 from .params import ParamBlock, Params
 from .progress import progress_bar
 
@@ -59,6 +59,7 @@ class PerExample:
             return S @ self.gradients(batch).T
         if method != "jvp":
             raise ValueError(f"unknown scoring method {method!r}; use 'auto', 'jvp' or 'grad'")
+        load_forward_ad()
         theta = self.block.flatten(self.params)
         along = lambda s: jvp(lambda f: self.losses(f, batch), (theta,), (s,))[1]  # noqa: E731
         return vmap(along)(S)

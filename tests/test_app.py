@@ -204,6 +204,8 @@ def test_default_config_composes():
     assert config.build_solver(cfg.solver).max_iter == 1000  # the digits preset raises CG's cap
     assert compose_cfg("data=mnist").model.arch == "mnist"  # model and preset follow data
     assert compose_cfg("data=mnist", "model=digits").model.arch == "digits"  # unless chosen
+    assert (cfg.pretrain.hessian_samples, cfg.finetune.hessian_samples) == ("all", "all")  # the digits preset
+    config.check(compose_cfg("pretrain.hessian_samples=500", "finetune.hessian_samples=all"))
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -213,6 +215,8 @@ def test_default_config_composes():
     (["pretrain.damping=-1"], "pretrain.damping=-1.0 must be >= 0"),
     (["mode=updated", "alpha=0"], "mode=updated needs alpha > 0"),
     (["solver=lissa", "solver.scale=big"], "solver.scale='big'"),
+    (["pretrain.hessian_samples=0"], "pretrain.hessian_samples=0 must be a number >= 1 or 'all'"),
+    (["finetune.hessian_samples=most"], "finetune.hessian_samples='most' must be a number >= 1 or 'all'"),
 ])
 def test_check_rejects_bad_values(overrides, message):
     with pytest.raises(ValueError, match=re.escape(message)):

@@ -17,8 +17,8 @@ import torch
 import lissa_influence
 from conftest import TinyCNN, make_data, rel, train_full_batch
 from lissa_influence import (CG, DenseOperator, Explicit, Influence, InfluenceEstimator, LinearOperator, LiSSA,
-                             MultiStageInfluence, NegativeCurvatureError, SolveInfo, Solver, SolverWarning,
-                             aslinearoperator)
+                             MultiStageInfluence, NegativeCurvatureError, SolveInfo, Solver, SolverError,
+                             SolverWarning, aslinearoperator)
 from lissa_influence.experiments.errors import config_terms, in_config_terms
 
 REPO = Path(lissa_influence.__file__).resolve().parents[1]
@@ -33,7 +33,7 @@ def test_core_never_imports_the_application_stack():
         import sys
         import torch
         from torch import nn
-        from lissa_influence import CG, Influence, LiSSA, MultiStageInfluence, score_agreement
+        from lissa_influence import CG, Influence, LiSSA, MultiStageInfluence, results, score_agreement
 
         torch.manual_seed(0)
         def net(classes):
@@ -45,16 +45,17 @@ def test_core_never_imports_the_application_stack():
         msi = MultiStageInfluence(pre, ft, shared="0", solver=CG(max_iter=50), pretrain_damping=0.5,
                                   finetune_damping=0.5, hessian_samples="all").fit((x, y), (xf, yf))
         scores = msi.scores((xf[:2], yf[:2]))
-        single = Influence(pre, solver=LiSSA(depth=20), damping=1.0).fit((x, y)).scores((x[:2], y[:2]))
+        single = Influence(pre, solver=LiSSA(depth=500), damping=1.0, hessian_samples="all").fit((x, y))
+        single = single.scores((x[:2], y[:2]))
         score_agreement(scores, scores)
         assert scores.shape == (2, 30) and single.shape == (2, 30)
         banned = ("hydra", "omegaconf", "matplotlib", "sklearn", "torchvision", "lissa_influence.experiments")
         print(sorted(m for m in sys.modules if m.split(".")[0] in banned or m.startswith(banned)))
     """)
-    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", script], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == "[]", f"the core imported {proc.stdout.strip()}"
+    assert "Warning" not in proc.stderr, proc.stderr  # torch's jit deprecation notice stays silent
 
 
 def test_public_names_are_exported():
@@ -187,11 +188,49 @@ def test_estimator_state_and_query_vectors(two_stage):
     assert single.is_fitted and single.num_train == single.num_scored == 60
 
 
+def test_scored_data_under_its_old_keyword(two_stage):
+    est = msi(two_stage, CG(tol=1e-10))
+    test, pool = (two_stage[3].x[:2], two_stage[3].y[:2]), (two_stage[2].x[:5], two_stage[2].y[:5])
+    with pytest.warns(DeprecationWarning, match="pretrain_data= is now data="):
+        old = est.scores(test, pretrain_data=pool)
+    assert torch.equal(old, est.scores(test, pool)) and old.shape == (2, 5)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'train_data'"):
+        est.scores(test, train_data=pool)
+    with pytest.raises(TypeError, match="not both"):
+        est.removal_effects(test, pool, pretrain_data=pool)
+
+
+def test_hessian_samples_all_counts_and_bad_values(two_stage):
+    pre, ft, pre_data, ft_data = two_stage
+    data = ((pre_data.x, pre_data.y), (ft_data.x, ft_data.y))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "all" asks for every example: no warning
+        every = MultiStageInfluence(pre, ft, hessian_samples="all").fit(*data)
+    counted = MultiStageInfluence(pre, ft, hessian_samples=np.int64(60), finetune_hessian_samples=40).fit(*data)
+    assert torch.equal(every.pre_objective.batch.x, counted.pre_objective.batch.x)
+    assert len(every.ft_objective.batch) == 40
+    for bad in (0, -3, True, 2.5, "ALL"):
+        with pytest.raises(ValueError, match="hessian_samples must be a positive number or 'all'"):
+            MultiStageInfluence(pre, ft, hessian_samples=bad).fit(*data)
+
+
 def test_solver_errors_name_the_stage_and_its_damping(two_stage):
     pre, ft, pre_data, ft_data = two_stage
     est = MultiStageInfluence(pre, ft, solver=CG(), pretrain_damping=-50.0, finetune_damping=0.5,
                               hessian_samples="all").fit((pre_data.x, pre_data.y), (ft_data.x, ft_data.y))
     with pytest.raises(NegativeCurvatureError, match=r"^pretrain solve \(pretrain_damping=-50\): CG met negative"):
+        est.scores((ft_data.x[:1], ft_data.y[:1]))
+
+    class Refused(SolverError):  # a user's error with a constructor of its own
+        def __init__(self, code: int):
+            super().__init__(f"refused with code {code}")
+
+    class Refusing:
+        def solve(self, A, b, callback=None):
+            raise Refused(7)
+
+    est.finetune_solver = Refusing()
+    with pytest.raises(SolverError, match=r"^Refused: finetune solve \(finetune_damping=0.5\): refused with code 7"):
         est.scores((ft_data.x[:1], ft_data.y[:1]))
 
 
@@ -221,8 +260,11 @@ def test_config_terms_retells_errors_and_warnings():
         warnings.simplefilter("always")
         with config_terms():
             warnings.warn("raise max_iter", SolverWarning)
-    assert [str(w.message) for w in caught] == ["raise solver.max_iter"]
+            assert [str(w.message) for w in caught] == ["raise solver.max_iter"]  # shown at once, not at the end
+            warnings.warn("a dependency's tol=3", UserWarning)  # attributed to this test file: left alone
+    assert [str(w.message) for w in caught] == ["raise solver.max_iter", "a dependency's tol=3"]
     assert caught[0].category is SolverWarning
+    assert in_config_terms(in_config_terms("raise max_iter, tol=1")) == "raise solver.max_iter, solver.tol=1"
 
 
 # --- progress -----------------------------------------------------------------------------

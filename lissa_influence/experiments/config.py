@@ -2,7 +2,7 @@
 
 The schema is registered in Hydra's ConfigStore, so a misspelt key or a value of the
 wrong type fails when the config is composed, with Hydra's message naming the key.
-The data, model and training sections mirror the library's own frozen dataclasses
+The data, model and training sections mirror the frozen dataclasses of the experiments
 (:class:`~lissa_influence.experiments.data.DataConfig`,
 :class:`~lissa_influence.experiments.models.ModelConfig`,
 :class:`~lissa_influence.experiments.training.TrainConfig`); Hydra needs mutable copies of

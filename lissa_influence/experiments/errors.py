@@ -12,30 +12,34 @@ from __future__ import annotations
 import contextlib
 import re
 import warnings
-from typing import Iterator
+from pathlib import Path
+from typing import Any, Iterator
 
-from ..solvers import SolverError
+from ..solvers import SolverError, SolverWarning
+from ..solvers.base import reworded
 
-# library term -> config key, in one regex pass (a replacement is never replaced again)
+# library term -> config key, in one regex pass; a term already preceded by a dot or a
+# word character ("solver.tol=", "polish_tol=") is left alone, so retelling is idempotent
 _TERMS = [
-    (r"\bpretrain_damping=", "pretrain.damping="),
-    (r"\bfinetune_damping=", "finetune.damping="),
-    (r"\bgauss_newton=True\b", "gauss_newton=true"),
-    (r"\bpreconditioner='jacobi'", "solver.preconditioner=jacobi"),
-    (r"\bmax_iter\b", "solver.max_iter"),
-    (r"\bmax_params=", "solver.max_params="),
-    (r"\btol=", "solver.tol="),
+    (r"pretrain_damping=", "pretrain.damping="),
+    (r"finetune_damping=", "finetune.damping="),
+    (r"gauss_newton=True\b", "gauss_newton=true"),
+    (r"preconditioner='jacobi'", "solver.preconditioner=jacobi"),
+    (r"max_iter\b", "solver.max_iter"),
+    (r"max_params=", "solver.max_params="),
+    (r"tol=", "solver.tol="),
     (r"(?<=\braise )depth\b", "solver.depth"),
-    (r"\bscale='auto'", "solver.scale=auto"),
+    (r"scale='auto'", "solver.scale=auto"),
     (r"(?<=\buse )scale\b|(?<=\blower )scale\b", "solver.scale"),
     (r"(?<=\bwith )scale=", "solver.scale="),
-    (r"\bmode='fixed'", "mode=fixed"),
-    (r"\bmode='updated'", "mode=updated"),
-    (r"\bhessian_samples='all'", "{stage}hessian_samples=all"),
-    (r"\bhessian_samples=", "{stage}hessian_samples="),
+    (r"mode='fixed'", "mode=fixed"),
+    (r"mode='updated'", "mode=updated"),
+    (r"hessian_samples='all'", "{stage}hessian_samples=all"),
+    (r"hessian_samples=", "{stage}hessian_samples="),
 ]
-_PATTERN = re.compile("|".join(f"(?P<t{i}>{p})" for i, (p, _) in enumerate(_TERMS)))
+_PATTERN = re.compile("|".join(f"(?P<t{i}>(?<![.\\w]){p})" for i, (p, _) in enumerate(_TERMS)))
 _STAGE = re.compile(r"\b(pretrain|finetun)(?:ing|e)\b")
+_PACKAGE = str(Path(__file__).resolve().parents[1])
 
 
 def in_config_terms(message: str) -> str:
@@ -52,17 +56,21 @@ def in_config_terms(message: str) -> str:
 
 @contextlib.contextmanager
 def config_terms() -> Iterator[None]:
-    """Solver errors raised and library warnings emitted inside, retold in config keys
-    (the same exception type, chained to the original)."""
-    caught: list[warnings.WarningMessage] = []
+    """Inside: a solver error is re-raised in config keys (chained to the original), and a
+    warning of the library (a ``SolverWarning``, or one attributed to a file of this
+    package) is shown in config keys when it is shown, not later."""
+    original = warnings.showwarning
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
+             line: str | None = None) -> None:
+        if issubclass(category, SolverWarning) or str(Path(filename).resolve()).startswith(_PACKAGE):
+            message = category(in_config_terms(str(message)))
+        original(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
     try:
-        with warnings.catch_warnings(record=True) as record:
-            try:
-                yield
-            finally:
-                caught = list(record)
+        yield
     except SolverError as e:
-        raise type(e)(in_config_terms(str(e))) from e
+        raise reworded(e, in_config_terms(str(e))) from e
     finally:
-        for w in caught:  # re-emitted outside the recording, through the caller's filters
-            warnings.warn_explicit(in_config_terms(str(w.message)), w.category, w.filename, w.lineno)
+        warnings.showwarning = original

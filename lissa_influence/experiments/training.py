@@ -254,6 +254,7 @@ def _polish(problem: _Problem, cfg: TrainConfig, stage: str, progress: bool = Fa
             return loss
 
         opt.step(closure if progress else problem.full)
+        bar.total = bar.n  # L-BFGS stops early on the gradient tolerance: the bar ends full
     return int(opt.state[opt._params[0]]["func_evals"])
 
 

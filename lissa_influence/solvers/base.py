@@ -47,6 +47,15 @@ class SolverWarning(RuntimeWarning):
     """A solve that finished but deserves attention (not converged, truncated)."""
 
 
+def reworded(error: SolverError, message: str) -> SolverError:
+    """``error`` with another message, of its own type when that type takes just a
+    message (every error of this package does); a user's error class with a constructor
+    of its own becomes a :class:`SolverError` whose message starts with its class name."""
+    if all("__init__" not in vars(c) for c in type(error).__mro__ if issubclass(c, SolverError)):
+        return type(error)(message)
+    return SolverError(f"{type(error).__name__}: {message}")
+
+
 @dataclass
 class SolveInfo:
     """Diagnostics of one solve (all right-hand sides together)."""
