@@ -138,9 +138,12 @@ def flop_model(model: nn.Module, x1: torch.Tensor) -> dict:
                 layers.append((name, out[0].numel() * per_out))
             else:
                 layers.append((name, mod.in_features * mod.out_features))
+
         return f
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    handles = [
+        m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+    ]
     with torch.no_grad():
         model(x1[:1])
     for h in handles:
@@ -149,9 +152,16 @@ def flop_model(model: nn.Module, x1: torch.Tensor) -> dict:
     grad_cost = sum((2 if i == 0 else 3) * m for i, (_, m) in enumerate(layers))
     hvp_cost = sum((4 if i == 0 else 9) * m for i, (_, m) in enumerate(layers))
     retained = sum((2 if i == 0 else 6) * m for i, (_, m) in enumerate(layers))
-    return {"layers_mac": dict(layers), "forward_mac": fwd, "gradient_mac": grad_cost, "hvp_mac": hvp_cost,
-            "retained_hvp_mac": retained, "hvp_over_grad": hvp_cost / grad_cost, "retained_over_grad": retained / grad_cost,
-            "grad_over_forward": grad_cost / fwd}
+    return {
+        "layers_mac": dict(layers),
+        "forward_mac": fwd,
+        "gradient_mac": grad_cost,
+        "hvp_mac": hvp_cost,
+        "retained_hvp_mac": retained,
+        "hvp_over_grad": hvp_cost / grad_cost,
+        "retained_over_grad": retained / grad_cost,
+        "grad_over_forward": grad_cost / fwd,
+    }
 
 
 # --- setup ------------------------------------------------------------------------------------
@@ -161,8 +171,12 @@ def build(args) -> tuple[nn.Module, Batch, Batch | None, dict]:
         model0 = build_model("digits", len(data.pretrain_classes), args.seed)
         t0 = time.perf_counter()
         model, report = pretrain(model0, data, TrainConfig(steps=args.train_steps, lr=args.lr, seed=args.seed))
-        info = {"train_seconds": time.perf_counter() - t0, "train_loss": report.loss, "train_grad_norm": report.grad_norm,
-                "pretrain_examples": len(data.pretrain_train)}
+        info = {
+            "train_seconds": time.perf_counter() - t0,
+            "train_loss": report.loss,
+            "train_grad_norm": report.grad_norm,
+            "pretrain_examples": len(data.pretrain_train),
+        }
         x, y = data.pretrain_train.tensors
         idx = subsample_indices(len(y), args.hessian_samples, args.seed)
         sample = Batch(x[idx], y[idx])
@@ -172,7 +186,10 @@ def build(args) -> tuple[nn.Module, Batch, Batch | None, dict]:
         g = torch.Generator().manual_seed(args.seed)
         shape = {"mnist": (1, 28, 28), "cifar": (3, 32, 32)}[args.arch]
         model = build_model(args.arch, 4, args.seed)
-        sample = Batch(torch.rand(args.hessian_samples, *shape, generator=g), torch.randint(0, 4, (args.hessian_samples,), generator=g))
+        sample = Batch(
+            torch.rand(args.hessian_samples, *shape, generator=g),
+            torch.randint(0, 4, (args.hessian_samples,), generator=g),
+        )
         test, info = None, {"synthetic_inputs": True}
     model.eval()
     info["hessian_samples"] = len(sample)
@@ -199,20 +216,34 @@ def bench_products(args, model, sample) -> list[dict]:
             gop = CurvatureOperator(obj, block, 0.0, gauss_newton=True)
             retained = RetainedGraphHVP(obj, block)
             ref = hop(v)
-            errs = {"vjp_of_grad": float((hvp_vjp_of_grad(obj, block, v) - ref).norm() / ref.norm()),
-                    "retained": float((retained(v) - ref).norm() / ref.norm())}
-            fns = {"forward": lambda: obj.value(), "gradient": lambda: obj.gradient(block), "hvp": lambda: hop(v),
-                   "ggn": lambda: gop(v)}
+            errs = {
+                "vjp_of_grad": float((hvp_vjp_of_grad(obj, block, v) - ref).norm() / ref.norm()),
+                "retained": float((retained(v) - ref).norm() / ref.norm()),
+            }
+            fns = {
+                "forward": lambda: obj.value(),
+                "gradient": lambda: obj.gradient(block),
+                "hvp": lambda: hop(v),
+                "ggn": lambda: gop(v),
+            }
             if not args.no_alternatives:
                 fns["hvp_vjp_of_grad"] = lambda: hvp_vjp_of_grad(obj, block, v)
                 fns["hvp_retained"] = lambda: retained(v)
             t = interleaved(fns, args.repeats)
             med = {k: r["median"] for k, r in t.items()}
-            row = {"dtype": dname, "chunk_size": chunk, "chunks": math.ceil(len(batch) / chunk), "seconds": med,
-                   "all_seconds": {k: r["all"] for k, r in t.items()}, "retained_setup_seconds": retained.setup_time,
-                   "relative_difference_to_library_hvp": errs,
-                   # paired: the ratio within each round, then the median (robust to load drifting between rounds)
-                   "ratio_to_gradient": {k: statistics.median(a / g for a, g in zip(t[k]["all"], t["gradient"]["all"])) for k in t}}
+            row = {
+                "dtype": dname,
+                "chunk_size": chunk,
+                "chunks": math.ceil(len(batch) / chunk),
+                "seconds": med,
+                "all_seconds": {k: r["all"] for k, r in t.items()},
+                "retained_setup_seconds": retained.setup_time,
+                "relative_difference_to_library_hvp": errs,
+                # paired: the ratio within each round, then the median (robust to load drifting between rounds)
+                "ratio_to_gradient": {
+                    k: statistics.median(a / g for a, g in zip(t[k]["all"], t["gradient"]["all"])) for k in t
+                },
+            }
             rows.append(row)
             print(f"  {dname} chunk={chunk}: " + " ".join(f"{k}={s * 1e3:.1f}ms" for k, s in med.items()), flush=True)
             del retained
@@ -267,11 +298,22 @@ def bench_solvers(args, model, sample, test) -> dict:
             except SolverError as e:
                 x, info, err = None, None, f"{type(e).__name__}: {e}"
             wall = time.perf_counter() - t0
-        run = {"label": label, "group": group, "wall": wall, "x": x, "error": err,
-               "warnings": [str(w.message)[:200] for w in caught]}
+        run = {
+            "label": label,
+            "group": group,
+            "wall": wall,
+            "x": x,
+            "error": err,
+            "warnings": [str(w.message)[:200] for w in caught],
+        }
         if info is not None:
-            run.update(products=info.num_products, iterations=info.iterations, converged=info.converged,
-                       history=info.residuals, extra={k: v for k, v in info.extra.items() if k != "relative_residuals"})
+            run.update(
+                products=info.num_products,
+                iterations=info.iterations,
+                converged=info.converged,
+                history=info.residuals,
+                extra={k: v for k, v in info.extra.items() if k != "relative_residuals"},
+            )
         runs.append(run)
         print(f"  {label}: {wall:.2f}s" + (f", {info.num_products} products" if info else f" ({err})"), flush=True)
         return run
@@ -283,8 +325,12 @@ def bench_solvers(args, model, sample, test) -> dict:
     if not args.no_alternatives:
         tol = float(args.cg_tols.split(",")[len(args.cg_tols.split(",")) // 2])
         retained = RetainedGraphHVP(obj, block, lam)
-        run = record(f"CG tol={tol:g}, retained-graph HVP (proposed)", CG(tol=tol, max_iter=args.cg_max_iter,
-                                                                            on_negative_curvature="warn"), retained, "cg_retained")
+        run = record(
+            f"CG tol={tol:g}, retained-graph HVP (proposed)",
+            CG(tol=tol, max_iter=args.cg_max_iter, on_negative_curvature="warn"),
+            retained,
+            "cg_retained",
+        )
         run["wall"] += retained.setup_time  # the graph is part of the cost
     for depth in [int(d) for d in args.lissa_depths.split(",")]:
         record(f"LiSSA scale=auto depth={depth}", LiSSA(scale="auto", depth=depth, tol=0.0), op(), "lissa")
@@ -296,19 +342,29 @@ def bench_solvers(args, model, sample, test) -> dict:
         r["residual"] = None if r["x"] is None else float((op()(r["x"]) - b).norm() / b.norm())
         r.pop("x")
     eig = ref.get("extra", {})
-    return {"damping": lam, "dtype": args.solver_dtype, "rhs_norm": float(b.norm()), "min_eigenvalue_damped": eig.get("min_eigenvalue"),
-            "max_eigenvalue_damped": eig.get("max_eigenvalue"), "runs": runs}
+    return {
+        "damping": lam,
+        "dtype": args.solver_dtype,
+        "rhs_norm": float(b.norm()),
+        "min_eigenvalue_damped": eig.get("min_eigenvalue"),
+        "max_eigenvalue_damped": eig.get("max_eigenvalue"),
+        "runs": runs,
+    }
 
 
 # --- report --------------------------------------------------------------------------------------
 def report(args, res) -> str:
     out = []
     s = res["setup"]
-    out.append(f"{args.arch} CNN, {s['parameters']} parameters, Hessian sample {s['hessian_samples']} examples, "
-               f"threads={res['env']['threads']}, {args.repeats} repeats (median, interleaved)")
+    out.append(
+        f"{args.arch} CNN, {s['parameters']} parameters, Hessian sample {s['hessian_samples']} examples, "
+        f"threads={res['env']['threads']}, {args.repeats} repeats (median, interleaved)"
+    )
     fl = res["flops"]
-    out.append(f"FLOP model: gradient = {fl['grad_over_forward']:.2f} x forward; HVP (forward-over-reverse) = "
-               f"{fl['hvp_over_grad']:.2f} x gradient; retained-graph HVP = {fl['retained_over_grad']:.2f} x gradient")
+    out.append(
+        f"FLOP model: gradient = {fl['grad_over_forward']:.2f} x forward; HVP (forward-over-reverse) = "
+        f"{fl['hvp_over_grad']:.2f} x gradient; retained-graph HVP = {fl['retained_over_grad']:.2f} x gradient"
+    )
     out.append("ratios (x/grad) are medians of the per-round ratios")
     headers = ["dtype", "chunk", "fwd ms", "grad ms", "HVP ms", "HVP/grad", "GGN ms", "GGN/grad"]
     alt = not args.no_alternatives
@@ -317,11 +373,24 @@ def report(args, res) -> str:
     rows = []
     for r in res["products"]:
         sec, ra = r["seconds"], r["ratio_to_gradient"]
-        row = [r["dtype"], r["chunk_size"], sec["forward"] * 1e3, sec["gradient"] * 1e3, sec["hvp"] * 1e3, ra["hvp"],
-               sec["ggn"] * 1e3, ra["ggn"]]
+        row = [
+            r["dtype"],
+            r["chunk_size"],
+            sec["forward"] * 1e3,
+            sec["gradient"] * 1e3,
+            sec["hvp"] * 1e3,
+            ra["hvp"],
+            sec["ggn"] * 1e3,
+            ra["ggn"],
+        ]
         if alt:
-            row += [sec["hvp_vjp_of_grad"] * 1e3, ra["hvp_vjp_of_grad"], sec["hvp_retained"] * 1e3, ra["hvp_retained"],
-                    r["retained_setup_seconds"] * 1e3]
+            row += [
+                sec["hvp_vjp_of_grad"] * 1e3,
+                ra["hvp_vjp_of_grad"],
+                sec["hvp_retained"] * 1e3,
+                ra["hvp_retained"],
+                r["retained_setup_seconds"] * 1e3,
+            ]
         rows.append(row)
     res["_tables"] = {"products": (headers, rows)}
     out.append(table(headers, rows, "\nProducts over the Hessian sample"))
@@ -329,16 +398,36 @@ def report(args, res) -> str:
         names = list(res["stacks"][-1]["ms_per_vector"])
         srows = [[r["k"]] + [r["ms_per_vector"].get(n) for n in names] for r in res["stacks"]]
         res["_tables"]["stacks"] = (["k"] + [f"{n} ms/vector" for n in names], srows)
-        out.append(table(["k"] + [f"{n} ms/vec" for n in names], srows, f"\nStacks of k vectors ({args.solver_dtype}, one chunk)"))
+        out.append(
+            table(
+                ["k"] + [f"{n} ms/vec" for n in names], srows, f"\nStacks of k vectors ({args.solver_dtype}, one chunk)"
+            )
+        )
     if res.get("solvers"):
         sv = res["solvers"]
         hdr = ["solver", "wall s", "HVPs", "iterations", "rel. error", "residual", "converged"]
-        vrows = [[r["label"], r["wall"], r.get("products"), r.get("iterations"), r["relative_error"], r["residual"],
-                  r.get("converged") if not r["error"] else r["error"][:40]] for r in sv["runs"]]
+        vrows = [
+            [
+                r["label"],
+                r["wall"],
+                r.get("products"),
+                r.get("iterations"),
+                r["relative_error"],
+                r["residual"],
+                r.get("converged") if not r["error"] else r["error"][:40],
+            ]
+            for r in sv["runs"]
+        ]
         res["_tables"]["solvers"] = (hdr, vrows)
-        out.append(table(hdr, vrows, f"\nSolvers, one right-hand side (test-loss gradient), damping {sv['damping']:g}, "
-                                     f"{sv['dtype']}; eigenvalues of the damped Hessian in "
-                                     f"[{sv['min_eigenvalue_damped']:.3g}, {sv['max_eigenvalue_damped']:.3g}]"))
+        out.append(
+            table(
+                hdr,
+                vrows,
+                f"\nSolvers, one right-hand side (test-loss gradient), damping {sv['damping']:g}, "
+                f"{sv['dtype']}; eigenvalues of the damped Hessian in "
+                f"[{sv['min_eigenvalue_damped']:.3g}, {sv['max_eigenvalue_damped']:.3g}]",
+            )
+        )
     return "\n".join(out)
 
 
@@ -368,14 +457,23 @@ def plots(args, res) -> list[str]:
                 a1.semilogy(range(len(r["history"])), r["history"], label=r["label"])
             if r["group"] == "lissa" and r.get("history"):
                 step = 10
-                a1.semilogy([step * (i + 1) for i in range(len(r["history"]))], r["history"], "--", label=r["label"] + " (rel. update)")
+                a1.semilogy(
+                    [step * (i + 1) for i in range(len(r["history"]))],
+                    r["history"],
+                    "--",
+                    label=r["label"] + " (rel. update)",
+                )
         a1.set_xlabel("iteration (CG) / step (LiSSA)")
         a1.set_ylabel("relative residual / update")
         a1.legend(fontsize=7)
         for r in runs:
             if r["relative_error"] is not None and r["group"] != "explicit":
                 a2.scatter(max(r["wall"], 1e-3), max(r["relative_error"], 1e-16))
-                a2.annotate(r["label"].replace("scale=auto ", "").replace("retained-graph HVP (proposed)", "retained"), (max(r["wall"], 1e-3), max(r["relative_error"], 1e-16)), fontsize=7)
+                a2.annotate(
+                    r["label"].replace("scale=auto ", "").replace("retained-graph HVP (proposed)", "retained"),
+                    (max(r["wall"], 1e-3), max(r["relative_error"], 1e-16)),
+                    fontsize=7,
+                )
         ex = [r for r in runs if r["group"] == "explicit"][0]
         a2.axvline(ex["wall"], color="gray", ls=":", label=f"Explicit {ex['wall']:.1f}s")
         a2.set_xscale("log")
@@ -389,11 +487,22 @@ def plots(args, res) -> list[str]:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (keep <= free cores)")
-    ap.add_argument("--arch", default="digits", choices=["digits", "mnist", "cifar"],
-                    help="digits: trained on the digits; mnist/cifar: untrained, synthetic inputs, no solver table")
-    ap.add_argument("--hessian-samples", type=int, default=1000, help="size of the Hessian sample (digits has 576 pretraining examples)")
+    ap.add_argument(
+        "--arch",
+        default="digits",
+        choices=["digits", "mnist", "cifar"],
+        help="digits: trained on the digits; mnist/cifar: untrained, synthetic inputs, no solver table",
+    )
+    ap.add_argument(
+        "--hessian-samples",
+        type=int,
+        default=1000,
+        help="size of the Hessian sample (digits has 576 pretraining examples)",
+    )
     ap.add_argument("--train-steps", type=int, default=50, help="full-batch Adam steps of the brief pretraining")
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--seed", type=int, default=0)
@@ -408,7 +517,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--cg-tols", default="1e-4,1e-6,1e-8")
     ap.add_argument("--cg-max-iter", type=int, default=1000)
     ap.add_argument("--lissa-depths", default="100,300")
-    ap.add_argument("--explicit-block", type=int, default=32, help="Explicit(block_size=...): basis vectors per stacked product")
+    ap.add_argument(
+        "--explicit-block", type=int, default=32, help="Explicit(block_size=...): basis vectors per stacked product"
+    )
     ap.add_argument("--out", default=None, help="directory for curvature_<arch>.json and PNG plots")
     args = ap.parse_args(argv)
 
@@ -416,10 +527,19 @@ def main(argv=None) -> dict:
     t_start = time.perf_counter()
     print(f"threads={env['threads']} (cpu_count={env['cpu_count']}, load={env['load_average']}), torch {env['torch']}")
     model, sample, test, setup = build(args)
-    print(f"{args.arch} CNN: {setup['parameters']} parameters; Hessian sample {setup['hessian_samples']} examples"
-          + (f" (all of the {setup['pretrain_examples']} digits pretraining examples)" if args.arch == "digits"
-             and setup["hessian_samples"] < args.hessian_samples else "")
-          + (f"; pretrained {args.train_steps} Adam steps, loss {setup['train_loss']:.3g}" if args.arch == "digits" else ""))
+    print(
+        f"{args.arch} CNN: {setup['parameters']} parameters; Hessian sample {setup['hessian_samples']} examples"
+        + (
+            f" (all of the {setup['pretrain_examples']} digits pretraining examples)"
+            if args.arch == "digits" and setup["hessian_samples"] < args.hessian_samples
+            else ""
+        )
+        + (
+            f"; pretrained {args.train_steps} Adam steps, loss {setup['train_loss']:.3g}"
+            if args.arch == "digits"
+            else ""
+        )
+    )
     res: dict = {"env": env, "config": vars(args), "setup": setup, "flops": flop_model(model, sample.x)}
     print("Products:")
     res["products"] = bench_products(args, model, sample)

@@ -47,8 +47,14 @@ def worker(args) -> None:
     ft_x, ft_y = torch.randn(200, *shape, generator=g), torch.randint(0, 2, (200,), generator=g)
     pre = build_model(args.arch, 4, seed=0)
     ft = finetune_model_from(pre, 2, seed=1)
-    msi = MultiStageInfluence(pre, ft, solver=CG(max_iter=5), gauss_newton=True, hessian_samples=args.hessian_samples,
-                              batch_size=args.batch_size).fit((pre_x, pre_y), (ft_x, ft_y))
+    msi = MultiStageInfluence(
+        pre,
+        ft,
+        solver=CG(max_iter=5),
+        gauss_newton=True,
+        hessian_samples=args.hessian_samples,
+        batch_size=args.batch_size,
+    ).fit((pre_x, pre_y), (ft_x, ft_y))
     s = torch.randn(args.queries, msi.pre_block.numel, generator=g)
     v = torch.randn(args.queries, msi.pre_block.numel, generator=g)
 
@@ -63,17 +69,41 @@ def worker(args) -> None:
             out.append(time.perf_counter() - t0)
         return out
 
-    res = {"world_size": distributed.world_size(), "scoring": timed(lambda: msi.scores_from(s)),
-           "product": timed(lambda: msi.pre_operator(v)), "params": msi.pre_block.numel}
+    res = {
+        "world_size": distributed.world_size(),
+        "scoring": timed(lambda: msi.scores_from(s)),
+        "product": timed(lambda: msi.pre_operator(v)),
+        "params": msi.pre_block.numel,
+    }
     if distributed.is_main():
         Path(args.worker).write_text(json.dumps(res))
 
 
 def launch(args, ranks: int, result: Path) -> dict:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", __file__,
-           "--worker", str(result), "--arch", args.arch, "--examples", str(args.examples), "--queries", str(args.queries),
-           "--hessian-samples", str(args.hessian_samples), "--batch-size", str(args.batch_size),
-           "--repeats", str(args.repeats), "--threads", str(args.threads)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={ranks}",
+        __file__,
+        "--worker",
+        str(result),
+        "--arch",
+        args.arch,
+        "--examples",
+        str(args.examples),
+        "--queries",
+        str(args.queries),
+        "--hessian-samples",
+        str(args.hessian_samples),
+        "--batch-size",
+        str(args.batch_size),
+        "--repeats",
+        str(args.repeats),
+        "--threads",
+        str(args.threads),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -108,16 +138,28 @@ def main(argv=None) -> dict:
     rows = []
     for n, r in runs.items():
         med = {k: statistics.median(r[k]) for k in ("scoring", "product")}
-        rows.append([n, med["scoring"], base["scoring"] / med["scoring"], med["product"], base["product"] / med["product"]])
-    print(table(["ranks", "scoring s", "speed-up", "product s", "speed-up"], rows,
-                title=f"{args.arch} CNN ({runs[min(runs)]['params']} params), {args.examples} examples x {args.queries} "
-                      f"queries, Hessian sample {args.hessian_samples}, {args.threads} thread(s) per rank, "
-                      f"median of {args.repeats}"))
-    print(f"load average {env_info['load_average']} on {env_info['cpu_count']} cores: on a shared machine the "
-          "speed-up is noisy (other jobs compete for the cores); 2 ranks need 2 free cores to approach 2x.")
-    payload = {"env": env_info, "settings": {k: v for k, v in vars(args).items() if k not in ("out", "worker")},
-               "runs": {str(n): r for n, r in runs.items()},
-               "speedup": {str(n): {"scoring": row[2], "product": row[4]} for n, row in zip(runs, rows)}}
+        rows.append(
+            [n, med["scoring"], base["scoring"] / med["scoring"], med["product"], base["product"] / med["product"]]
+        )
+    print(
+        table(
+            ["ranks", "scoring s", "speed-up", "product s", "speed-up"],
+            rows,
+            title=f"{args.arch} CNN ({runs[min(runs)]['params']} params), {args.examples} examples x {args.queries} "
+            f"queries, Hessian sample {args.hessian_samples}, {args.threads} thread(s) per rank, "
+            f"median of {args.repeats}",
+        )
+    )
+    print(
+        f"load average {env_info['load_average']} on {env_info['cpu_count']} cores: on a shared machine the "
+        "speed-up is noisy (other jobs compete for the cores); 2 ranks need 2 free cores to approach 2x."
+    )
+    payload = {
+        "env": env_info,
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "worker")},
+        "runs": {str(n): r for n, r in runs.items()},
+        "speedup": {str(n): {"scoring": row[2], "product": row[4]} for n, row in zip(runs, rows)},
+    }
     target = write_json(args.out, "distributed.json", payload)
     if target:
         print(f"wrote {target}")

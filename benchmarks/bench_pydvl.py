@@ -71,11 +71,14 @@ def count_products(model, counter: list) -> None:
         def counted(t, apply=apply):
             counter[0] += 1 if t.dim() == 1 else t.shape[0]
             return apply(t)
+
         op.apply = counted
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (keep <= free cores)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
@@ -87,9 +90,15 @@ def main(argv=None) -> int:
     ap.add_argument("--cg-max-iter", type=int, default=1000)
     ap.add_argument("--lissa-depth", type=int, default=50, help="kept low: each step is one product per test point")
     ap.add_argument("--lissa-safety", type=float, default=1.2, help="scale = safety × λ_max of the damped Hessian")
-    ap.add_argument("--explicit-block", type=int, default=64, help="Explicit(block_size=...): basis vectors per stacked product")
-    ap.add_argument("--literal-points", type=int, default=2, help="test points for pyDVL's default CG mode with rtol=tol (0 skips)")
-    ap.add_argument("--literal-max-iter", type=int, default=500, help="its maxiter (pyDVL's default is 10 × parameters)")
+    ap.add_argument(
+        "--explicit-block", type=int, default=64, help="Explicit(block_size=...): basis vectors per stacked product"
+    )
+    ap.add_argument(
+        "--literal-points", type=int, default=2, help="test points for pyDVL's default CG mode with rtol=tol (0 skips)"
+    )
+    ap.add_argument(
+        "--literal-max-iter", type=int, default=500, help="its maxiter (pyDVL's default is 10 × parameters)"
+    )
     ap.add_argument("--out", default=None, help="directory for pydvl.json and pydvl_scatter.png")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)  # pyDVL's deprecation chatter on import
@@ -107,7 +116,9 @@ def main(argv=None) -> int:
     env = setup_threads(args.threads)
     env["pydvl"] = pydvl.__version__
     t_start = time.perf_counter()
-    print(f"threads={env['threads']} (cpu_count={env['cpu_count']}, load={env['load_average']}), torch {env['torch']}, pyDVL {pydvl.__version__}")
+    print(
+        f"threads={env['threads']} (cpu_count={env['cpu_count']}, load={env['load_average']}), torch {env['torch']}, pyDVL {pydvl.__version__}"
+    )
     data = load_two_stage(DataConfig(name="digits", seed=args.seed))
     lam = args.damping
     cfg = TrainConfig(steps=args.train_steps, lr=1e-2, seed=args.seed, polish_iters=args.polish_iters, weight_decay=lam)
@@ -121,8 +132,10 @@ def main(argv=None) -> int:
     train, test, m = TensorDataset(x, y), TensorDataset(tx, ty), len(y)
     loader = DataLoader(train, batch_size=m)  # one batch: pyDVL averages chunk means unweighted
     P = sum(p.numel() for p in model.parameters())
-    print(f"digits CNN {P} parameters, {m} training examples, {len(ty)} test points; trained {report.seconds:.0f}s, "
-          f"loss {report.loss:.4g}, grad norm {report.grad_norm:.2e}")
+    print(
+        f"digits CNN {P} parameters, {m} training examples, {len(ty)} test points; trained {report.seconds:.0f}s, "
+        f"loss {report.loss:.4g}, grad norm {report.grad_norm:.2e}"
+    )
 
     def ours(solver):
         return Influence(model, solver=solver, damping=lam, hessian_samples=m, batch_size=m, seed=args.seed)
@@ -140,8 +153,10 @@ def main(argv=None) -> int:
     v = torch.randn(P, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     hv_dvl = HessianOperator(model, F.cross_entropy, loader).apply(v) + lam * v
     same_op = rel(hv_dvl, op(v[None])[0])
-    print(f"Explicit reference {t_ref:.0f}s; damped Hessian eigenvalues [{lmin:.3g}, {lmax:.3g}]; "
-          f"LiSSA scale {scale:.3g}; pyDVL vs our (H+λI)v rel. diff {same_op:.1e}")
+    print(
+        f"Explicit reference {t_ref:.0f}s; damped Hessian eigenvalues [{lmin:.3g}, {lmax:.3g}]; "
+        f"LiSSA scale {scale:.3g}; pyDVL vs our (H+λI)v rel. diff {same_op:.1e}"
+    )
 
     res: dict = {}  # name -> (scores in our sign, query vectors, products)
 
@@ -151,6 +166,7 @@ def main(argv=None) -> int:
             s = est.query_vectors(test)
             d = est.diagnostics["solve"]
             res[name] = (est.scores_from(s), s, d["num_products"], d["converged"] if solver.name == "cg" else None)
+
         return f
 
     def run_dvl(name, make, cg=True, n=len(ty)):
@@ -165,34 +181,72 @@ def main(argv=None) -> int:
             raw = inf.influences_from_factors(s, x, y, mode=InfluenceMode.Up)
             capped = sum("max number of iterations" in str(w.message) for w in caught)
             res[name] = (-raw, s, counter[0] if cg else args.lissa_depth * n, not capped if cg else None, raw)
+
         return f
 
     cg_tol = args.cg_tol
     fns = {
         "CG ours": run_ours("CG ours", CG(tol=cg_tol, max_iter=args.cg_max_iter)),  # block CG, the default
-        "CG ours, one per query": run_ours("CG ours, one per query", CG(tol=cg_tol, max_iter=args.cg_max_iter, block=False)),
-        "CG pyDVL": run_dvl("CG pyDVL", lambda: CgInfluence(model, F.cross_entropy, regularization=lam, rtol=cg_tol ** 0.5, atol=0.0,
-                                                             maxiter=args.cg_max_iter, solve_simultaneously=True)),
+        "CG ours, one per query": run_ours(
+            "CG ours, one per query", CG(tol=cg_tol, max_iter=args.cg_max_iter, block=False)
+        ),
+        "CG pyDVL": run_dvl(
+            "CG pyDVL",
+            lambda: CgInfluence(
+                model,
+                F.cross_entropy,
+                regularization=lam,
+                rtol=cg_tol**0.5,
+                atol=0.0,
+                maxiter=args.cg_max_iter,
+                solve_simultaneously=True,
+            ),
+        ),
         "LiSSA ours": run_ours("LiSSA ours", LiSSA(scale=scale, damping=0.0, depth=args.lissa_depth, tol=0.0)),
-        "LiSSA pyDVL": run_dvl("LiSSA pyDVL", lambda: LissaInfluence(model, F.cross_entropy, regularization=lam, maxiter=args.lissa_depth,
-                                                                     dampen=0.0, scale=scale, rtol=0.0), cg=False),
+        "LiSSA pyDVL": run_dvl(
+            "LiSSA pyDVL",
+            lambda: LissaInfluence(
+                model, F.cross_entropy, regularization=lam, maxiter=args.lissa_depth, dampen=0.0, scale=scale, rtol=0.0
+            ),
+            cg=False,
+        ),
     }
     print(f"timing {list(fns)}, {args.repeats} interleaved repeats ...")
     times = {k: v["median"] for k, v in interleaved(fns, args.repeats, warmup=0).items()}
     if args.literal_points:  # slow (one right-hand side at a time, to ‖r‖ ≲ tol²): one run, first test points only
         print(f"CG pyDVL literal (default mode, rtol={cg_tol:g}), {args.literal_points} test point(s), one run ...")
         t0 = time.perf_counter()
-        run_dvl("CG pyDVL literal", lambda: CgInfluence(model, F.cross_entropy, regularization=lam, rtol=cg_tol,
-                                                         maxiter=args.literal_max_iter), n=args.literal_points)()
+        run_dvl(
+            "CG pyDVL literal",
+            lambda: CgInfluence(model, F.cross_entropy, regularization=lam, rtol=cg_tol, maxiter=args.literal_max_iter),
+            n=args.literal_points,
+        )()
         times["CG pyDVL literal"] = time.perf_counter() - t0
 
     raw = res["CG pyDVL"][4]
-    sign = {"raw_vs_plus_ref": rel(raw, S_ref), "raw_vs_minus_ref": rel(-raw, S_ref), "raw_pearson": rowwise(raw, S_ref, False)}
-    print(f"sign check: raw pyDVL CG scores vs +S* rel. {sign['raw_vs_plus_ref']:.3g}, vs −S* rel. {sign['raw_vs_minus_ref']:.2e}, "
-          f"Pearson(raw, S*) {sign['raw_pearson']:.4f}")
+    sign = {
+        "raw_vs_plus_ref": rel(raw, S_ref),
+        "raw_vs_minus_ref": rel(-raw, S_ref),
+        "raw_pearson": rowwise(raw, S_ref, False),
+    }
+    print(
+        f"sign check: raw pyDVL CG scores vs +S* rel. {sign['raw_vs_plus_ref']:.3g}, vs −S* rel. {sign['raw_vs_minus_ref']:.2e}, "
+        f"Pearson(raw, S*) {sign['raw_pearson']:.4f}"
+    )
 
-    headers = ["method", "wall s", "time / ours", "HVPs", "converged", "residual", "rel. err", "Pearson", "Spearman",
-               "vs ours rel.", "vs ours r"]
+    headers = [
+        "method",
+        "wall s",
+        "time / ours",
+        "HVPs",
+        "converged",
+        "residual",
+        "rel. err",
+        "Pearson",
+        "Spearman",
+        "vs ours rel.",
+        "vs ours r",
+    ]
     rows, runs = [["Explicit (reference)", t_ref, None, P, True, None, 0.0, 1.0, 1.0, None, None]], []
     for name in res:
         S, s, prods, conv = res[name][:4]
@@ -200,23 +254,51 @@ def main(argv=None) -> int:
         base = "CG ours" if name.startswith("CG") else "LiSSA ours"
         mine, ours_S, ref = name == base, res[base][0][:n], S_ref[:n]
         resid = float(((op(s) - b[:n]).norm(dim=1) / b[:n].norm(dim=1)).max())
-        r = {"method": name, "wall_s": times[name], "ratio": None if mine or n < len(ty) else times[name] / times[base],
-             "products": prods, "converged": conv, "residual": resid, "rel_error": rel(S, ref), "pearson": rowwise(S, ref, False),
-             "spearman": rowwise(S, ref, True), "vs_ours_rel": None if mine else rel(S, ours_S),
-             "vs_ours_pearson": None if mine else rowwise(S, ours_S, False), "test_points": n}
+        r = {
+            "method": name,
+            "wall_s": times[name],
+            "ratio": None if mine or n < len(ty) else times[name] / times[base],
+            "products": prods,
+            "converged": conv,
+            "residual": resid,
+            "rel_error": rel(S, ref),
+            "pearson": rowwise(S, ref, False),
+            "spearman": rowwise(S, ref, True),
+            "vs_ours_rel": None if mine else rel(S, ours_S),
+            "vs_ours_pearson": None if mine else rowwise(S, ours_S, False),
+            "test_points": n,
+        }
         runs.append(r)
         rows.append([name + (f" ({n} pts, 1 run)" if n < len(ty) else "")] + list(r.values())[1:-1])
-    title = (f"\npyDVL {pydvl.__version__} vs lissa_influence: digits CNN, {P} params, float64, λ={lam:g}, Hessian over {m} examples, "
-             f"{len(ty)} test points x {m} scored; CG tol {cg_tol:g}, LiSSA depth {args.lissa_depth} scale {scale:.3g}; "
-             f"median of {args.repeats}, {env['threads']} thread(s)")
+    title = (
+        f"\npyDVL {pydvl.__version__} vs lissa_influence: digits CNN, {P} params, float64, λ={lam:g}, Hessian over {m} examples, "
+        f"{len(ty)} test points x {m} scored; CG tol {cg_tol:g}, LiSSA depth {args.lissa_depth} scale {scale:.3g}; "
+        f"median of {args.repeats}, {env['threads']} thread(s)"
+    )
     print(table(headers, rows, title))
-    print("residual: worst ‖(H+λI)x − b‖/‖b‖ of the query vectors; rel. err / Pearson / Spearman vs Explicit; "
-          "HVPs: single-vector products (LiSSA: depth × test points)")
-    out = {"env": env, "config": vars(args), "load_average_end": list(os.getloadavg()),
-           "setup": {"parameters": P, "train_examples": m, "test_indices": pick.tolist(), "train_report": report.__dict__,
-                     "eigenvalues_damped": [lmin, lmax], "lissa_scale": scale, "explicit_seconds": t_ref,
-                     "hvp_rel_diff_pydvl_vs_ours": same_op},
-           "sign_check": sign, "runs": runs, "markdown": markdown(headers, rows), "total_seconds": time.perf_counter() - t_start}
+    print(
+        "residual: worst ‖(H+λI)x − b‖/‖b‖ of the query vectors; rel. err / Pearson / Spearman vs Explicit; "
+        "HVPs: single-vector products (LiSSA: depth × test points)"
+    )
+    out = {
+        "env": env,
+        "config": vars(args),
+        "load_average_end": list(os.getloadavg()),
+        "setup": {
+            "parameters": P,
+            "train_examples": m,
+            "test_indices": pick.tolist(),
+            "train_report": report.__dict__,
+            "eigenvalues_damped": [lmin, lmax],
+            "lissa_scale": scale,
+            "explicit_seconds": t_ref,
+            "hvp_rel_diff_pydvl_vs_ours": same_op,
+        },
+        "sign_check": sign,
+        "runs": runs,
+        "markdown": markdown(headers, rows),
+        "total_seconds": time.perf_counter() - t_start,
+    }
     if args.out:
         plt = pyplot()
         pairs = [(k, "CG ours" if k.startswith("CG") else "LiSSA ours") for k in res if "pyDVL" in k]

@@ -87,8 +87,18 @@ def build_models(width: float, seed: int) -> tuple[TwoStageNet, TwoStageNet]:
         pre = build_model("mnist", PRE_CLASSES, seed, "float32")
         return pre, finetune_model_from(pre, FT_CLASSES, seed + 1)
     c1, c2 = max(1, round(32 * width)), max(1, round(64 * width))
-    emb = _seeded(seed, lambda: nn.Sequential(nn.Conv2d(1, c1, 5), nn.Tanh(), nn.MaxPool2d(2, 2),
-                                              nn.Conv2d(c1, c2, 5), nn.Tanh(), nn.MaxPool2d(2, 2), nn.Flatten()))
+    emb = _seeded(
+        seed,
+        lambda: nn.Sequential(
+            nn.Conv2d(1, c1, 5),
+            nn.Tanh(),
+            nn.MaxPool2d(2, 2),
+            nn.Conv2d(c1, c2, 5),
+            nn.Tanh(),
+            nn.MaxPool2d(2, 2),
+            nn.Flatten(),
+        ),
+    )
     head = lambda k: nn.Sequential(nn.Linear(16 * c2, k))  # noqa: E731
     arch = f"mnist_width{width:g}"
     pre = TwoStageNet(emb, _seeded(seed, lambda: head(PRE_CLASSES)), arch, SHAPE)
@@ -112,13 +122,25 @@ def worker(cfg: dict) -> None:
 
     def make(hessian_samples: int, max_iter: int) -> MultiStageInfluence:
         solver = CG(tol=0.0, max_iter=max_iter, on_not_converged="warn")
-        return MultiStageInfluence(pre, ft, mode="fixed", solver=solver, gauss_newton=True, pretrain_damping=1e-2,
-                                   finetune_damping=1e-2, hessian_samples=hessian_samples, batch_size=256, scoring="jvp")
+        return MultiStageInfluence(
+            pre,
+            ft,
+            mode="fixed",
+            solver=solver,
+            gauss_newton=True,
+            pretrain_damping=1e-2,
+            finetune_damping=1e-2,
+            hessian_samples=hessian_samples,
+            batch_size=256,
+            scoring="jvp",
+        )
 
     # A tiny run first: the first torch.func calls of a process pay seconds of one-off setup
     # that would otherwise land in whichever stage runs first (test gradients).
     t0 = time.perf_counter()
-    make(16, 1).fit(LazySynthetic(16, PRE_CLASSES, 99), LazySynthetic(16, FT_CLASSES, 98)).scores(LazySynthetic(4, FT_CLASSES, 97), mean=True)
+    make(16, 1).fit(LazySynthetic(16, PRE_CLASSES, 99), LazySynthetic(16, FT_CLASSES, 98)).scores(
+        LazySynthetic(4, FT_CLASSES, 97), mean=True
+    )
     t_warmup = time.perf_counter() - t0
     baseline = _rss_kib()
     msi = make(cfg["hessian_samples"], cfg["max_iter"])
@@ -131,11 +153,22 @@ def worker(cfg: dict) -> None:
     t1 = time.perf_counter()  # generating the lazy examples alone (part of "scoring")
     for _ in iter_batches(pretrain, 256, torch.float32, torch.device("cpu")):
         pass
-    out = {**cfg, "params": count_params(pre), "theta_params": msi.Theta.numel, "warmup": t_warmup, "fit": t_fit, "total": total,
-           **{k: msi.diagnostics["time"][k] for k in STAGES}, "data_generation": time.perf_counter() - t1,
-           "products": {s: msi.diagnostics[s]["num_products"] for s in ("finetune", "pretrain")},
-           "scores_shape": list(scores.shape), "baseline_rss_mib": baseline / 1024, "peak_rss_mib": peak / 1024,
-           "peak_minus_baseline_mib": (peak - baseline) / 1024, "data_mib": pretrain.materialised_bytes() / 2**20}
+    out = {
+        **cfg,
+        "params": count_params(pre),
+        "theta_params": msi.Theta.numel,
+        "warmup": t_warmup,
+        "fit": t_fit,
+        "total": total,
+        **{k: msi.diagnostics["time"][k] for k in STAGES},
+        "data_generation": time.perf_counter() - t1,
+        "products": {s: msi.diagnostics[s]["num_products"] for s in ("finetune", "pretrain")},
+        "scores_shape": list(scores.shape),
+        "baseline_rss_mib": baseline / 1024,
+        "peak_rss_mib": peak / 1024,
+        "peak_minus_baseline_mib": (peak - baseline) / 1024,
+        "data_mib": pretrain.materialised_bytes() / 2**20,
+    }
     print("RESULT " + json.dumps(out), flush=True)
 
 
@@ -150,7 +183,16 @@ def run_once(cfg: dict) -> dict:
 def aggregate(runs: list[dict]) -> dict:
     """Medians over the repeats of every timed number and of the memory; the raw runs kept."""
     res = dict(runs[0])
-    for k in ["warmup", "fit", "total", "data_generation", *STAGES, "baseline_rss_mib", "peak_rss_mib", "peak_minus_baseline_mib"]:
+    for k in [
+        "warmup",
+        "fit",
+        "total",
+        "data_generation",
+        *STAGES,
+        "baseline_rss_mib",
+        "peak_rss_mib",
+        "peak_minus_baseline_mib",
+    ]:
         res[k] = statistics.median(r[k] for r in runs)
     res["repeats"] = {k: [r[k] for r in runs] for k in ["total", "scoring", "pretrain_solve", "peak_rss_mib"]}
     return res
@@ -162,13 +204,39 @@ def slope(xs, ys) -> float:
     return float(np.polyfit(np.log(xs), np.log(ys), 1)[0])
 
 
-HEADERS = ["N", "hess. samples", "width", "params", "fit s", "test grad s", "ft solve s", "mixed s", "pre solve s",
-           "scoring s", "total s", "us/example scored", "peak MiB", "peak-base MiB", "data MiB"]
+HEADERS = [
+    "N",
+    "hess. samples",
+    "width",
+    "params",
+    "fit s",
+    "test grad s",
+    "ft solve s",
+    "mixed s",
+    "pre solve s",
+    "scoring s",
+    "total s",
+    "us/example scored",
+    "peak MiB",
+    "peak-base MiB",
+    "data MiB",
+]
 
 
 def row(r: dict) -> list:
-    return [r["n"], r["hessian_samples"], r["width"], r["params"], r["fit"], *[r[k] for k in STAGES], r["total"],
-            r["scoring"] / r["n"] * 1e6, r["peak_rss_mib"], r["peak_minus_baseline_mib"], r["data_mib"]]
+    return [
+        r["n"],
+        r["hessian_samples"],
+        r["width"],
+        r["params"],
+        r["fit"],
+        *[r[k] for k in STAGES],
+        r["total"],
+        r["scoring"] / r["n"] * 1e6,
+        r["peak_rss_mib"],
+        r["peak_minus_baseline_mib"],
+        r["data_mib"],
+    ]
 
 
 def plots(args, axes: dict, fits: dict) -> str:
@@ -180,7 +248,9 @@ def plots(args, axes: dict, fits: dict) -> str:
         a1.loglog(ns, [r[key] for r in rn], m, label=f"{lab} (slope {slope(ns, [r[key] for r in rn]):.2f})")
     ref = rn[0]["scoring"]
     a1.loglog(ns, [ref * n / ns[0] for n in ns], "k:", label="slope 1")
-    a1.set(xlabel="pretraining examples scored N", ylabel="seconds", title=f"vs N (hessian samples {args.base_hessian})")
+    a1.set(
+        xlabel="pretraining examples scored N", ylabel="seconds", title=f"vs N (hessian samples {args.base_hessian})"
+    )
     rh = axes["hessian_samples"]
     hs = [r["hessian_samples"] for r in rh]
     for key, m in [("total", "o-"), ("pretrain_solve", "s-"), ("finetune_solve", "^-"), ("scoring", "v-")]:
@@ -206,12 +276,16 @@ def plots(args, axes: dict, fits: dict) -> str:
     for a in (a1, a2, a3, a4):
         a.legend(fontsize=7)
         a.grid(True, which="both", alpha=0.3)
-    fig.suptitle(f"MultiStageInfluence cost, MNIST-shaped CNN, CG {args.max_iter} iterations (GGN), {args.threads} thread(s)")
+    fig.suptitle(
+        f"MultiStageInfluence cost, MNIST-shaped CNN, CG {args.max_iter} iterations (GGN), {args.threads} thread(s)"
+    )
     return save_figure(fig, args.out, "scaling_loglog.png")
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (keep <= free cores)")
     ap.add_argument("--ns", default="1000,4000,16000", help="N axis (pretraining examples scored)")
     ap.add_argument("--hessian", default="250,500,1000,2000", help="hessian_samples axis (both stages)")
@@ -219,7 +293,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--base-n", type=int, default=4000, help="N on the other axes")
     ap.add_argument("--base-hessian", type=int, default=1000, help="hessian_samples on the other axes")
     ap.add_argument("--max-iter", type=int, default=5, help="CG iterations per solve (tol=0: always all of them)")
-    ap.add_argument("--finetune-size", type=int, default=2000, help="finetuning examples (>= the largest hessian_samples)")
+    ap.add_argument(
+        "--finetune-size", type=int, default=2000, help="finetuning examples (>= the largest hessian_samples)"
+    )
     ap.add_argument("--test-size", type=int, default=100, help="test examples (their mean loss is the one query)")
     ap.add_argument("--repeats", type=int, default=3, help="fresh processes per configuration, round-robin (median)")
     ap.add_argument("--seed", type=int, default=0)
@@ -236,41 +312,71 @@ def main(argv=None) -> dict:
     env = setup_threads(args.threads)
     t_start = time.perf_counter()
     print(f"threads={env['threads']} (cpu_count={env['cpu_count']}, load={env['load_average']}), torch {env['torch']}")
-    grid = {"n": [(int(n), args.base_hessian, 1.0) for n in args.ns.split(",")],
-            "hessian_samples": [(args.base_n, int(h), 1.0) for h in args.hessian.split(",")],
-            "width": [(args.base_n, args.base_hessian, float(w)) for w in args.widths.split(",")]}
+    grid = {
+        "n": [(int(n), args.base_hessian, 1.0) for n in args.ns.split(",")],
+        "hessian_samples": [(args.base_n, int(h), 1.0) for h in args.hessian.split(",")],
+        "width": [(args.base_n, args.base_hessian, float(w)) for w in args.widths.split(",")],
+    }
     keys = list(dict.fromkeys(k for ks in grid.values() for k in ks))  # a configuration on several axes runs once
     raw: dict[tuple, list[dict]] = {k: [] for k in keys}
     for rep in range(args.repeats):  # round-robin, so load drifting over the run hits every configuration alike
         for key in keys:
-            cfg = {"n": key[0], "hessian_samples": key[1], "width": key[2], "threads": args.threads, "seed": args.seed,
-                   "max_iter": args.max_iter, "finetune_size": max(args.finetune_size, key[1]), "test_size": args.test_size}
+            cfg = {
+                "n": key[0],
+                "hessian_samples": key[1],
+                "width": key[2],
+                "threads": args.threads,
+                "seed": args.seed,
+                "max_iter": args.max_iter,
+                "finetune_size": max(args.finetune_size, key[1]),
+                "test_size": args.test_size,
+            }
             r = run_once(cfg)
             raw[key].append(r)
-            print(f"  [{rep + 1}/{args.repeats}] N={key[0]} hs={key[1]} width={key[2]:g}: {r['params']} params, total "
-                  f"{r['total']:.1f}s (scoring {r['scoring']:.1f}s), peak {r['peak_rss_mib']:.0f} MiB", flush=True)
+            print(
+                f"  [{rep + 1}/{args.repeats}] N={key[0]} hs={key[1]} width={key[2]:g}: {r['params']} params, total "
+                f"{r['total']:.1f}s (scoring {r['scoring']:.1f}s), peak {r['peak_rss_mib']:.0f} MiB",
+                flush=True,
+            )
     done = {k: aggregate(v) for k, v in raw.items()}
     axes = {a: [done[k] for k in ks] for a, ks in grid.items()}
-    fits = {"total_vs_n": slope([r["n"] for r in axes["n"]], [r["total"] for r in axes["n"]]),
-            "scoring_vs_n": slope([r["n"] for r in axes["n"]], [r["scoring"] for r in axes["n"]]),
-            "total_vs_hessian": slope([r["hessian_samples"] for r in axes["hessian_samples"]], [r["total"] for r in axes["hessian_samples"]]),
-            "solves_vs_hessian": slope([r["hessian_samples"] for r in axes["hessian_samples"]],
-                                       [r["pretrain_solve"] + r["finetune_solve"] for r in axes["hessian_samples"]]),
-            "total_vs_params": slope([r["params"] for r in axes["width"]], [r["total"] for r in axes["width"]]),
-            "pretrain_solve_vs_params": slope([r["params"] for r in axes["width"]], [r["pretrain_solve"] for r in axes["width"]]),
-            "scoring_vs_params": slope([r["params"] for r in axes["width"]], [r["scoring"] for r in axes["width"]])}
+    fits = {
+        "total_vs_n": slope([r["n"] for r in axes["n"]], [r["total"] for r in axes["n"]]),
+        "scoring_vs_n": slope([r["n"] for r in axes["n"]], [r["scoring"] for r in axes["n"]]),
+        "total_vs_hessian": slope(
+            [r["hessian_samples"] for r in axes["hessian_samples"]], [r["total"] for r in axes["hessian_samples"]]
+        ),
+        "solves_vs_hessian": slope(
+            [r["hessian_samples"] for r in axes["hessian_samples"]],
+            [r["pretrain_solve"] + r["finetune_solve"] for r in axes["hessian_samples"]],
+        ),
+        "total_vs_params": slope([r["params"] for r in axes["width"]], [r["total"] for r in axes["width"]]),
+        "pretrain_solve_vs_params": slope(
+            [r["params"] for r in axes["width"]], [r["pretrain_solve"] for r in axes["width"]]
+        ),
+        "scoring_vs_params": slope([r["params"] for r in axes["width"]], [r["scoring"] for r in axes["width"]]),
+    }
     per_n, fixed = np.polyfit([r["n"] for r in axes["n"]], [r["total"] for r in axes["n"]], 1)
     fits["total_vs_n_affine"] = {"intercept_s": float(fixed), "per_example_us": float(per_n) * 1e6}
-    titles = {"n": f"vs N (hessian_samples {args.base_hessian}, width 1)",
-              "hessian_samples": f"vs hessian_samples (N {args.base_n}, width 1)",
-              "width": f"vs parameters (N {args.base_n}, hessian_samples {args.base_hessian})"}
-    print(f"\nCG tol=0, max_iter={args.max_iter} per solve (GGN, damping 1e-2): solve cost = iterations x one product "
-          f"over the Hessian sample, fixed here; test set {args.test_size}, one query (mean test loss); seconds; "
-          f"'us/example scored' = scoring / N; memory = ru_maxrss of a fresh process per configuration; "
-          f"medians of {args.repeats} round-robin repeats")
-    res: dict = {"env": {**env, "load_average_end": list(os.getloadavg())}, "config": vars(args),
-                 "runs": list(done.values()), "axes": {a: [list(k) for k in ks] for a, ks in grid.items()},
-                 "slopes": fits, "markdown": {}}
+    titles = {
+        "n": f"vs N (hessian_samples {args.base_hessian}, width 1)",
+        "hessian_samples": f"vs hessian_samples (N {args.base_n}, width 1)",
+        "width": f"vs parameters (N {args.base_n}, hessian_samples {args.base_hessian})",
+    }
+    print(
+        f"\nCG tol=0, max_iter={args.max_iter} per solve (GGN, damping 1e-2): solve cost = iterations x one product "
+        f"over the Hessian sample, fixed here; test set {args.test_size}, one query (mean test loss); seconds; "
+        f"'us/example scored' = scoring / N; memory = ru_maxrss of a fresh process per configuration; "
+        f"medians of {args.repeats} round-robin repeats"
+    )
+    res: dict = {
+        "env": {**env, "load_average_end": list(os.getloadavg())},
+        "config": vars(args),
+        "runs": list(done.values()),
+        "axes": {a: [list(k) for k in ks] for a, ks in grid.items()},
+        "slopes": fits,
+        "markdown": {},
+    }
     for a, rs in axes.items():
         rows = [row(r) for r in rs]
         print("\n" + table(HEADERS, rows, titles[a]))

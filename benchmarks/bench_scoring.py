@@ -53,6 +53,7 @@ def forward_pass(model, data, batch_size):
         with torch.no_grad():
             for b in iter_batches(data, batch_size, torch.float32, CPU):
                 model(b.x)
+
     return run
 
 
@@ -76,10 +77,15 @@ def bench_scoring(label, model, data, batch_size, ks, sweep, repeats, jvp_max_k=
         t = interleaved(fns, repeats)
         med = {n: r["median"] for n, r in t.items()}
         # paired ratios: within each round, then the median (robust to load drifting between rounds)
-        ratio = {n: statistics.median(a / f for a, f in zip(t[n]["all"], t["forward"]["all"])) for n in t if n != "forward"}
+        ratio = {
+            n: statistics.median(a / f for a, f in zip(t[n]["all"], t["forward"]["all"])) for n in t if n != "forward"
+        }
         results[k] = {"seconds": med, "ratio_to_forward": ratio}
-        print(f"  {label} k={k}: forward {med['forward'] * 1e3:.1f}ms  "
-              + "  ".join(f"{n} {med[n] * 1e3:.1f}ms ({ratio[n]:.1f}x)" for n in ("jvp", "grad") if n in med), flush=True)
+        print(
+            f"  {label} k={k}: forward {med['forward'] * 1e3:.1f}ms  "
+            + "  ".join(f"{n} {med[n] * 1e3:.1f}ms ({ratio[n]:.1f}x)" for n in ("jvp", "grad") if n in med),
+            flush=True,
+        )
     # cross-over: first k of the sweep where grad is faster than jvp; and a linear fit t = a + b k
     both = [k for k in sorted(results) if "jvp" in results[k]["seconds"]]
     first = next((k for k in both if results[k]["seconds"]["grad"] < results[k]["seconds"]["jvp"]), None)
@@ -94,27 +100,53 @@ def bench_scoring(label, model, data, batch_size, ks, sweep, repeats, jvp_max_k=
     k_star = None
     if len(fit) == 2 and fit["jvp"][1] > fit["grad"][1]:
         k_star = (fit["grad"][0] - fit["jvp"][0]) / (fit["jvp"][1] - fit["grad"][1])
-    return {"label": label, "examples": len(data), "parameters": block.numel, "batch_size": batch_size,
-            "by_k": results, "first_k_grad_faster": first, "linear_fit_seconds": fit, "crossover_k_fit": k_star}
+    return {
+        "label": label,
+        "examples": len(data),
+        "parameters": block.numel,
+        "batch_size": batch_size,
+        "by_k": results,
+        "first_k_grad_faster": first,
+        "linear_fit_seconds": fit,
+        "crossover_k_fit": k_star,
+    }
 
 
 # --- part 2 -------------------------------------------------------------------------------------
 def bench_influence(args, data) -> dict:
     cache = args.cache_dir or tempfile.mkdtemp(prefix="bench_scoring_")
     tc = TrainConfig(steps=args.train_steps, lr=args.lr, seed=args.seed, polish_iters=args.polish_iters)
-    out = {"train": {"steps": args.train_steps, "lr": args.lr, "polish_iters": args.polish_iters, "cache_dir": cache}, "runs": []}
+    out = {
+        "train": {"steps": args.train_steps, "lr": args.lr, "polish_iters": args.polish_iters, "cache_dir": cache},
+        "runs": [],
+    }
     test = data.finetune_test
     n_each = min(args.queries, len(test))
     test_k = TensorDataset(*(t[:n_each] for t in test.tensors))
     for mode in args.modes.split(","):
         t0 = time.perf_counter()
-        pre, ft, info = train_two_stage(data, ModelConfig(arch="digits", seed=args.seed), tc, tc, mode, args.alpha, cache)
+        pre, ft, info = train_two_stage(
+            data, ModelConfig(arch="digits", seed=args.seed), tc, tc, mode, args.alpha, cache
+        )
         train_s = time.perf_counter() - t0
-        print(f"  trained ({mode}) in {train_s:.1f}s: pretrain loss {info.pretrain_report.loss:.3g}, "
-              f"finetune loss {info.finetune_report.loss:.3g}", flush=True)
-        for queries, label, mean in ((test, "mean test loss (1 query)", True), (test_k, f"{n_each} test points", False)):
-            msi = MultiStageInfluence(pre, ft, mode=mode, alpha=args.alpha, dtype=torch.float32, hessian_samples=args.hessian_samples,
-                                      solver=CG(tol=args.cg_tol, max_iter=args.cg_max_iter, on_negative_curvature="warn"))
+        print(
+            f"  trained ({mode}) in {train_s:.1f}s: pretrain loss {info.pretrain_report.loss:.3g}, "
+            f"finetune loss {info.finetune_report.loss:.3g}",
+            flush=True,
+        )
+        for queries, label, mean in (
+            (test, "mean test loss (1 query)", True),
+            (test_k, f"{n_each} test points", False),
+        ):
+            msi = MultiStageInfluence(
+                pre,
+                ft,
+                mode=mode,
+                alpha=args.alpha,
+                dtype=torch.float32,
+                hessian_samples=args.hessian_samples,
+                solver=CG(tol=args.cg_tol, max_iter=args.cg_max_iter, on_negative_curvature="warn"),
+            )
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 t0 = time.perf_counter()
@@ -129,19 +161,40 @@ def bench_influence(args, data) -> dict:
                     error, k = f"{type(e).__name__}: {e}", None
                 total = time.perf_counter() - t0
             d = msi.diagnostics
-            run = {"mode": mode, "queries": label, "k": k, "fit_seconds": fit_s, "total_seconds": total, "error": error,
-                   "time": d.get("time", {}), "train_seconds": train_s,
-                   "pretrain_hessian_samples": len(msi.pre_objective.batch), "finetune_hessian_samples": len(msi.ft_objective.batch),
-                   "parameters": {"W": msi.W.numel, "U": msi.U.numel, "Theta": msi.Theta.numel},
-                   "warnings": sorted({str(w.message)[:160] for w in caught})}
+            run = {
+                "mode": mode,
+                "queries": label,
+                "k": k,
+                "fit_seconds": fit_s,
+                "total_seconds": total,
+                "error": error,
+                "time": d.get("time", {}),
+                "train_seconds": train_s,
+                "pretrain_hessian_samples": len(msi.pre_objective.batch),
+                "finetune_hessian_samples": len(msi.ft_objective.batch),
+                "parameters": {"W": msi.W.numel, "U": msi.U.numel, "Theta": msi.Theta.numel},
+                "warnings": sorted({str(w.message)[:160] for w in caught}),
+            }
             for stage in ("finetune", "pretrain"):
                 if stage in d:
-                    run[stage] = {k2: d[stage].get(k2) for k2 in ("iterations", "num_products", "converged", "final_residual",
-                                                                  "negative_curvature_rows")}
+                    run[stage] = {
+                        k2: d[stage].get(k2)
+                        for k2 in (
+                            "iterations",
+                            "num_products",
+                            "converged",
+                            "final_residual",
+                            "negative_curvature_rows",
+                        )
+                    }
             out["runs"].append(run)
             tm = run["time"]
-            print(f"  {mode:7s} {label}: total {total:.2f}s " + " ".join(f"{a}={b:.2f}s" for a, b in tm.items())
-                  + (f" ERROR {error}" if error else ""), flush=True)
+            print(
+                f"  {mode:7s} {label}: total {total:.2f}s "
+                + " ".join(f"{a}={b:.2f}s" for a, b in tm.items())
+                + (f" ERROR {error}" if error else ""),
+                flush=True,
+            )
         if mode == "fixed":
             out["head_only_products"] = head_only_products(args, msi, ft, test)
     return out
@@ -162,13 +215,20 @@ def head_only_products(args, msi, ft, data_test) -> dict:
     v = torch.randn(op.size, generator=torch.Generator().manual_seed(0))
     diff = float((hop(v) - op(v)).norm() / op(v).norm())
     t = interleaved({"network": lambda: op(v), "head": lambda: hop(v)}, args.repeats)
-    res = {"network_ms": t["network"]["median"] * 1e3, "head_ms": t["head"]["median"] * 1e3,
-           "speedup": t["network"]["median"] / t["head"]["median"], "relative_difference": diff}
-    print(f"  finetune product (fixed): whole network {res['network_ms']:.2f}ms, head on cached features "
-          f"{res['head_ms']:.2f}ms ({res['speedup']:.1f}x), rel. difference {diff:.1e}", flush=True)
+    res = {
+        "network_ms": t["network"]["median"] * 1e3,
+        "head_ms": t["head"]["median"] * 1e3,
+        "speedup": t["network"]["median"] / t["head"]["median"],
+        "relative_difference": diff,
+    }
+    print(
+        f"  finetune product (fixed): whole network {res['network_ms']:.2f}ms, head on cached features "
+        f"{res['head_ms']:.2f}ms ({res['speedup']:.1f}x), rel. difference {diff:.1e}",
+        flush=True,
+    )
     # The finetune solve itself with head-only retained-graph products (not library code), float32 and float64.
     g = loss_gradients(PerExample(ft, cross_entropy, msi.ft_params, msi.W + msi.Theta), data_test, msi.batch_size, True)
-    b = g[:, msi.W.numel:]
+    b = g[:, msi.W.numel :]
     res["solves"] = []
     for dtype, max_iter in ((torch.float32, 1000), (torch.float64, 2000)):
         hd = {n: p.to(dtype) for n, p in hp.items()}
@@ -178,12 +238,21 @@ def head_only_products(args, msi, ft, data_test) -> dict:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             _, info = CG(tol=args.cg_tol, max_iter=max_iter).solve(operator, b.to(dtype))
-        run = {"dtype": str(dtype).replace("torch.", ""), "max_iter": max_iter, "seconds": time.perf_counter() - t0,
-               "iterations": info.iterations, "converged": info.converged, "final_residual": info.residuals[-1],
-               "ms_per_product": (time.perf_counter() - t0) / max(info.num_products, 1) * 1e3}
+        run = {
+            "dtype": str(dtype).replace("torch.", ""),
+            "max_iter": max_iter,
+            "seconds": time.perf_counter() - t0,
+            "iterations": info.iterations,
+            "converged": info.converged,
+            "final_residual": info.residuals[-1],
+            "ms_per_product": (time.perf_counter() - t0) / max(info.num_products, 1) * 1e3,
+        }
         res["solves"].append(run)
-        print(f"  finetune solve, head only + retained graph, {run['dtype']}: {run['seconds']:.2f}s, {info.iterations} its, "
-              f"residual {run['final_residual']:.1e}, converged {info.converged}", flush=True)
+        print(
+            f"  finetune solve, head only + retained graph, {run['dtype']}: {run['seconds']:.2f}s, {info.iterations} its, "
+            f"residual {run['final_residual']:.1e}, converged {info.converged}",
+            flush=True,
+        )
     return res
 
 
@@ -195,8 +264,18 @@ def scoring_rows(sc, ks):
         if r is None:
             continue
         s, ra = r["seconds"], r["ratio_to_forward"]
-        rows.append([k, s["forward"] * 1e3, s.get("jvp", math.nan) * 1e3 if "jvp" in s else None, ra.get("jvp"),
-                     (ra["jvp"] / k) if "jvp" in ra else None, s["grad"] * 1e3, ra["grad"], ra["grad"] / k])
+        rows.append(
+            [
+                k,
+                s["forward"] * 1e3,
+                s.get("jvp", math.nan) * 1e3 if "jvp" in s else None,
+                ra.get("jvp"),
+                (ra["jvp"] / k) if "jvp" in ra else None,
+                s["grad"] * 1e3,
+                ra["grad"],
+                ra["grad"] / k,
+            ]
+        )
     return ["k", "forward ms", "jvp ms", "jvp / fwd", "jvp / (k fwd)", "grad ms", "grad / fwd", "grad / (k fwd)"], rows
 
 
@@ -208,33 +287,75 @@ def report(args, res) -> str:
             continue
         h, rows = scoring_rows(sc, sorted(sc["by_k"]))
         tables[f"scoring_{key}"] = (h, rows)
-        out.append(table(h, rows, f"\nScoring {sc['examples']} examples ({sc['label']}, {sc['parameters']} parameters, "
-                                  f"batch {sc['batch_size']}, threads={res['env']['threads']})"))
+        out.append(
+            table(
+                h,
+                rows,
+                f"\nScoring {sc['examples']} examples ({sc['label']}, {sc['parameters']} parameters, "
+                f"batch {sc['batch_size']}, threads={res['env']['threads']})",
+            )
+        )
         ks = sc["crossover_k_fit"]
-        out.append(f"grad faster than jvp from k = {sc['first_k_grad_faster']} (sweep); linear-fit cross-over k* = "
-                   + (f"{ks:.2f}" if ks is not None else "-"))
+        out.append(
+            f"grad faster than jvp from k = {sc['first_k_grad_faster']} (sweep); linear-fit cross-over k* = "
+            + (f"{ks:.2f}" if ks is not None else "-")
+        )
     inf = res.get("influence")
     if inf:
-        h = ["mode", "queries", "total s", "test grads s", "finetune solve s", "mixed product s", "pretrain solve s", "scoring s",
-             "ft CG its", "pre CG its", "ft conv.", "pre conv."]
+        h = [
+            "mode",
+            "queries",
+            "total s",
+            "test grads s",
+            "finetune solve s",
+            "mixed product s",
+            "pretrain solve s",
+            "scoring s",
+            "ft CG its",
+            "pre CG its",
+            "ft conv.",
+            "pre conv.",
+        ]
         rows = []
         for r in inf["runs"]:
             t = r["time"]
-            rows.append([r["mode"], r["queries"], r["total_seconds"], t.get("test_gradients"), t.get("finetune_solve"),
-                         t.get("mixed_product"), t.get("pretrain_solve"), t.get("scoring"),
-                         r.get("finetune", {}).get("iterations"), r.get("pretrain", {}).get("iterations"),
-                         r.get("finetune", {}).get("converged"), r.get("pretrain", {}).get("converged")])
+            rows.append(
+                [
+                    r["mode"],
+                    r["queries"],
+                    r["total_seconds"],
+                    t.get("test_gradients"),
+                    t.get("finetune_solve"),
+                    t.get("mixed_product"),
+                    t.get("pretrain_solve"),
+                    t.get("scoring"),
+                    r.get("finetune", {}).get("iterations"),
+                    r.get("pretrain", {}).get("iterations"),
+                    r.get("finetune", {}).get("converged"),
+                    r.get("pretrain", {}).get("converged"),
+                ]
+            )
         tables["influence"] = (h, rows)
-        out.append(table(h, rows, f"\nMultiStageInfluence on digits (CG tol {args.cg_tol:g}, max_iter {args.cg_max_iter}, float32, "
-                                  f"hessian_samples {args.hessian_samples})"))
+        out.append(
+            table(
+                h,
+                rows,
+                f"\nMultiStageInfluence on digits (CG tol {args.cg_tol:g}, max_iter {args.cg_max_iter}, float32, "
+                f"hessian_samples {args.hessian_samples})",
+            )
+        )
         ho = inf.get("head_only_products")
         if ho:
-            out.append(f"finetune product with the embedding fixed: whole network {ho['network_ms']:.2f} ms, head alone on cached "
-                       f"features {ho['head_ms']:.2f} ms ({ho['speedup']:.1f}x)")
+            out.append(
+                f"finetune product with the embedding fixed: whole network {ho['network_ms']:.2f} ms, head alone on cached "
+                f"features {ho['head_ms']:.2f} ms ({ho['speedup']:.1f}x)"
+            )
             for r in ho.get("solves", []):
-                out.append(f"finetune solve (fixed), head only + retained graph (proposed), {r['dtype']}: {r['seconds']:.2f} s, "
-                           f"{r['iterations']} iterations ({r['ms_per_product']:.2f} ms/product), residual {r['final_residual']:.1e}, "
-                           f"converged {r['converged']}")
+                out.append(
+                    f"finetune solve (fixed), head only + retained graph (proposed), {r['dtype']}: {r['seconds']:.2f} s, "
+                    f"{r['iterations']} iterations ({r['ms_per_product']:.2f} ms/product), residual {r['final_residual']:.1e}, "
+                    f"converged {r['converged']}"
+                )
     res["_tables"] = tables
     return "\n".join(out)
 
@@ -249,11 +370,19 @@ def plots(args, res) -> list[str]:
         for ax, key in zip(axes[0], keys):
             sc = res[f"scoring_{key}"]
             for n, mk in (("jvp", "o-"), ("grad", "s-")):
-                pts = [(k, r["ratio_to_forward"][n]) for k, r in sorted(sc["by_k"].items()) if n in r["ratio_to_forward"]]
+                pts = [
+                    (k, r["ratio_to_forward"][n]) for k, r in sorted(sc["by_k"].items()) if n in r["ratio_to_forward"]
+                ]
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], mk, label=f'"{n}"')
             ax.axhline(3, color="gray", ls=":", label="target 3 (one query)")
             if sc["crossover_k_fit"]:
-                ax.axvline(sc["crossover_k_fit"], color="red", ls="--", lw=0.8, label=f"cross-over k*={sc['crossover_k_fit']:.1f}")
+                ax.axvline(
+                    sc["crossover_k_fit"],
+                    color="red",
+                    ls="--",
+                    lw=0.8,
+                    label=f"cross-over k*={sc['crossover_k_fit']:.1f}",
+                )
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.set_xlabel("queries k")
@@ -281,17 +410,23 @@ def plots(args, res) -> list[str]:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (keep <= free cores)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--batch-size", type=int, default=256, help="scoring batch size (= forward batch size)")
     ap.add_argument("--ks", default="1,10,100", help="numbers of queries for the main table")
     ap.add_argument("--sweep", default="2,3,4,6,8,16,32", help="extra k for the jvp/grad cross-over")
-    ap.add_argument("--mnist", action="store_true", help="also score synthetic 28x28 inputs with the MNIST CNN (slower)")
+    ap.add_argument(
+        "--mnist", action="store_true", help="also score synthetic 28x28 inputs with the MNIST CNN (slower)"
+    )
     ap.add_argument("--mnist-examples", type=int, default=2000)
     ap.add_argument("--mnist-ks", default="1,10,100")
     ap.add_argument("--mnist-sweep", default="2,4")
-    ap.add_argument("--mnist-jvp-max-k", type=int, default=10, help="skip jvp above this k on MNIST (memory: k x activations)")
+    ap.add_argument(
+        "--mnist-jvp-max-k", type=int, default=10, help="skip jvp above this k on MNIST (memory: k x activations)"
+    )
     ap.add_argument("--mnist-repeats", type=int, default=2)
     ap.add_argument("--skip-influence", action="store_true")
     ap.add_argument("--modes", default="fixed,updated")
@@ -299,10 +434,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--cg-tol", type=float, default=1e-6)
     ap.add_argument("--cg-max-iter", type=int, default=200, help="the library's default")
     ap.add_argument("--hessian-samples", type=int, default=1000)
-    ap.add_argument("--queries", type=int, default=10, help="test points scored individually in the second influence run")
+    ap.add_argument(
+        "--queries", type=int, default=10, help="test points scored individually in the second influence run"
+    )
     ap.add_argument("--train-steps", type=int, default=200, help="full-batch Adam steps per stage")
     ap.add_argument("--lr", type=float, default=1e-2)
-    ap.add_argument("--polish-iters", type=int, default=0, help="L-BFGS polish (the digits preset uses 1500 steps + 300)")
+    ap.add_argument(
+        "--polish-iters", type=int, default=0, help="L-BFGS polish (the digits preset uses 1500 steps + 300)"
+    )
     ap.add_argument("--cache-dir", default=None, help="train_two_stage cache (default: a fresh temporary directory)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="directory for scoring.json and PNG plots")
@@ -325,16 +464,24 @@ def main(argv=None) -> dict:
     tc = TrainConfig(steps=args.train_steps, lr=args.lr, seed=args.seed, polish_iters=args.polish_iters)
     pre, _, _ = train_two_stage(data, ModelConfig(arch="digits", seed=args.seed), tc, tc, "fixed", args.alpha, cache)
     print("Scoring (digits):")
-    res["scoring_digits"] = bench_scoring("digits CNN", pre, data.pretrain_train, args.batch_size, ks, sweep, args.repeats)
+    res["scoring_digits"] = bench_scoring(
+        "digits CNN", pre, data.pretrain_train, args.batch_size, ks, sweep, args.repeats
+    )
     if args.mnist:
         g = torch.Generator().manual_seed(args.seed)
         n = args.mnist_examples
         ds = TensorDataset(torch.rand(n, 1, 28, 28, generator=g), torch.randint(0, 4, (n,), generator=g))
         print("Scoring (MNIST CNN, synthetic inputs):")
-        res["scoring_mnist"] = bench_scoring("MNIST CNN, synthetic", build_model("mnist", 4, args.seed), ds, args.batch_size,
-                                             [int(k) for k in args.mnist_ks.split(",") if k],
-                                             [int(k) for k in args.mnist_sweep.split(",") if k], args.mnist_repeats,
-                                             args.mnist_jvp_max_k)
+        res["scoring_mnist"] = bench_scoring(
+            "MNIST CNN, synthetic",
+            build_model("mnist", 4, args.seed),
+            ds,
+            args.batch_size,
+            [int(k) for k in args.mnist_ks.split(",") if k],
+            [int(k) for k in args.mnist_sweep.split(",") if k],
+            args.mnist_repeats,
+            args.mnist_jvp_max_k,
+        )
     if not args.skip_influence:
         print("MultiStageInfluence:")
         res["influence"] = bench_influence(args, data)

@@ -18,15 +18,45 @@ from .metrics import ErrorTrace, relative_error, score_agreement
 from .multistage import MultiStageInfluence
 from .operators import DenseOperator, FunctionOperator, LinearOperator, aslinearoperator
 from .params import ParamBlock
-from .solvers import (CG, DivergenceError, Explicit, Identity, LiSSA, NegativeCurvatureError, NotConvergedError,
-                      SolveInfo, Solver, SolverError, SolverWarning)
+from .solvers import (
+    CG,
+    DivergenceError,
+    Explicit,
+    Identity,
+    LiSSA,
+    NegativeCurvatureError,
+    NotConvergedError,
+    SolveInfo,
+    Solver,
+    SolverError,
+    SolverWarning,
+)
 
 __all__ = [
-    "MultiStageInfluence", "Influence", "InfluenceEstimator",
-    "Solver", "CG", "LiSSA", "Explicit", "Identity", "SolveInfo",
-    "SolverError", "NegativeCurvatureError", "NotConvergedError", "DivergenceError", "SolverWarning",
-    "LinearOperator", "DenseOperator", "FunctionOperator", "aslinearoperator",
-    "CurvatureOperator", "Objective", "ParamBlock", "cross_entropy",
-    "relative_error", "score_agreement", "ErrorTrace",
+    "MultiStageInfluence",
+    "Influence",
+    "InfluenceEstimator",
+    "Solver",
+    "CG",
+    "LiSSA",
+    "Explicit",
+    "Identity",
+    "SolveInfo",
+    "SolverError",
+    "NegativeCurvatureError",
+    "NotConvergedError",
+    "DivergenceError",
+    "SolverWarning",
+    "LinearOperator",
+    "DenseOperator",
+    "FunctionOperator",
+    "aslinearoperator",
+    "CurvatureOperator",
+    "Objective",
+    "ParamBlock",
+    "cross_entropy",
+    "relative_error",
+    "score_agreement",
+    "ErrorTrace",
 ]
 __version__ = "0.1.0"

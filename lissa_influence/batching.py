@@ -37,7 +37,9 @@ def as_dataset(data: DataLike, what: str = "data") -> Dataset:
             raise ValueError(f"{what}: inputs have {x.shape[0]} rows but targets {y.shape[0]}")
         data = TensorDataset(x, y)
     if not isinstance(data, Dataset):
-        raise TypeError(f"{what}: expected a torch Dataset of (x, y) or a tuple (X, Y) of tensors, got {type(data).__name__}")
+        raise TypeError(
+            f"{what}: expected a torch Dataset of (x, y) or a tuple (X, Y) of tensors, got {type(data).__name__}"
+        )
     if len(data) == 0:
         raise ValueError(f"{what} is empty; influence needs at least one example")
     return data
@@ -63,7 +65,9 @@ def gather(data: Dataset, indices: Sequence[int] | torch.Tensor, dtype: torch.dt
     return Batch(_cast(x, dtype, device), _cast(y, dtype, device))
 
 
-def iter_batches(data: Dataset, batch_size: int, dtype: torch.dtype, device: torch.device, start: int = 0, stop: int | None = None) -> Iterator[Batch]:
+def iter_batches(
+    data: Dataset, batch_size: int, dtype: torch.dtype, device: torch.device, start: int = 0, stop: int | None = None
+) -> Iterator[Batch]:
     """Stream ``data[start:stop]`` in order, one batch at a time."""
     stop = len(data) if stop is None else stop
     for lo in range(start, stop, batch_size):

@@ -29,7 +29,6 @@ from .operators import LinearOperator
 from .params import ParamBlock, Params
 
 
-
 @functools.cache
 def load_forward_ad() -> None:
     """Let torch load its forward-mode AD decompositions, once, before our first ``jvp``.
@@ -41,6 +40,7 @@ def load_forward_ad() -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
         jvp(torch.sin, (torch.zeros(1),), (torch.ones(1),))
+
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``(outputs, targets) -> mean loss over the batch`` (cross-entropy by default)."""
@@ -135,8 +135,9 @@ class Objective:
         return self._reduced(total, batch)
 
     # -- second order --------------------------------------------------------------
-    def _batched(self, fn: Callable[[torch.Tensor, Batch], torch.Tensor], v: torch.Tensor, batch: Batch | None,
-                 out_size: int) -> torch.Tensor:
+    def _batched(
+        self, fn: Callable[[torch.Tensor, Batch], torch.Tensor], v: torch.Tensor, batch: Batch | None, out_size: int
+    ) -> torch.Tensor:
         if v.dim() not in (1, 2):
             raise ValueError(f"expected a vector [P] or a stack [k, P], got shape {tuple(v.shape)}")
         load_forward_ad()
@@ -172,7 +173,9 @@ class Objective:
         (the ``∇²_WΘ F · v`` of docs/math.md is ``mixed_vp(W, Θ, v)``)."""
         a, b = self.point(rows), self.point(cols)
         g_rows = grad(lambda fa, fb, x, y: self._loss((rows, cols), (fa, fb), x, y), argnums=0)
-        return self._batched(lambda vv, c: jvp(lambda fb: g_rows(a, fb, c.x, c.y), (b,), (vv,))[1], v, batch, rows.numel)
+        return self._batched(
+            lambda vv, c: jvp(lambda fb: g_rows(a, fb, c.x, c.y), (b,), (vv,))[1], v, batch, rows.numel
+        )
 
 
 @dataclass(eq=False)

@@ -66,8 +66,11 @@ def init_from_env(backend: str | None = None, timeout_s: float | None = None) ->
     """
     if dist.is_available() and dist.is_initialized():
         return is_distributed()
-    if "WORLD_SIZE" not in os.environ and os.environ.get("SUBMITIT_EXECUTOR") == "slurm" \
-            and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    if (
+        "WORLD_SIZE" not in os.environ
+        and os.environ.get("SUBMITIT_EXECUTOR") == "slurm"
+        and int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    ):
         from submitit.helpers import TorchDistributedEnvironment
 
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False)

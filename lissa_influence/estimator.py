@@ -75,8 +75,9 @@ def rank_world(distributed: bool) -> tuple[int, int]:
     return (_dist.rank(), _dist.world_size()) if distributed and _dist.is_distributed() else (0, 1)
 
 
-def hessian_sample(data: Dataset, size: HessianSamples, seed: int, params: Params, what: str,
-                   distributed: bool) -> dict[str, Any]:
+def hessian_sample(
+    data: Dataset, size: HessianSamples, seed: int, params: Params, what: str, distributed: bool
+) -> dict[str, Any]:
     """The seeded Hessian sample as :class:`~lissa_influence.curvature.Objective` keyword
     arguments: all of it, or under torch.distributed this rank's contiguous shard of the
     same draw (every rank draws with the same seed), its place in the sample and the
@@ -92,8 +93,11 @@ def hessian_sample(data: Dataset, size: HessianSamples, seed: int, params: Param
         if size < 1:
             raise ValueError(f"hessian_samples must be a positive number or 'all', got {asked!r}")
     if size > len(data):
-        warnings.warn(f"hessian_samples={size} exceeds the {len(data)} {what} examples; using all of them "
-                      "(hessian_samples='all' asks for that)", stacklevel=3)
+        warnings.warn(
+            f"hessian_samples={size} exceeds the {len(data)} {what} examples; using all of them "
+            "(hessian_samples='all' asks for that)",
+            stacklevel=3,
+        )
     t = next(iter(params.values()))
     indices = subsample_indices(len(data), size, seed)
     rank, world = rank_world(distributed)
@@ -195,8 +199,14 @@ class InfluenceEstimator(ABC):
         check_rows("query vectors s", s, per_example.block.numel)
         return s
 
-    def scores_from(self, s: torch.Tensor, data: DataLike | None = None, start: int = 0,
-                    stop: int | None = None, **renamed: DataLike) -> torch.Tensor:
+    def scores_from(
+        self,
+        s: torch.Tensor,
+        data: DataLike | None = None,
+        start: int = 0,
+        stop: int | None = None,
+        **renamed: DataLike,
+    ) -> torch.Tensor:
         """``I(z) = −sᵀ∇g(z)`` for the given query vectors, ``[k, n]``, over every
         scored example (or ``data``, or its ``[start:stop]``). Distributed: each rank
         scores a contiguous share and every rank returns all scores, in dataset order."""
@@ -209,22 +219,33 @@ class InfluenceEstimator(ABC):
         rank, world = rank_world(self.distributed)
         lo, hi = _dist.shard_range(stop - start, rank, world)
         with eval_mode(per_example.model):
-            d = score_dataset(per_example, data, s, self.batch_size, self.scoring, self.jvp_max_queries, start + lo,
-                              start + hi, self.progress and rank == 0)
+            d = score_dataset(
+                per_example,
+                data,
+                s,
+                self.batch_size,
+                self.scoring,
+                self.jvp_max_queries,
+                start + lo,
+                start + hi,
+                self.progress and rank == 0,
+            )
         if world > 1:
             d = _dist.all_gather_cat(d, dim=1)
         self.diagnostics.setdefault("time", {})["scoring"] = time.perf_counter() - t0
         return -d
 
-    def scores(self, test_data: DataLike, data: DataLike | None = None, mean: bool = False,
-               **renamed: DataLike) -> torch.Tensor:
+    def scores(
+        self, test_data: DataLike, data: DataLike | None = None, mean: bool = False, **renamed: DataLike
+    ) -> torch.Tensor:
         """``[n_test, n]`` (``[1, n]`` with ``mean=True``: the mean test loss as one
         query): ``I(z)`` of every scored example (or of ``data``) for each test query."""
         data = self._renamed(data, renamed, "scores")
         return self.scores_from(self.query_vectors(test_data, mean), data)
 
-    def removal_effects(self, test_data: DataLike, data: DataLike | None = None, mean: bool = False,
-                        **renamed: DataLike) -> torch.Tensor:
+    def removal_effects(
+        self, test_data: DataLike, data: DataLike | None = None, mean: bool = False, **renamed: DataLike
+    ) -> torch.Tensor:
         """Predicted change of each test loss when each scored example is removed: ``−I(z)/m``."""
         data = self._renamed(data, renamed, "removal_effects")
         return -self.scores(test_data, data, mean) / self.num_scored
@@ -249,8 +270,9 @@ class InfluenceEstimator(ABC):
         return _dist.broadcast_(t) if rank_world(self.distributed)[1] > 1 else t
 
     @staticmethod
-    def _solve(solver: Solver, operator: Any, b: torch.Tensor, stage: str | None = None,
-               damping: str | None = None) -> tuple[torch.Tensor, SolveInfo]:
+    def _solve(
+        solver: Solver, operator: Any, b: torch.Tensor, stage: str | None = None, damping: str | None = None
+    ) -> tuple[torch.Tensor, SolveInfo]:
         """One solve; a solver error names the stage and the damping keyword it used."""
         try:
             return solver.solve(operator, b)

@@ -41,8 +41,12 @@ class Influence(InfluenceEstimator):
         self.params = trainable_params(self.model, self.dtype, "model")
         self.block = make_block(self.params, lambda n: True)
         sample = hessian_sample(train, self.hessian_samples, self.seed, self.params, "training", self.distributed)
-        self.operator = CurvatureOperator(Objective(self.model, self.loss, self.params, chunk_size=self.batch_size, **sample),
-                                          self.block, self.damping, self.gauss_newton)
+        self.operator = CurvatureOperator(
+            Objective(self.model, self.loss, self.params, chunk_size=self.batch_size, **sample),
+            self.block,
+            self.damping,
+            self.gauss_newton,
+        )
         self._fitted_on(train)
         return self
 

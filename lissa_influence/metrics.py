@@ -36,8 +36,12 @@ def score_agreement(scores: torch.Tensor, ref: torch.Tensor, top_k: int = 10) ->
         spearman.append(math.nan if constant else float(stats.spearmanr(x, y)[0]))
         top_x, top_y = np.argsort(-np.abs(x))[:k], np.argsort(-np.abs(y))[:k]
         overlap.append(len(set(top_x) & set(top_y)) / k)
-    return {"scores_error": relative_error(scores, ref), "pearson": float(np.mean(pearson)),
-            "spearman": float(np.mean(spearman)), f"top{top_k}_overlap": float(np.mean(overlap))}
+    return {
+        "scores_error": relative_error(scores, ref),
+        "pearson": float(np.mean(pearson)),
+        "spearman": float(np.mean(spearman)),
+        f"top{top_k}_overlap": float(np.mean(overlap)),
+    }
 
 
 @dataclass

@@ -28,8 +28,15 @@ from torch import nn
 
 from .batching import DataLike, as_dataset
 from .curvature import CurvatureOperator, LossFn, Objective, cross_entropy
-from .estimator import (HessianSamples, InfluenceEstimator, check_rows, eval_mode, hessian_sample, timed,
-                        trainable_params)
+from .estimator import (
+    HessianSamples,
+    InfluenceEstimator,
+    check_rows,
+    eval_mode,
+    hessian_sample,
+    timed,
+    trainable_params,
+)
 from .params import make_block, prefix_matcher
 from .scoring import PerExample, loss_gradients
 from .solvers import CG, SolveInfo, Solver
@@ -88,28 +95,38 @@ class MultiStageInfluence(InfluenceEstimator):
         if not pre_w or not ft_w:
             which = "pretrained" if not pre_w else "finetuned"
             tops = sorted({n.split(".")[0] for n in (self.pre_params if not pre_w else self.ft_params)})
-            raise ValueError(f"shared={self.shared!r} matches no parameter of the {which} model; "
-                             f"its top-level parameter prefixes are {tops}")
+            raise ValueError(
+                f"shared={self.shared!r} matches no parameter of the {which} model; "
+                f"its top-level parameter prefixes are {tops}"
+            )
         if set(pre_w) != set(ft_w):
-            raise ValueError(f"shared={self.shared!r} names different parameters in the two models: "
-                             f"only pretrained {sorted(set(pre_w) - set(ft_w))}, only finetuned {sorted(set(ft_w) - set(pre_w))}")
+            raise ValueError(
+                f"shared={self.shared!r} names different parameters in the two models: "
+                f"only pretrained {sorted(set(pre_w) - set(ft_w))}, only finetuned {sorted(set(ft_w) - set(pre_w))}"
+            )
         for n in pre_w:
             if self.pre_params[n].shape != self.ft_params[n].shape:
-                raise ValueError(f"shared parameter {n!r} has shape {tuple(self.pre_params[n].shape)} in the pretrained "
-                                 f"model but {tuple(self.ft_params[n].shape)} in the finetuned one")
+                raise ValueError(
+                    f"shared parameter {n!r} has shape {tuple(self.pre_params[n].shape)} in the pretrained "
+                    f"model but {tuple(self.ft_params[n].shape)} in the finetuned one"
+                )
         self.W = make_block(self.pre_params, pre_w)
         self.U = make_block(self.pre_params, lambda n: not is_w(n))
         self.Theta = make_block(self.ft_params, lambda n: not is_w(n))
         if self.Theta.numel == 0:
-            raise ValueError("the finetuned model has no parameters outside the shared embedding (no finetuning head Θ)")
+            raise ValueError(
+                "the finetuned model has no parameters outside the shared embedding (no finetuning head Θ)"
+            )
         self.pre_block = self.W + self.U
         if self.mode == "fixed":
             for n in pre_w:
                 a, b = self.pre_params[n], self.ft_params[n]
                 if not torch.allclose(a, b, rtol=1e-6, atol=1e-8):
-                    raise ValueError(f"mode='fixed' but the embedding parameter {n!r} differs between the pretrained "
-                                     f"and finetuned models (max |Δ| = {float((a - b).abs().max()):.3g}); "
-                                     "use mode='updated' when finetuning trained the embedding")
+                    raise ValueError(
+                        f"mode='fixed' but the embedding parameter {n!r} differs between the pretrained "
+                        f"and finetuned models (max |Δ| = {float((a - b).abs().max()):.3g}); "
+                        "use mode='updated' when finetuning trained the embedding"
+                    )
             self.ft_block = self.Theta
         else:
             self.ft_block = self.W + self.Theta
@@ -119,19 +136,29 @@ class MultiStageInfluence(InfluenceEstimator):
         """Draw the Hessian samples of both stages and build the damped operators."""
         pre = as_dataset(pretrain_data, "pretraining data")
         ft = as_dataset(finetune_data, "finetuning data")
-        pre_sample = hessian_sample(pre, self.hessian_samples, self.seed, self.pre_params, "pretraining", self.distributed)
+        pre_sample = hessian_sample(
+            pre, self.hessian_samples, self.seed, self.pre_params, "pretraining", self.distributed
+        )
         ft_n = self.finetune_hessian_samples or self.hessian_samples
         ft_sample = hessian_sample(ft, ft_n, self.seed + 1, self.ft_params, "finetuning", self.distributed)
-        self.pre_objective = Objective(self.pretrained, self.pretrain_loss, self.pre_params, chunk_size=self.batch_size,
-                                       **pre_sample)
-        self.ft_objective = Objective(self.finetuned, self.finetune_loss, self.ft_params, chunk_size=self.batch_size,
-                                      **ft_sample)
-        self.pre_operator = CurvatureOperator(self.pre_objective, self.pre_block, self.pretrain_damping, self.gauss_newton)
+        self.pre_objective = Objective(
+            self.pretrained, self.pretrain_loss, self.pre_params, chunk_size=self.batch_size, **pre_sample
+        )
+        self.ft_objective = Objective(
+            self.finetuned, self.finetune_loss, self.ft_params, chunk_size=self.batch_size, **ft_sample
+        )
+        self.pre_operator = CurvatureOperator(
+            self.pre_objective, self.pre_block, self.pretrain_damping, self.gauss_newton
+        )
         ft_damping: float | torch.Tensor = self.finetune_damping
         if self.mode == "updated":
             # The proximity term α‖W − W*‖² adds 2α on the W block of the finetune Hessian.
-            ft_damping = torch.full((self.ft_block.numel,), self.finetune_damping, dtype=self.ft_objective.dtype,
-                                    device=self.ft_objective.device)
+            ft_damping = torch.full(
+                (self.ft_block.numel,),
+                self.finetune_damping,
+                dtype=self.ft_objective.dtype,
+                device=self.ft_objective.device,
+            )
             ft_damping[: self.W.numel] += 2 * self.alpha
         self.ft_operator = CurvatureOperator(self.ft_objective, self.ft_block, ft_damping, self.gauss_newton)
         self._fitted_on(pre)
@@ -153,8 +180,12 @@ class MultiStageInfluence(InfluenceEstimator):
         self._check_fitted()
         test = as_dataset(test_data, "test data")
         with eval_mode(self.pretrained, self.finetuned):
-            g = loss_gradients(PerExample(self.finetuned, self.finetune_loss, self.ft_params, self.W + self.Theta),
-                               test, self.batch_size, mean)
+            g = loss_gradients(
+                PerExample(self.finetuned, self.finetune_loss, self.ft_params, self.W + self.Theta),
+                test,
+                self.batch_size,
+                mean,
+            )
         return self._same_on_all_ranks(g)
 
     def finetune_rhs(self, g: torch.Tensor) -> torch.Tensor:
@@ -186,12 +217,18 @@ class MultiStageInfluence(InfluenceEstimator):
             with timed(timings, "test_gradients"):
                 g = self.test_gradients(test_data, mean)
             with timed(timings, "finetune_solve"):
-                v, infos["finetune"] = self._solve(ft_solver, self.ft_operator, self.finetune_rhs(g), "finetune",
-                                                  f"finetune_damping={self.finetune_damping:g}")
+                v, infos["finetune"] = self._solve(
+                    ft_solver,
+                    self.ft_operator,
+                    self.finetune_rhs(g),
+                    "finetune",
+                    f"finetune_damping={self.finetune_damping:g}",
+                )
             with timed(timings, "mixed_product"):
                 b = self.pretrain_rhs(v, g)
             with timed(timings, "pretrain_solve"):
-                s, infos["pretrain"] = self._solve(pre_solver, self.pre_operator, b, "pretrain",
-                                                   f"pretrain_damping={self.pretrain_damping:g}")
+                s, infos["pretrain"] = self._solve(
+                    pre_solver, self.pre_operator, b, "pretrain", f"pretrain_damping={self.pretrain_damping:g}"
+                )
         self.diagnostics = {**{k: i.as_dict() for k, i in infos.items()}, "time": timings}
         return s

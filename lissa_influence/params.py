@@ -44,9 +44,7 @@ class ParamBlock:
 
     def unflatten(self, flat: torch.Tensor) -> Params:
         if flat.shape[-1] != self.numel:
-            raise ValueError(
-                f"unflatten: vector has {flat.shape[-1]} entries, block has {self.numel}"
-            )
+            raise ValueError(f"unflatten: vector has {flat.shape[-1]} entries, block has {self.numel}")
         lead = flat.shape[:-1]
         parts = torch.split(flat, list(self.sizes), dim=-1)
         return {n: p.reshape(*lead, *s) for n, p, s in zip(self.names, parts, self.shapes)}

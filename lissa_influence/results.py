@@ -68,8 +68,11 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 def config_diff(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
     """``key: old -> new`` for every differing leaf of two nested configs."""
     fa, fb = _flatten(a), _flatten(b)
-    return [f"{k}: {fa.get(k, '<absent>')!r} -> {fb.get(k, '<absent>')!r}"
-            for k in sorted(set(fa) | set(fb)) if fa.get(k, "<absent>") != fb.get(k, "<absent>")]
+    return [
+        f"{k}: {fa.get(k, '<absent>')!r} -> {fb.get(k, '<absent>')!r}"
+        for k in sorted(set(fa) | set(fb))
+        if fa.get(k, "<absent>") != fb.get(k, "<absent>")
+    ]
 
 
 def _write_atomic(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
@@ -99,8 +102,16 @@ class ShardStore:
     opens a store (see :func:`resumable_scores`).
     """
 
-    def __init__(self, root: str | os.PathLike, config_hash: str, n: int, k: int, shard_size: int,
-                 config: Mapping[str, Any] | None = None, dtype: str = "float64"):
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        config_hash: str,
+        n: int,
+        k: int,
+        shard_size: int,
+        config: Mapping[str, Any] | None = None,
+        dtype: str = "float64",
+    ):
         if shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {shard_size}")
         if n < 1 or k < 1:
@@ -112,12 +123,22 @@ class ShardStore:
         if existing is None:
             self.root.mkdir(parents=True, exist_ok=True)
             self.manifest = {
-                "format": FORMAT, "config_hash": config_hash, "config": dict(config) if config is not None else None,
-                "n": n, "k": k, "shard_size": shard_size, "num_shards": self.num_shards, "dtype": dtype,
+                "format": FORMAT,
+                "config_hash": config_hash,
+                "config": dict(config) if config is not None else None,
+                "n": n,
+                "k": k,
+                "shard_size": shard_size,
+                "num_shards": self.num_shards,
+                "dtype": dtype,
                 "file_pattern": "shard_{index:05d}.npy",
-                "shards": [{"index": i, "file": self.shard_file(i).name, "start": lo, "stop": hi, "shape": [k, hi - lo]}
-                           for i, (lo, hi) in enumerate(map(self.bounds, range(self.num_shards)))],
-                "complete": [], "query_vectors": None, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "shards": [
+                    {"index": i, "file": self.shard_file(i).name, "start": lo, "stop": hi, "shape": [k, hi - lo]}
+                    for i, (lo, hi) in enumerate(map(self.bounds, range(self.num_shards)))
+                ],
+                "complete": [],
+                "query_vectors": None,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             }
             self._save_manifest()
         else:
@@ -145,20 +166,28 @@ class ShardStore:
         return existing is not None
 
     @staticmethod
-    def _mismatch_message(root: Path, existing: Mapping[str, Any], config_hash: str, config: Mapping[str, Any] | None) -> str:
-        msg = (f"{root} holds scores of a different configuration (hash {existing.get('config_hash')}, this run "
-               f"{config_hash})")
+    def _mismatch_message(
+        root: Path, existing: Mapping[str, Any], config_hash: str, config: Mapping[str, Any] | None
+    ) -> str:
+        msg = (
+            f"{root} holds scores of a different configuration (hash {existing.get('config_hash')}, this run "
+            f"{config_hash})"
+        )
         if config is not None and existing.get("config") is not None:
             diff = config_diff(existing["config"], config)
             if diff:
                 msg += "; differing keys: " + "; ".join(diff[:10]) + (" ..." if len(diff) > 10 else "")
-        return msg + (". Results are never mixed across configurations: use a new output directory "
-                      f"(e.g. another hydra.run.dir) or delete {root} to recompute.")
+        return msg + (
+            ". Results are never mixed across configurations: use a new output directory "
+            f"(e.g. another hydra.run.dir) or delete {root} to recompute."
+        )
 
     def _check(self, m: Mapping[str, Any], config: Mapping[str, Any] | None) -> None:
         if m.get("format") != FORMAT:
-            raise ResultsMismatchError(f"{self.root / MANIFEST} has format {m.get('format')!r}, expected {FORMAT!r}; "
-                                       f"delete {self.root} or use a new output directory")
+            raise ResultsMismatchError(
+                f"{self.root / MANIFEST} has format {m.get('format')!r}, expected {FORMAT!r}; "
+                f"delete {self.root} or use a new output directory"
+            )
         if m.get("config_hash") != self.config_hash:
             raise ResultsMismatchError(self._mismatch_message(self.root, m, self.config_hash, config))
         for key in ("n", "k", "shard_size", "dtype"):
@@ -166,7 +195,8 @@ class ShardStore:
                 raise ResultsMismatchError(
                     f"{self.root} was written with {key}={m.get(key)!r}, this run has {key}={getattr(self, key)!r} "
                     f"(same configuration hash{'; the data on disk changed?' if key in ('n', 'k') else ''}); "
-                    f"use a new output directory or delete {self.root} to recompute.")
+                    f"use a new output directory or delete {self.root} to recompute."
+                )
 
     def _save_manifest(self) -> None:
         self.manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
@@ -215,8 +245,12 @@ class ShardStore:
         a = s.detach().cpu().numpy() if torch.is_tensor(s) else np.asarray(s)
         _save_json(self.root / SOLVE_INFO, dict(info or {}))
         _save_npy(self.root / QUERY_VECTORS, np.ascontiguousarray(a))
-        self.manifest["query_vectors"] = {"file": QUERY_VECTORS, "shape": list(a.shape), "dtype": str(a.dtype),
-                                          "info": SOLVE_INFO}
+        self.manifest["query_vectors"] = {
+            "file": QUERY_VECTORS,
+            "shape": list(a.shape),
+            "dtype": str(a.dtype),
+            "info": SOLVE_INFO,
+        }
         self._save_manifest()
 
     def load_query_vectors(self) -> tuple[np.ndarray, dict[str, Any]] | None:
@@ -228,9 +262,17 @@ class ShardStore:
         return np.load(self.root / QUERY_VECTORS), info
 
 
-def resumable_scores(estimator: InfluenceEstimator, test_data: Any, root: str | os.PathLike, config_hash: str,
-                     shard_size: int, mean: bool = False, data: Any = None, config: Mapping[str, Any] | None = None,
-                     on_shard: Callable[[int, int, int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def resumable_scores(
+    estimator: InfluenceEstimator,
+    test_data: Any,
+    root: str | os.PathLike,
+    config_hash: str,
+    shard_size: int,
+    mean: bool = False,
+    data: Any = None,
+    config: Mapping[str, Any] | None = None,
+    on_shard: Callable[[int, int, int], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Query vectors and scores of a fitted estimator (:class:`~lissa_influence.MultiStageInfluence`
     or :class:`~lissa_influence.Influence`), kept in a :class:`ShardStore` at ``root``.
 
@@ -278,6 +320,11 @@ def resumable_scores(estimator: InfluenceEstimator, test_data: Any, root: str | 
             on_shard(i, lo, hi)
     scoring_time = time.perf_counter() - t0
     scores = distributed.on_rank0(lambda: store.assemble())
-    info = {"solve": solve_info, "resumed_solve": saved is not None, "shards_computed": len(pending),
-            "shards_total": total_shards, "scoring_time": scoring_time}
+    info = {
+        "solve": solve_info,
+        "resumed_solve": saved is not None,
+        "shards_computed": len(pending),
+        "shards_total": total_shards,
+        "scoring_time": scoring_time,
+    }
     return s, torch.from_numpy(scores), info

@@ -51,7 +51,9 @@ class PerExample:
         theta = self.block.flatten(self.params)
         return vmap(grad(self._loss_one), in_dims=(None, 0, 0))(theta, batch.x, batch.y)
 
-    def directional(self, batch: Batch, S: torch.Tensor, method: ScoringMethod = "auto", jvp_max_queries: int = 3) -> torch.Tensor:
+    def directional(
+        self, batch: Batch, S: torch.Tensor, method: ScoringMethod = "auto", jvp_max_queries: int = 3
+    ) -> torch.Tensor:
         """``[k, B]``: ``S[i]ᵀ ∇loss(example j)``."""
         if method == "auto":
             method = "jvp" if S.shape[0] <= jvp_max_queries else "grad"
@@ -72,12 +74,23 @@ def loss_gradients(per_example: PerExample, data, batch_size: int, mean: bool) -
     g = torch.cat(rows)
     if not torch.isfinite(g).all():
         bad = (~torch.isfinite(g).all(1)).nonzero().squeeze(1).tolist()
-        raise FloatingPointError(f"test-loss gradients are NaN or inf for test points {bad[:10]}; check those inputs and the model")
+        raise FloatingPointError(
+            f"test-loss gradients are NaN or inf for test points {bad[:10]}; check those inputs and the model"
+        )
     return g.mean(0, keepdim=True) if mean else g
 
 
-def score_dataset(per_example: PerExample, data, S: torch.Tensor, batch_size: int = 256, method: ScoringMethod = "auto",
-                  jvp_max_queries: int = 3, start: int = 0, stop: int | None = None, progress: bool = False) -> torch.Tensor:
+def score_dataset(
+    per_example: PerExample,
+    data,
+    S: torch.Tensor,
+    batch_size: int = 256,
+    method: ScoringMethod = "auto",
+    jvp_max_queries: int = 3,
+    start: int = 0,
+    stop: int | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
     """``[k, n]``: ``S[i]ᵀ ∇loss(z_j)`` for every example ``z_j`` of ``data[start:stop]``,
     streamed in batches so memory does not grow with ``n``."""
     dtype, device = _dtype_device(per_example.params)
@@ -89,8 +102,10 @@ def score_dataset(per_example: PerExample, data, S: torch.Tensor, batch_size: in
         d = per_example.directional(b, S, method, jvp_max_queries).detach()
         if not torch.isfinite(d).all():
             bad = (~torch.isfinite(d).all(0)).nonzero().squeeze(1)
-            raise FloatingPointError(f"scores are NaN or inf for examples {(bad + lo).tolist()[:10]}; "
-                                     "check those inputs (NaN pixels?) and the model's parameters")
+            raise FloatingPointError(
+                f"scores are NaN or inf for examples {(bad + lo).tolist()[:10]}; "
+                "check those inputs (NaN pixels?) and the model's parameters"
+            )
         out.append(d)
         bar.update(len(b))
     bar.close()

@@ -43,7 +43,9 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def make_data(n: int, shape: tuple[int, ...], classes: int, seed: int, dtype=torch.float64, noise: float | None = None) -> Batch:
+def make_data(
+    n: int, shape: tuple[int, ...], classes: int, seed: int, dtype=torch.float64, noise: float | None = None
+) -> Batch:
     """Random inputs; labels uniform at random, or (with ``noise``) from a fixed random
     linear teacher plus Gaussian noise, so that a model learns without interpolating."""
     g = torch.Generator().manual_seed(seed)
@@ -67,14 +69,20 @@ def dense_hessian(model, params, block: ParamBlock, batch: Batch, loss_fn=cross_
 
 def train_full_batch(model, batch: Batch, steps: int = 200, weight_decay: float = 0.0) -> None:
     """L-BFGS to a near-stationary point (full batch, deterministic)."""
-    opt = torch.optim.LBFGS(model.parameters(), lr=1, max_iter=steps, tolerance_grad=1e-10,
-                            tolerance_change=1e-14, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        model.parameters(),
+        lr=1,
+        max_iter=steps,
+        tolerance_grad=1e-10,
+        tolerance_change=1e-14,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure():
         opt.zero_grad()
         loss = cross_entropy(model(batch.x), batch.y)
         if weight_decay:
-            loss = loss + 0.5 * weight_decay * sum((p ** 2).sum() for p in model.parameters())
+            loss = loss + 0.5 * weight_decay * sum((p**2).sum() for p in model.parameters())
         loss.backward()
         return loss
 

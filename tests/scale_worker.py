@@ -1,12 +1,12 @@
 """Worker processes of tests/test_distributed.py (run as scripts, not collected by pytest).
 
-    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/scale_worker.py distributed OUT
-        every rank computes the influence scores of :func:`cases` and saves them to
-        OUT/rank<r>.pt; the store case writes OUT/store (rank 0 only); then the main job
-        (pipeline.run, tiny digits settings, weights cached in OUT/cache) into OUT/run
-    python tests/scale_worker.py resume ROOT DELAY
-        resumable scoring into ROOT, sleeping DELAY seconds per shard (so that the test
-        can kill it part-way); prints one JSON line with what was resumed
+python -m torch.distributed.run --standalone --nproc_per_node=2 tests/scale_worker.py distributed OUT
+    every rank computes the influence scores of :func:`cases` and saves them to
+    OUT/rank<r>.pt; the store case writes OUT/store (rank 0 only); then the main job
+    (pipeline.run, tiny digits settings, weights cached in OUT/cache) into OUT/run
+python tests/scale_worker.py resume ROOT DELAY
+    resumable scoring into ROOT, sleeping DELAY seconds per shard (so that the test
+    can kill it part-way); prints one JSON line with what was resumed
 """
 
 from __future__ import annotations
@@ -30,9 +30,18 @@ SHARD_SIZE = 7
 REPO = Path(__file__).resolve().parents[1]
 # The main job on the embedded digits with tiny settings (as in tests/test_app.py).
 TINY_RUN = [
-    "pretrain.train.steps=20", "pretrain.train.polish_iters=0", "finetune.train.steps=20", "finetune.train.polish_iters=0",
-    "test_points=2", "pretrain.hessian_samples=64", "finetune.hessian_samples=64", "solver.max_iter=20", "threads=1",
-    "progress=false", "gauss_newton=true", "shard_size=100",
+    "pretrain.train.steps=20",
+    "pretrain.train.polish_iters=0",
+    "finetune.train.steps=20",
+    "finetune.train.polish_iters=0",
+    "test_points=2",
+    "pretrain.hessian_samples=64",
+    "finetune.hessian_samples=64",
+    "solver.max_iter=20",
+    "threads=1",
+    "progress=false",
+    "gauss_newton=true",
+    "shard_size=100",
 ]
 
 
@@ -56,8 +65,11 @@ def problem():
     with torch.no_grad():  # finetuning moved the embedding a little
         for p in ft_updated.embedding.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    data = {"pre": make_data(50, (1, 6, 6), 3, seed=1), "ft": make_data(40, (1, 6, 6), 2, seed=2),
-            "test": make_data(3, (1, 6, 6), 2, seed=3)}
+    data = {
+        "pre": make_data(50, (1, 6, 6), 3, seed=1),
+        "ft": make_data(40, (1, 6, 6), 2, seed=2),
+        "test": make_data(3, (1, 6, 6), 2, seed=3),
+    }
     return pre, ft, ft_updated, data
 
 
@@ -69,15 +81,37 @@ def estimators():
     P, F = (d["pre"].x, d["pre"].y), (d["ft"].x, d["ft"].y)
     common = dict(hessian_samples=37, finetune_hessian_samples=29, batch_size=8)
     return {
-        "fixed_cg": MultiStageInfluence(pre, ft, mode="fixed", solver=CG(tol=1e-12, max_iter=500), pretrain_damping=1.0,
-                                        finetune_damping=1.0, **common).fit(P, F),
-        "updated_lissa": MultiStageInfluence(pre, ft_updated, mode="updated", alpha=0.05, gauss_newton=True,
-                                             solver=LiSSA(batch_size=5, depth=15, repeats=2, scale="auto", power_iters=10),
-                                             pretrain_damping=0.1, finetune_damping=0.1, **common).fit(P, F),
-        "single_cg": Influence(pre, solver=CG(tol=1e-12, max_iter=500, preconditioner="jacobi"), gauss_newton=True,
-                               damping=0.1, hessian_samples=37, batch_size=8).fit(P),
-        "single_one_sample": Influence(pre, solver=CG(tol=1e-12, max_iter=500), gauss_newton=True, damping=0.1,
-                                       hessian_samples=1, batch_size=8).fit(P),
+        "fixed_cg": MultiStageInfluence(
+            pre,
+            ft,
+            mode="fixed",
+            solver=CG(tol=1e-12, max_iter=500),
+            pretrain_damping=1.0,
+            finetune_damping=1.0,
+            **common,
+        ).fit(P, F),
+        "updated_lissa": MultiStageInfluence(
+            pre,
+            ft_updated,
+            mode="updated",
+            alpha=0.05,
+            gauss_newton=True,
+            solver=LiSSA(batch_size=5, depth=15, repeats=2, scale="auto", power_iters=10),
+            pretrain_damping=0.1,
+            finetune_damping=0.1,
+            **common,
+        ).fit(P, F),
+        "single_cg": Influence(
+            pre,
+            solver=CG(tol=1e-12, max_iter=500, preconditioner="jacobi"),
+            gauss_newton=True,
+            damping=0.1,
+            hessian_samples=37,
+            batch_size=8,
+        ).fit(P),
+        "single_one_sample": Influence(
+            pre, solver=CG(tol=1e-12, max_iter=500), gauss_newton=True, damping=0.1, hessian_samples=1, batch_size=8
+        ).fit(P),
     }
 
 
@@ -105,8 +139,9 @@ def run_distributed(out: Path) -> None:
     res = cases(out / "store")
     est = estimators()["fixed_cg"]
     res["rank_of_world"] = torch.tensor([r, distributed.world_size()])
-    res["hessian_shard"] = torch.tensor([len(est.pre_objective.batch), est.pre_objective.sample_offset,
-                                         est.pre_objective.total])
+    res["hessian_shard"] = torch.tensor(
+        [len(est.pre_objective.batch), est.pre_objective.sample_offset, est.pre_objective.total]
+    )
     torch.save(res, out / f"rank{r}.pt")
 
     import warnings
@@ -115,8 +150,10 @@ def run_distributed(out: Path) -> None:
 
     warnings.simplefilter("ignore")  # 20 CG iterations do not converge; expected here
     metrics = pipeline.run(compose_run(f"cache_dir={out / 'cache'}"), out / ("run" if r == 0 else f"run_rank{r}"))
-    torch.save({"mean_abs_score": metrics["influence"]["mean_abs_score"],
-                "world_size": metrics["influence"]["world_size"]}, out / f"run_rank{r}.pt")
+    torch.save(
+        {"mean_abs_score": metrics["influence"]["mean_abs_score"], "world_size": metrics["influence"]["world_size"]},
+        out / f"run_rank{r}.pt",
+    )
     torch.distributed.destroy_process_group()
 
 
@@ -131,8 +168,14 @@ def run_resume(root: Path, delay: float) -> None:
             return plain(*args, **kwargs)
 
         est.scores_from = slow
-    _, _, info = results.resumable_scores(est, (d["test"].x, d["test"].y), root, "resume-test", 2,
-                                          on_shard=lambda i, lo, hi: print(f"shard {i}", flush=True))
+    _, _, info = results.resumable_scores(
+        est,
+        (d["test"].x, d["test"].y),
+        root,
+        "resume-test",
+        2,
+        on_shard=lambda i, lo, hi: print(f"shard {i}", flush=True),
+    )
     print(json.dumps({k: info[k] for k in ("resumed_solve", "shards_computed", "shards_total")}), flush=True)
 
 

@@ -128,9 +128,19 @@ def test_jobs_measure_solvers_against_the_dense_solve(cache, tmp_path, capsys):
 @pytest.mark.slow
 def test_cli_multirun_collects_rows(cache, tmp_path):
     sweep = tmp_path / "sweep"  # the shared cache holds the trained models and the reference
-    proc = cli(["-m", "solver=cg,identity", *TINY, *DAMPED, "solver.tol=1e-8", f"cache_dir={cache}",
-                f"hydra.sweep.dir={sweep}"], tmp_path,
-               entry="from lissa_influence.experiments.app import accuracy_main; accuracy_main()")
+    proc = cli(
+        [
+            "-m",
+            "solver=cg,identity",
+            *TINY,
+            *DAMPED,
+            "solver.tol=1e-8",
+            f"cache_dir={cache}",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        tmp_path,
+        entry="from lissa_influence.experiments.app import accuracy_main; accuracy_main()",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(sweep / "solver_accuracy.csv", newline="") as f:
         rows = list(csv.DictReader(f))

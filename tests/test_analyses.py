@@ -27,10 +27,18 @@ from lissa_influence.experiments.data import DataConfig, load_two_stage
 from hydra_helpers import assert_png, compose_cfg
 
 TINY = [
-    "pretrain.train.steps=10", "pretrain.train.polish_iters=0",
-    "finetune.train.steps=10", "finetune.train.polish_iters=0",
-    "test_points=1", "pretrain.hessian_samples=32", "finetune.hessian_samples=32",
-    "solver.max_iter=10", "gauss_newton=true", "threads=1", "progress=false", "top_k=2",
+    "pretrain.train.steps=10",
+    "pretrain.train.polish_iters=0",
+    "finetune.train.steps=10",
+    "finetune.train.polish_iters=0",
+    "test_points=1",
+    "pretrain.hessian_samples=32",
+    "finetune.hessian_samples=32",
+    "solver.max_iter=10",
+    "gauss_newton=true",
+    "threads=1",
+    "progress=false",
+    "top_k=2",
 ]
 
 pytestmark = pytest.mark.filterwarnings("ignore::lissa_influence.SolverWarning", "ignore::UserWarning")
@@ -88,8 +96,15 @@ def test_finetune_size_preset(cache, tmp_path):
 
 
 def test_influential_examples_preset(cache, tmp_path):
-    cfg = compose_cfg("experiment=digits_influential_examples", *TINY, f"cache_dir={cache}", "analysis.remove=2",
-                      "validate.pretrain_steps=3", "validate.finetune_steps=3", "validate.polish_iters=0")
+    cfg = compose_cfg(
+        "experiment=digits_influential_examples",
+        *TINY,
+        f"cache_dir={cache}",
+        "analysis.remove=2",
+        "validate.pretrain_steps=3",
+        "validate.finetune_steps=3",
+        "validate.polish_iters=0",
+    )
     result = analyses.run(cfg, tmp_path)
     written = check_outputs(tmp_path, result, ["top_examples.png", "removal.png"])
     (point,) = written["points"]
@@ -109,10 +124,25 @@ def test_cli_dispatches_to_the_analysis(cache, tmp_path):
     package_root = str(Path(lissa_influence.__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "lissa_influence", "experiment=digits_influential_examples", *TINY,
-                           f"cache_dir={cache}", f"hydra.run.dir={out}", "analysis.remove=1", "validate.pretrain_steps=1",
-                           "validate.finetune_steps=1", "validate.polish_iters=0"],
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lissa_influence",
+            "experiment=digits_influential_examples",
+            *TINY,
+            f"cache_dir={cache}",
+            f"hydra.run.dir={out}",
+            "analysis.remove=1",
+            "validate.pretrain_steps=1",
+            "validate.finetune_steps=1",
+            "validate.polish_iters=0",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "influential_examples: removing the top 1 examples" in proc.stdout
     assert (out / "analysis.json").is_file() and not (out / "metrics.json").exists()
@@ -130,13 +160,19 @@ def test_paper_presets_compose():
     assert mnist.mode == "updated" and mnist.alpha == 0.01
     assert list(mnist.data.finetune_classes) == [4, 5, 6, 7, 8, 9]
     assert mnist.analysis.base_subsample == 5000 and mnist.analysis.factor == 3
-    d = analyses.variant(mnist, {"data.finetune_subsample": 15000, "finetune.train.steps": 3 * mnist.finetune.train.steps})
+    d = analyses.variant(
+        mnist, {"data.finetune_subsample": 15000, "finetune.train.steps": 3 * mnist.finetune.train.steps}
+    )
     assert d.data.finetune_subsample == 15000 and d.finetune.train.steps == 9000
     assert mnist.data.finetune_subsample == 5000  # variant() copies
 
     assert compose_cfg().analysis.name == "none"  # the main job by default
-    for name in ("digits_task_similarity", "digits_finetune_size", "digits_influential_examples",
-                 "mnist_influential_examples"):
+    for name in (
+        "digits_task_similarity",
+        "digits_finetune_size",
+        "digits_influential_examples",
+        "mnist_influential_examples",
+    ):
         assert compose_cfg(f"experiment={name}").analysis.name in analyses.ANALYSES
 
 
@@ -149,10 +185,14 @@ def test_unknown_or_incomplete_analysis_fails(tmp_path):
 
 def test_same_task_digits_split_is_the_pretraining_split():
     """Same-task finetuning must not test on pretraining examples (the digits hold out per stage)."""
-    same = load_two_stage(DataConfig(pretrain_classes=(0, 1, 2, 3), finetune_classes=(0, 1, 2, 3), finetune_subsample=None))
+    same = load_two_stage(
+        DataConfig(pretrain_classes=(0, 1, 2, 3), finetune_classes=(0, 1, 2, 3), finetune_subsample=None)
+    )
     for a, b in (("pretrain_train", "finetune_train"), ("pretrain_test", "finetune_test")):
         assert all(torch.equal(s, t) for s, t in zip(getattr(same, a).tensors, getattr(same, b).tensors))
-    partial = load_two_stage(DataConfig(pretrain_classes=(0, 1, 2, 3), finetune_classes=(3, 5), finetune_subsample=None))
+    partial = load_two_stage(
+        DataConfig(pretrain_classes=(0, 1, 2, 3), finetune_classes=(3, 5), finetune_subsample=None)
+    )
     pre = {tuple(r.flatten().tolist()) for r in partial.pretrain_train.tensors[0]}
     assert not any(tuple(r.flatten().tolist()) in pre for r in partial.finetune_test.tensors[0])
     assert set(partial.finetune_train.tensors[1].tolist()) == {0, 1}

@@ -33,14 +33,25 @@ from lissa_influence.experiments.data import DatasetNotFoundError
 from hydra_helpers import CONF, REPO, assert_png, compose_cfg
 
 TINY = [
-    "pretrain.train.steps=20", "pretrain.train.polish_iters=0",
-    "finetune.train.steps=20", "finetune.train.polish_iters=0",
-    "test_points=2", "pretrain.hessian_samples=64", "finetune.hessian_samples=64",
-    "solver.max_iter=20", "threads=1", "progress=false",
+    "pretrain.train.steps=20",
+    "pretrain.train.polish_iters=0",
+    "finetune.train.steps=20",
+    "finetune.train.polish_iters=0",
+    "test_points=2",
+    "pretrain.hessian_samples=64",
+    "finetune.hessian_samples=64",
+    "solver.max_iter=20",
+    "threads=1",
+    "progress=false",
 ]
 # Leave-one-out with a few Adam steps of retraining (the digits preset retrains with L-BFGS).
-TINY_VALIDATE = ["validate.enabled=true", "validate.num_examples=4", "validate.pretrain_steps=5",
-                 "validate.finetune_steps=5", "validate.polish_iters=0"]
+TINY_VALIDATE = [
+    "validate.enabled=true",
+    "validate.num_examples=4",
+    "validate.pretrain_steps=5",
+    "validate.finetune_steps=5",
+    "validate.polish_iters=0",
+]
 
 # 20 CG iterations do not converge; the warning says so, and is expected here.
 pytestmark = pytest.mark.filterwarnings("ignore::lissa_influence.SolverWarning")
@@ -56,15 +67,18 @@ def tiny(cache: Path, *extra: str):
     return compose_cfg(*TINY, f"cache_dir={cache}", *extra)
 
 
-def cli(args: list[str], cwd: Path, entry: str = "-m lissa_influence", timeout: float = 300) -> subprocess.CompletedProcess:
+def cli(
+    args: list[str], cwd: Path, entry: str = "-m lissa_influence", timeout: float = 300
+) -> subprocess.CompletedProcess:
     """Run the app in a fresh interpreter that imports the same ``lissa_influence`` as the tests."""
     env = dict(os.environ)
     package_root = str(Path(lissa_influence.__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
     env["HYDRA_FULL_ERROR"] = "0"
     prefix = entry.split(" ", 1) if entry.startswith("-m ") else ["-c", entry]
-    return subprocess.run([sys.executable, *prefix, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, *prefix, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def assert_outputs(out: Path, n_queries: int) -> dict:
@@ -125,15 +139,23 @@ def test_same_config_and_seed_give_identical_scores_and_reuse_the_cache(tmp_path
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("overrides, check", [
-    (["mode=updated", "gauss_newton=true"], lambda m: m["config"]["mode"] == "updated"),
-    (["solver=lissa", "solver.depth=30", "gauss_newton=true"],
-     lambda m: m["influence"]["pretrain"]["solver"] == "lissa" and m["influence"]["pretrain"]["scale"] > 0),
-    (["solver=identity"], lambda m: m["influence"]["pretrain"]["num_products"] == 0),
-    (["solver=explicit", "gauss_newton=true", "pretrain.hessian_samples=16", "finetune.hessian_samples=16"],
-     lambda m: m["influence"]["pretrain"]["solver"] == "explicit" and m["influence"]["pretrain"]["converged"]),
-    (["query=mean", "gauss_newton=true"], lambda m: m["influence"]["num_queries"] == 1),
-], ids=["mode=updated", "solver=lissa", "solver=identity", "solver=explicit", "query=mean"])
+@pytest.mark.parametrize(
+    "overrides, check",
+    [
+        (["mode=updated", "gauss_newton=true"], lambda m: m["config"]["mode"] == "updated"),
+        (
+            ["solver=lissa", "solver.depth=30", "gauss_newton=true"],
+            lambda m: m["influence"]["pretrain"]["solver"] == "lissa" and m["influence"]["pretrain"]["scale"] > 0,
+        ),
+        (["solver=identity"], lambda m: m["influence"]["pretrain"]["num_products"] == 0),
+        (
+            ["solver=explicit", "gauss_newton=true", "pretrain.hessian_samples=16", "finetune.hessian_samples=16"],
+            lambda m: m["influence"]["pretrain"]["solver"] == "explicit" and m["influence"]["pretrain"]["converged"],
+        ),
+        (["query=mean", "gauss_newton=true"], lambda m: m["influence"]["num_queries"] == 1),
+    ],
+    ids=["mode=updated", "solver=lissa", "solver=identity", "solver=explicit", "query=mean"],
+)
 def test_config_variants_run(cache, tmp_path, overrides, check):
     metrics = pipeline.run(tiny(cache, *overrides), tmp_path)
     n_queries = 1 if "query=mean" in overrides else 2
@@ -174,19 +196,56 @@ def test_missing_mnist_fails_before_training(tmp_path, monkeypatch):
     assert not (tmp_path / "cache").exists()
 
 
-@pytest.mark.parametrize("experiment, expected", [
-    ("mnist_fixed", {"data.name": "mnist", "model.arch": "mnist", "mode": "fixed", "validate.enabled": True,
-                     "pretrain.train.batch_size": 512, "finetune.train.batch_size": 512,
-                     "pretrain.damping": 1e-2, "finetune.damping": 1e-8, "pretrain.hessian_samples": 1000,
-                     "validate.pretrain_steps": 100, "validate.finetune_steps": 100, "model.dtype": "float32"}),
-    ("cifar_fixed", {"data.name": "cifar10", "model.arch": "cifar", "mode": "fixed", "validate.enabled": False,
-                     "pretrain.train.batch_size": 128, "finetune.train.batch_size": 128,
-                     "pretrain.damping": 1e-8, "finetune.damping": 1e-6, "data.pretrain_classes": [2, 6],
-                     "validate.pretrain_steps": 6000, "validate.finetune_steps": 3000}),
-    ("cifar_updated", {"model.arch": "cifar", "mode": "updated", "alpha": 0.01, "validate.finetune_steps": 1000}),
-    ("digits_updated", {"data.name": "digits", "model.arch": "digits", "mode": "updated", "model.dtype": "float64",
-                        "pretrain.damping": 1e-2, "pretrain.train.weight_decay": 1e-2}),
-])
+@pytest.mark.parametrize(
+    "experiment, expected",
+    [
+        (
+            "mnist_fixed",
+            {
+                "data.name": "mnist",
+                "model.arch": "mnist",
+                "mode": "fixed",
+                "validate.enabled": True,
+                "pretrain.train.batch_size": 512,
+                "finetune.train.batch_size": 512,
+                "pretrain.damping": 1e-2,
+                "finetune.damping": 1e-8,
+                "pretrain.hessian_samples": 1000,
+                "validate.pretrain_steps": 100,
+                "validate.finetune_steps": 100,
+                "model.dtype": "float32",
+            },
+        ),
+        (
+            "cifar_fixed",
+            {
+                "data.name": "cifar10",
+                "model.arch": "cifar",
+                "mode": "fixed",
+                "validate.enabled": False,
+                "pretrain.train.batch_size": 128,
+                "finetune.train.batch_size": 128,
+                "pretrain.damping": 1e-8,
+                "finetune.damping": 1e-6,
+                "data.pretrain_classes": [2, 6],
+                "validate.pretrain_steps": 6000,
+                "validate.finetune_steps": 3000,
+            },
+        ),
+        ("cifar_updated", {"model.arch": "cifar", "mode": "updated", "alpha": 0.01, "validate.finetune_steps": 1000}),
+        (
+            "digits_updated",
+            {
+                "data.name": "digits",
+                "model.arch": "digits",
+                "mode": "updated",
+                "model.dtype": "float64",
+                "pretrain.damping": 1e-2,
+                "pretrain.train.weight_decay": 1e-2,
+            },
+        ),
+    ],
+)
 def test_experiments_compose_with_their_presets(experiment, expected):
     cfg = compose_cfg(f"experiment={experiment}")
     config.check(cfg)
@@ -200,7 +259,13 @@ def test_experiments_compose_with_their_presets(experiment, expected):
 def test_default_config_composes():
     cfg = compose_cfg()
     config.check(cfg)
-    assert (cfg.data.name, cfg.model.arch, cfg.solver.name, cfg.mode, cfg.query) == ("digits", "digits", "cg", "fixed", "each")
+    assert (cfg.data.name, cfg.model.arch, cfg.solver.name, cfg.mode, cfg.query) == (
+        "digits",
+        "digits",
+        "cg",
+        "fixed",
+        "each",
+    )
     assert config.build_solver(cfg.solver).max_iter == 1000  # the digits preset raises CG's cap
     assert compose_cfg("data=mnist").model.arch == "mnist"  # model and preset follow data
     assert compose_cfg("data=mnist", "model=digits").model.arch == "digits"  # unless chosen
@@ -208,16 +273,19 @@ def test_default_config_composes():
     config.check(compose_cfg("pretrain.hessian_samples=500", "finetune.hessian_samples=all"))
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["mode=frozen"], "mode='frozen' is not one of"),
-    (["query=all"], "query='all' is not one of"),
-    (["solver.name=newton"], "solver.name='newton' is not one of"),
-    (["pretrain.damping=-1"], "pretrain.damping=-1.0 must be >= 0"),
-    (["mode=updated", "alpha=0"], "mode=updated needs alpha > 0"),
-    (["solver=lissa", "solver.scale=big"], "solver.scale='big'"),
-    (["pretrain.hessian_samples=0"], "pretrain.hessian_samples=0 must be a number >= 1 or 'all'"),
-    (["finetune.hessian_samples=most"], "finetune.hessian_samples='most' must be a number >= 1 or 'all'"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["mode=frozen"], "mode='frozen' is not one of"),
+        (["query=all"], "query='all' is not one of"),
+        (["solver.name=newton"], "solver.name='newton' is not one of"),
+        (["pretrain.damping=-1"], "pretrain.damping=-1.0 must be >= 0"),
+        (["mode=updated", "alpha=0"], "mode=updated needs alpha > 0"),
+        (["solver=lissa", "solver.scale=big"], "solver.scale='big'"),
+        (["pretrain.hessian_samples=0"], "pretrain.hessian_samples=0 must be a number >= 1 or 'all'"),
+        (["finetune.hessian_samples=most"], "finetune.hessian_samples='most' must be a number >= 1 or 'all'"),
+    ],
+)
 def test_check_rejects_bad_values(overrides, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         config.check(compose_cfg(*overrides))
@@ -253,7 +321,7 @@ def test_configuration_doc_matches_the_schema():
     documented = dict(rows)
     assert len(documented) == len(rows), "a key is listed twice"
     schema = _flat(OmegaConf.to_container(OmegaConf.structured(config.RunSchema)))
-    assert sorted(documented) == sorted(schema), (set(schema) ^ set(documented))
+    assert sorted(documented) == sorted(schema), set(schema) ^ set(documented)
     wrong = {k: (documented[k], _doc_value(v)) for k, v in schema.items() if documented[k] != _doc_value(v)}
     assert not wrong, f"documented default != schema default: {wrong}"
 
@@ -281,9 +349,15 @@ def test_cli_first_run_is_quiet_and_shows_progress(tmp_path):
     log): training shows progress, no warning, and the summary starts its own line."""
     run_dir = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=str(Path(lissa_influence.__file__).resolve().parents[1]))
-    proc = subprocess.run([sys.executable, "-m", "lissa_influence", f"cache_dir={tmp_path / 'cache'}",
-                           f"hydra.run.dir={run_dir}"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lissa_influence", f"cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert "Warning" not in proc.stdout, proc.stdout[-3000:]
     assert re.search(r"^multi-stage influence \(fixed, solver=cg\): 8 queries x 576", proc.stdout, re.M)
@@ -294,7 +368,13 @@ def test_cli_first_run_is_quiet_and_shows_progress(tmp_path):
 @pytest.mark.slow
 def test_cli_validate_entry_point(tmp_path):
     run_dir = tmp_path / "run"
-    args = [*TINY, "gauss_newton=true", *TINY_VALIDATE[1:], f"cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={run_dir}"]
+    args = [
+        *TINY,
+        "gauss_newton=true",
+        *TINY_VALIDATE[1:],
+        f"cache_dir={tmp_path / 'cache'}",
+        f"hydra.run.dir={run_dir}",
+    ]
     proc = cli(args, tmp_path, entry="from lissa_influence.experiments.app import validate_main; validate_main()")
     assert proc.returncode == 0, proc.stderr[-3000:]
     loo = json.loads((run_dir / "loo.json").read_text())
@@ -307,8 +387,17 @@ def test_cli_validate_entry_point(tmp_path):
 @pytest.mark.slow
 def test_cli_multirun_writes_a_summary(tmp_path):
     sweep = tmp_path / "sweep"
-    proc = cli(["-m", "solver=cg,identity", *TINY, "gauss_newton=true", f"cache_dir={tmp_path / 'cache'}",
-                f"hydra.sweep.dir={sweep}"], tmp_path)
+    proc = cli(
+        [
+            "-m",
+            "solver=cg,identity",
+            *TINY,
+            "gauss_newton=true",
+            f"cache_dir={tmp_path / 'cache'}",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = sorted(p.parent for p in sweep.glob("*/metrics.json"))
     assert len(jobs) == 2
@@ -322,11 +411,14 @@ def test_cli_multirun_writes_a_summary(tmp_path):
     assert proc.stdout.count("sweep summary") == 1 and "mean_abs_score" in proc.stdout
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("pretrain.dampin=1", ["pretrain.dampin", "Key 'dampin' not in 'StageSchema'"]),
-    ("test_points=abc", ["test_points", "could not be converted to Integer"]),
-    ("mode=frozen", ["mode='frozen' is not one of ('fixed', 'updated')"]),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("pretrain.dampin=1", ["pretrain.dampin", "Key 'dampin' not in 'StageSchema'"]),
+        ("test_points=abc", ["test_points", "could not be converted to Integer"]),
+        ("mode=frozen", ["mode='frozen' is not one of ('fixed', 'updated')"]),
+    ],
+)
 def test_cli_bad_config_fails_at_start(tmp_path, override, expected):
     run_dir, cache_dir = tmp_path / "run", tmp_path / "cache"
     proc = cli([override, f"cache_dir={cache_dir}", f"hydra.run.dir={run_dir}"], tmp_path, timeout=120)
@@ -361,8 +453,24 @@ def test_wheel_ships_the_configs(tmp_path):
         shutil.copy2(REPO / item, src / item)
     for folder in ("lissa_influence", "conf"):
         shutil.copytree(REPO / folder, src / folder, ignore=ignore)
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(src),
-                           "-w", str(tmp_path / "dist")], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            str(src),
+            "-w",
+            str(tmp_path / "dist"),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (wheel,) = (tmp_path / "dist").glob("lissa_influence-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())

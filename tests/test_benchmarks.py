@@ -19,8 +19,9 @@ BENCH = REPO / "benchmarks"
 def test_pydvl_comparison_skips_with_a_notice_without_pydvl():
     if importlib.util.find_spec("pydvl") is not None:
         pytest.skip("pyDVL is installed here; the skip path is for machines without it")
-    proc = subprocess.run([sys.executable, str(BENCH / "bench_pydvl.py"), "--threads", "1"], capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "bench_pydvl.py"), "--threads", "1"], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "pyDVL is not installed" in proc.stdout + proc.stderr and "pip install" in proc.stdout + proc.stderr
 
@@ -37,7 +38,7 @@ def test_solver_accuracy_suite_script_parses_and_its_overrides_compose():
             first = [o.split(",")[0] for o in overrides]
             for i, o in enumerate(overrides):
                 for value in o.split("=", 1)[1].split(","):
-                    chosen = first[:i] + [f"{o.split('=', 1)[0]}={value}"] + first[i + 1:]
+                    chosen = first[:i] + [f"{o.split('=', 1)[0]}={value}"] + first[i + 1 :]
                     cfg = compose(config_name="accuracy", overrides=chosen)
                     config.check(cfg)
                     config.build_solver(cfg.solver)

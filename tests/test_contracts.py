@@ -16,9 +16,22 @@ import torch
 
 import lissa_influence
 from conftest import TinyCNN, make_data, rel, train_full_batch
-from lissa_influence import (CG, DenseOperator, Explicit, Influence, InfluenceEstimator, LinearOperator, LiSSA,
-                             MultiStageInfluence, NegativeCurvatureError, SolveInfo, Solver, SolverError,
-                             SolverWarning, aslinearoperator)
+from lissa_influence import (
+    CG,
+    DenseOperator,
+    Explicit,
+    Influence,
+    InfluenceEstimator,
+    LinearOperator,
+    LiSSA,
+    MultiStageInfluence,
+    NegativeCurvatureError,
+    SolveInfo,
+    Solver,
+    SolverError,
+    SolverWarning,
+    aslinearoperator,
+)
 from lissa_influence.experiments.errors import config_terms, in_config_terms
 
 REPO = Path(lissa_influence.__file__).resolve().parents[1]
@@ -103,8 +116,9 @@ def two_stage():
 
 def msi(two_stage, solver) -> MultiStageInfluence:
     pre, ft, pre_data, ft_data = two_stage
-    return MultiStageInfluence(pre, ft, solver=solver, pretrain_damping=0.5, finetune_damping=0.5,
-                               hessian_samples="all").fit((pre_data.x, pre_data.y), (ft_data.x, ft_data.y))
+    return MultiStageInfluence(
+        pre, ft, solver=solver, pretrain_damping=0.5, finetune_damping=0.5, hessian_samples="all"
+    ).fit((pre_data.x, pre_data.y), (ft_data.x, ft_data.y))
 
 
 def test_a_user_written_solver_drives_the_chain(two_stage):
@@ -216,8 +230,9 @@ def test_hessian_samples_all_counts_and_bad_values(two_stage):
 
 def test_solver_errors_name_the_stage_and_its_damping(two_stage):
     pre, ft, pre_data, ft_data = two_stage
-    est = MultiStageInfluence(pre, ft, solver=CG(), pretrain_damping=-50.0, finetune_damping=0.5,
-                              hessian_samples="all").fit((pre_data.x, pre_data.y), (ft_data.x, ft_data.y))
+    est = MultiStageInfluence(
+        pre, ft, solver=CG(), pretrain_damping=-50.0, finetune_damping=0.5, hessian_samples="all"
+    ).fit((pre_data.x, pre_data.y), (ft_data.x, ft_data.y))
     with pytest.raises(NegativeCurvatureError, match=r"^pretrain solve \(pretrain_damping=-50\): CG met negative"):
         est.scores((ft_data.x[:1], ft_data.y[:1]))
 
@@ -235,18 +250,29 @@ def test_solver_errors_name_the_stage_and_its_damping(two_stage):
 
 
 # --- the app retells library messages in config keys ------------------------------------------
-@pytest.mark.parametrize("library, config", [
-    ("pretrain solve (pretrain_damping=0.01): ... (gauss_newton=True).",
-     "pretrain solve (pretrain.damping=0.01): ... (gauss_newton=true)."),
-    ("CG did not reach tol=1e-06 in 200 iterations; raise max_iter, add damping, or use preconditioner='jacobi'",
-     "CG did not reach solver.tol=1e-06 in 200 iterations; raise solver.max_iter, add damping, or use "
-     "solver.preconditioner=jacobi"),
-    ("diverged with scale=0.1: use scale ≥ 3 or scale='auto'; raise depth, lower scale",
-     "diverged with solver.scale=0.1: use solver.scale ≥ 3 or solver.scale=auto; raise solver.depth, lower solver.scale"),
-    ("hessian_samples=1000 exceeds the 862 finetuning examples (hessian_samples='all' asks for that)",
-     "finetune.hessian_samples=1000 exceeds the 862 finetuning examples (finetune.hessian_samples=all asks for that)"),
-    ("polish_tol=1e-8 and mode='updated'", "polish_tol=1e-8 and mode=updated"),
-])
+@pytest.mark.parametrize(
+    "library, config",
+    [
+        (
+            "pretrain solve (pretrain_damping=0.01): ... (gauss_newton=True).",
+            "pretrain solve (pretrain.damping=0.01): ... (gauss_newton=true).",
+        ),
+        (
+            "CG did not reach tol=1e-06 in 200 iterations; raise max_iter, add damping, or use preconditioner='jacobi'",
+            "CG did not reach solver.tol=1e-06 in 200 iterations; raise solver.max_iter, add damping, or use "
+            "solver.preconditioner=jacobi",
+        ),
+        (
+            "diverged with scale=0.1: use scale ≥ 3 or scale='auto'; raise depth, lower scale",
+            "diverged with solver.scale=0.1: use solver.scale ≥ 3 or solver.scale=auto; raise solver.depth, lower solver.scale",
+        ),
+        (
+            "hessian_samples=1000 exceeds the 862 finetuning examples (hessian_samples='all' asks for that)",
+            "finetune.hessian_samples=1000 exceeds the 862 finetuning examples (finetune.hessian_samples=all asks for that)",
+        ),
+        ("polish_tol=1e-8 and mode='updated'", "polish_tol=1e-8 and mode=updated"),
+    ],
+)
 def test_library_terms_become_config_keys(library, config):
     assert in_config_terms(library) == config
 

@@ -72,7 +72,9 @@ def test_digits_seed_determinism(digits):
 
 
 def test_digits_custom_classes_and_caps():
-    d = load_two_stage(DataConfig(pretrain_classes=(3, 7), finetune_classes=(3, 7), finetune_subsample=50, test_per_stage=10))
+    d = load_two_stage(
+        DataConfig(pretrain_classes=(3, 7), finetune_classes=(3, 7), finetune_subsample=50, test_per_stage=10)
+    )
     assert d.pretrain_classes == d.finetune_classes == (3, 7)
     assert len(d.finetune_train) == 50 and len(d.pretrain_test) == len(d.finetune_test) == 10
     assert set(d.pretrain_train.tensors[1].tolist()) == {0, 1}
@@ -141,10 +143,13 @@ def test_mnist_missing_files_offline(tmp_path):
     assert "train-images-idx3-ubyte" in message and "data.download=true" in message
 
 
-@pytest.mark.parametrize("name, downloader, advice", [
-    ("mnist", "torchvision.datasets.mnist.download_and_extract_archive", "put the uncompressed idx files there"),
-    ("cifar10", "torchvision.datasets.utils.download_and_extract_archive", "extract cifar-10-python.tar.gz"),
-])
+@pytest.mark.parametrize(
+    "name, downloader, advice",
+    [
+        ("mnist", "torchvision.datasets.mnist.download_and_extract_archive", "put the uncompressed idx files there"),
+        ("cifar10", "torchvision.datasets.utils.download_and_extract_archive", "extract cifar-10-python.tar.gz"),
+    ],
+)
 def test_failed_download_is_explained(tmp_path, monkeypatch, name, downloader, advice):
     def offline(*args, **kwargs):
         raise URLError("no internet")

@@ -82,17 +82,32 @@ def test_sharded_objectives_sum_to_the_whole_sample(mlp64):
     batch = make_data(23, (5,), 3, seed=4)
     full = Objective(mlp64, cross_entropy, params, batch, chunk_size=4)
     bounds = [distributed.shard_range(23, r, 3) for r in range(3)] + [(23, 23)]  # a 4th, empty shard
-    shards = [Objective(mlp64, cross_entropy, params, Batch(batch.x[lo:hi], batch.y[lo:hi]), chunk_size=4,
-                        sample_size=23, sample_offset=lo) for lo, hi in bounds]
+    shards = [
+        Objective(
+            mlp64,
+            cross_entropy,
+            params,
+            Batch(batch.x[lo:hi], batch.y[lo:hi]),
+            chunk_size=4,
+            sample_size=23,
+            sample_offset=lo,
+        )
+        for lo, hi in bounds
+    ]
     v = torch.randn(2, block.numel, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     products = {
-        "hvp": lambda o: o.hvp(block, v), "ggn": lambda o: o.ggn_vp(block, v[0]),
-        "mixed": lambda o: o.mixed_vp(W, U, v[:, W.numel:]), "gradient": lambda o: o.gradient(block),
+        "hvp": lambda o: o.hvp(block, v),
+        "ggn": lambda o: o.ggn_vp(block, v[0]),
+        "mixed": lambda o: o.mixed_vp(W, U, v[:, W.numel :]),
+        "gradient": lambda o: o.gradient(block),
         "value": lambda o: o.value(),
     }
     for name, f in products.items():
         torch.testing.assert_close(sum(f(o) for o in shards), f(full), rtol=1e-12, atol=1e-14, msg=name)
-    assert shards[-1].hvp(block, v).abs().max() == 0 and shards[-1].mixed_vp(W, U, v[:, W.numel:]).shape == (2, W.numel)
+    assert shards[-1].hvp(block, v).abs().max() == 0 and shards[-1].mixed_vp(W, U, v[:, W.numel :]).shape == (
+        2,
+        W.numel,
+    )
 
     ops = [CurvatureOperator(o, block) for o in [full, *shards]]
     draws = [op.minibatch(5, torch.Generator().manual_seed(3)) for op in ops]  # same generator state on every "rank"
@@ -112,9 +127,23 @@ def torchrun(tmp_path_factory, cache):
     single-process reference is computed meanwhile. Returns (OUT, reference)."""
     out = tmp_path_factory.mktemp("torchrun")
     (out / "cache").symlink_to(cache, target_is_directory=True)
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(HERE / "scale_worker.py"), "distributed", str(out)], env=env(), cwd=out,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(HERE / "scale_worker.py"),
+            "distributed",
+            str(out),
+        ],
+        env=env(),
+        cwd=out,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -155,8 +184,13 @@ def test_main_job_under_torchrun_then_resumed_in_one_process(torchrun, cache):
     run = out / "run"
     assert [torch.load(out / f"run_rank{r}.pt")["world_size"] for r in (0, 1)] == [2, 2]
     assert not (out / "run_rank1").exists()  # rank 1 was given its own folder and wrote nothing
-    assert sorted(p.name for p in run.iterdir()) == ["metrics.json", "query_vectors.npy", "scores", "scores.npy",
-                                                      "top_examples.png"]
+    assert sorted(p.name for p in run.iterdir()) == [
+        "metrics.json",
+        "query_vectors.npy",
+        "scores",
+        "scores.npy",
+        "top_examples.png",
+    ]
     distributed_scores = np.load(run / "scores.npy")
     assert json.loads((run / "metrics.json").read_text())["influence"]["world_size"] == 2
 
@@ -186,8 +220,14 @@ def test_other_ranks_keep_no_hydra_files(monkeypatch):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setattr(sys, "argv", ["lissa-influence", "-m", "seed=0,1", "hydra/job_logging=stdout"])
     app._quiet_other_ranks()
-    assert sys.argv == ["lissa-influence", "-m", "hydra.output_subdir=null", "hydra/hydra_logging=disabled",
-                        "seed=0,1", "hydra/job_logging=stdout"]
+    assert sys.argv == [
+        "lissa-influence",
+        "-m",
+        "hydra.output_subdir=null",
+        "hydra/hydra_logging=disabled",
+        "seed=0,1",
+        "hydra/job_logging=stdout",
+    ]
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setattr(sys, "argv", ["lissa-influence", "seed=1"])
     app._quiet_other_ranks()
@@ -228,7 +268,9 @@ def test_killed_scoring_resumes_to_the_uninterrupted_scores(tmp_path, capsys):
         assert info == {"resumed_solve": True, "shards_computed": 25 - killed_at, "shards_total": 25}
         est = scale_worker.estimators()["fixed_cg"]
         test = scale_worker.problem()[3]["test"]
-        _, expected, fresh = results.resumable_scores(est, (test.x, test.y), tmp_path / "uninterrupted", "resume-test", 2)
+        _, expected, fresh = results.resumable_scores(
+            est, (test.x, test.y), tmp_path / "uninterrupted", "resume-test", 2
+        )
     assert fresh["shards_computed"] == 25 and not fresh["resumed_solve"]
     m = json.loads((root / "manifest.json").read_text())
     on_disk = np.concatenate([np.load(root / s["file"]) for s in m["shards"]], axis=1)  # numpy and json only
@@ -247,8 +289,11 @@ def test_shard_store_refuses_another_config_and_checks_shapes(tmp_path):
     with pytest.raises(RuntimeError, match=r"shards \[0, 2\] are not computed"):
         reopened.assemble()
 
-    with pytest.raises(ResultsMismatchError, match=r"different configuration.*solver\.name: 'cg' -> 'lissa'.*"
-                                                   r"use a new output directory .* or delete"):
+    with pytest.raises(
+        ResultsMismatchError,
+        match=r"different configuration.*solver\.name: 'cg' -> 'lissa'.*"
+        r"use a new output directory .* or delete",
+    ):
         ShardStore(root, "bbbb", n=10, k=2, shard_size=4, config={"seed": 0, "solver": {"name": "lissa"}})
     with pytest.raises(ResultsMismatchError, match="different configuration"):
         ShardStore.check_folder(root, "bbbb")
@@ -277,8 +322,11 @@ def test_launcher_configs_compose():
     config.register()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         joblib = compose(config_name="config", overrides=["hydra/launcher=parallel"], return_hydra_config=True)
-        slurm = compose(config_name="config", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu"],
-                        return_hydra_config=True)
+        slurm = compose(
+            config_name="config",
+            overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu"],
+            return_hydra_config=True,
+        )
     assert joblib.hydra.launcher._target_.endswith("JoblibLauncher") and joblib.hydra.launcher.n_jobs == 2
     assert slurm.hydra.launcher._target_.endswith("SlurmLauncher") and slurm.hydra.launcher.partition == "gpu"
     assert slurm.hydra.launcher.tasks_per_node == 1 and slurm.hydra.launcher.timeout_min > 0
@@ -288,10 +336,25 @@ def test_launcher_configs_compose():
 def test_joblib_launcher_runs_a_two_job_sweep(tmp_path, cache):
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher", reason="hydra-joblib-launcher is not installed")
     sweep = tmp_path / "sweep"
-    proc = subprocess.run([sys.executable, "-m", "lissa_influence", "-m", "hydra/launcher=parallel",
-                           *scale_worker.TINY_RUN, f"cache_dir={cache}", "solver=identity", "query=each,mean",
-                           f"hydra.sweep.dir={sweep}"], cwd=tmp_path, env=env(), capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lissa_influence",
+            "-m",
+            "hydra/launcher=parallel",
+            *scale_worker.TINY_RUN,
+            f"cache_dir={cache}",
+            "solver=identity",
+            "query=each,mean",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp_path,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "Joblib.Parallel" in proc.stdout + proc.stderr
     queries = sorted(json.loads((sweep / j / "metrics.json").read_text())["config"]["query"] for j in ("0", "1"))

@@ -42,7 +42,11 @@ class CNNTwoStage:
             def closure():
                 opt.zero_grad()
                 prox = sum(((p - w) ** 2).sum() for p, w in zip(self.ft.embedding.parameters(), w_star))
-                loss = cross_entropy(self.ft(self.ft_data.x), self.ft_data.y) + alpha * prox + 0.025 * sum((p ** 2).sum() for p in self.ft.parameters())
+                loss = (
+                    cross_entropy(self.ft(self.ft_data.x), self.ft_data.y)
+                    + alpha * prox
+                    + 0.025 * sum((p**2).sum() for p in self.ft.parameters())
+                )
                 loss.backward()
                 return loss
 
@@ -50,12 +54,19 @@ class CNNTwoStage:
         self.mode, self.alpha = mode, alpha
 
     def msi(self, solver, **kw):
-        settings = dict(mode=self.mode, alpha=self.alpha, solver=solver, pretrain_damping=0.5,
-                        finetune_damping=0.2, hessian_samples=len(self.pre_data),
-                        finetune_hessian_samples=len(self.ft_data))
+        settings = dict(
+            mode=self.mode,
+            alpha=self.alpha,
+            solver=solver,
+            pretrain_damping=0.5,
+            finetune_damping=0.2,
+            hessian_samples=len(self.pre_data),
+            finetune_hessian_samples=len(self.ft_data),
+        )
         settings.update(kw)
         return MultiStageInfluence(self.pre, self.ft, **settings).fit(
-            (self.pre_data.x, self.pre_data.y), (self.ft_data.x, self.ft_data.y))
+            (self.pre_data.x, self.pre_data.y), (self.ft_data.x, self.ft_data.y)
+        )
 
 
 @pytest.fixture(scope="module", params=["fixed", "updated"])
@@ -85,7 +96,7 @@ def dense_reference(t: CNNTwoStage, lam_pre=0.5, lam_ft=0.2):
     scores = []
     for j in range(len(t.test)):
         f = wt.clone().requires_grad_(True)
-        loss = cross_entropy(functional_call(t.ft, WT.unflatten(f), (t.test.x[j:j + 1],)), t.test.y[j:j + 1])
+        loss = cross_entropy(functional_call(t.ft, WT.unflatten(f), (t.test.x[j : j + 1],)), t.test.y[j : j + 1])
         g = torch.autograd.grad(loss, f)[0]
         if t.mode == "fixed":
             v = torch.linalg.solve(H_ft[nW:, nW:] + lam_ft * torch.eye(T.numel, dtype=torch.float64), g[nW:])
@@ -99,7 +110,9 @@ def dense_reference(t: CNNTwoStage, lam_pre=0.5, lam_ft=0.2):
         row = []
         for i in range(len(t.pre_data)):
             f = wu.clone().requires_grad_(True)
-            li = cross_entropy(functional_call(t.pre, WU.unflatten(f), (t.pre_data.x[i:i + 1],)), t.pre_data.y[i:i + 1])
+            li = cross_entropy(
+                functional_call(t.pre, WU.unflatten(f), (t.pre_data.x[i : i + 1],)), t.pre_data.y[i : i + 1]
+            )
             row.append(-(s @ torch.autograd.grad(li, f)[0]))
         scores.append(torch.stack(row))
     return torch.stack(scores)
@@ -124,8 +137,8 @@ def test_single_stage_equals_dense_formula():
     loss = lambda f, x, y: cross_entropy(functional_call(model, block.unflatten(f), (x,)), y)  # noqa: E731
     theta = block.flatten(params)
     H = hessian(loss)(theta, train.x, train.y) + 0.5 * torch.eye(block.numel, dtype=torch.float64)
-    G_test = torch.stack([torch.func.grad(loss)(theta, test.x[j:j + 1], test.y[j:j + 1]) for j in range(3)])
-    G_train = torch.stack([torch.func.grad(loss)(theta, train.x[i:i + 1], train.y[i:i + 1]) for i in range(70)])
+    G_test = torch.stack([torch.func.grad(loss)(theta, test.x[j : j + 1], test.y[j : j + 1]) for j in range(3)])
+    G_train = torch.stack([torch.func.grad(loss)(theta, train.x[i : i + 1], train.y[i : i + 1]) for i in range(70)])
     expected = -G_test @ torch.linalg.solve(H, G_train.T)
     inf = Influence(model, solver=CG(tol=1e-13, max_iter=5000), damping=0.5, hessian_samples=70).fit((train.x, train.y))
     got = inf.scores((test.x, test.y))
@@ -160,8 +173,15 @@ def test_chain_steps_compose_to_query_vectors(cnn):
 @pytest.mark.parametrize("mode", ["fixed", "updated"])
 def test_matches_retraining_finite_differences(mode):
     ts = TwoStage.build(mode)
-    msi = MultiStageInfluence(ts.pre, ts.ft, mode=mode, alpha=ts.alpha, solver=Explicit(),
-                              pretrain_damping=ts.lam_pre, finetune_damping=ts.lam_ft)
+    msi = MultiStageInfluence(
+        ts.pre,
+        ts.ft,
+        mode=mode,
+        alpha=ts.alpha,
+        solver=Explicit(),
+        pretrain_damping=ts.lam_pre,
+        finetune_damping=ts.lam_ft,
+    )
     scores = msi.fit((ts.pre_data.x, ts.pre_data.y), (ts.ft_data.x, ts.ft_data.y)).scores((ts.test.x, ts.test.y))
     row = scores[0]
     helpful, harmful = int(row.argmin()), int(row.argmax())

@@ -62,7 +62,9 @@ def test_only_plain_smooth_layers_and_no_output_activation():
         assert any(isinstance(m, pool) for m in model.modules())
         assert not any(isinstance(m, (nn.AvgPool2d, nn.MaxPool2d)) and not isinstance(m, pool) for m in model.modules())
         assert isinstance(list(model.head.modules())[-1], nn.Linear)  # logits, no activation
-    cifar_acts = [type(m) for m in build_model("cifar", 3, 0).modules() if isinstance(m, (nn.Tanh, nn.Conv2d, nn.Linear))]
+    cifar_acts = [
+        type(m) for m in build_model("cifar", 3, 0).modules() if isinstance(m, (nn.Tanh, nn.Conv2d, nn.Linear))
+    ]
     # Tanh after each of the 4 convs and the first FC, none after the last FC.
     assert cifar_acts.count(nn.Tanh) == 5 and cifar_acts[-1] is nn.Linear
 
@@ -78,7 +80,12 @@ def test_names_split_into_embedding_and_head():
     model = build_model("mnist", 4, seed=0)
     names = [n for n, _ in model.named_parameters()]
     assert set(embedding_names(model)) | set(head_names(model)) == set(names)
-    assert embedding_names(model) == ["embedding.0.weight", "embedding.0.bias", "embedding.3.weight", "embedding.3.bias"]
+    assert embedding_names(model) == [
+        "embedding.0.weight",
+        "embedding.0.bias",
+        "embedding.3.weight",
+        "embedding.3.bias",
+    ]
     assert head_names(model) == ["head.0.weight", "head.0.bias"]
     assert set(embedding_state(model)) == set(embedding_names(model))
 
@@ -126,7 +133,11 @@ def test_finetune_copy_keeps_dtype():
 
 
 def test_unknown_arch_lists_valid_ones():
-    for make in (lambda: build_embedding("resnet"), lambda: build_head("resnet", 3), lambda: build_model("resnet", 3, 0)):
+    for make in (
+        lambda: build_embedding("resnet"),
+        lambda: build_head("resnet", 3),
+        lambda: build_model("resnet", 3, 0),
+    ):
         with pytest.raises(ValueError, match=r"digits.*mnist|cifar.*digits"):
             make()
 

@@ -196,7 +196,9 @@ def test_lissa_callback_reports_the_running_average(lissa_operator):
     assert [n for _, n in seen] == list(range(51, 91))  # after 50 power-iteration products
     assert torch.equal(seen[-1][0], x) and seen[-1][0].shape == b.shape
     seen, callback = record()
-    x, info = LiSSA(scale="auto", depth=20, repeats=3, batch_size=60, seed=1).solve(lissa_operator, b, callback=callback)
+    x, info = LiSSA(scale="auto", depth=20, repeats=3, batch_size=60, seed=1).solve(
+        lissa_operator, b, callback=callback
+    )
     assert len(seen) == 60 and seen[-1][1] == info.num_products
     assert torch.allclose(seen[-1][0], x, rtol=1e-12, atol=0)  # the average of the three recursions
 
@@ -213,8 +215,11 @@ def test_lissa_memory_is_flat_over_depth():
     # Cheap operator (an MLP on 10 examples): only memory growth over depth matters here.
     model = TinyMLP().double()
     params = named_params(model)
-    op = CurvatureOperator(Objective(model, cross_entropy, params, make_data(10, (5,), 3, seed=0)),
-                           make_block(params, lambda n: True), damping=1.0)
+    op = CurvatureOperator(
+        Objective(model, cross_entropy, params, make_data(10, (5,), 3, seed=0)),
+        make_block(params, lambda n: True),
+        damping=1.0,
+    )
     b = rhs(op, 1)[0]
 
     def peak(depth):

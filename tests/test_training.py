@@ -7,7 +7,13 @@ from torch.utils.data import TensorDataset
 
 from lissa_influence.experiments import training
 from lissa_influence.experiments.data import DataConfig, TwoStageData, load_two_stage
-from lissa_influence.experiments.models import ModelConfig, build_model, embedding_names, embedding_state, finetune_model_from
+from lissa_influence.experiments.models import (
+    ModelConfig,
+    build_model,
+    embedding_names,
+    embedding_state,
+    finetune_model_from,
+)
 from lissa_influence.experiments.training import (
     TrainConfig,
     finetune,
@@ -76,7 +82,9 @@ def test_pretrain_loss_goes_down_and_input_is_untouched(small):
     assert abs(report.loss - value(pretrain_objective(trained, x, y))) < 1e-5
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
     # reported gradient norm is the full-batch gradient of G
-    assert report.grad_norm == pytest.approx(grad_norm(pretrain_objective(trained, x, y), list(trained.parameters())), rel=1e-4)
+    assert report.grad_norm == pytest.approx(
+        grad_norm(pretrain_objective(trained, x, y), list(trained.parameters())), rel=1e-4
+    )
     assert report.examples == len(y) and report.steps == FAST.steps
     assert all(p.grad is None for p in trained.parameters())
 
@@ -135,7 +143,9 @@ def test_fixed_mode_keeps_embedding_bit_identical(small, pretrained):
     assert not torch.equal(trained.head[0].weight, ft.head[0].weight)
     assert report.loss < 0.5 * start
     # grad norm is over Theta only
-    assert report.grad_norm == pytest.approx(grad_norm(finetune_objective(trained, x, y, "fixed", 0.0, None), list(trained.head.parameters())), rel=1e-4)
+    assert report.grad_norm == pytest.approx(
+        grad_norm(finetune_objective(trained, x, y, "fixed", 0.0, None), list(trained.head.parameters())), rel=1e-4
+    )
 
 
 def test_fixed_mode_resets_embedding_to_new_w_star(small, pretrained):
@@ -251,7 +261,9 @@ def test_cache_hits_skip_training(small, tmp_path, monkeypatch):
     p1, f1, info1 = train_two_stage(small, model_cfg, cfg, cfg, "fixed", 0.01, tmp_path)
     assert (pre_calls.calls, ft_calls.calls) == (1, 1)
     assert not info1.pretrain_cached and not info1.finetune_cached
-    assert sorted(f.name for f in tmp_path.iterdir()) == sorted([f"{info1.pretrain_key}.pt", f"{info1.finetune_key}.pt"])
+    assert sorted(f.name for f in tmp_path.iterdir()) == sorted(
+        [f"{info1.pretrain_key}.pt", f"{info1.finetune_key}.pt"]
+    )
 
     p2, f2, info2 = train_two_stage(small, model_cfg, cfg, cfg, "fixed", 0.01, tmp_path)
     assert (pre_calls.calls, ft_calls.calls) == (1, 1)  # nothing retrained
@@ -269,7 +281,9 @@ def test_cache_hits_skip_training(small, tmp_path, monkeypatch):
     assert info3.pretrain_cached and not info3.finetune_cached and info3.pretrain_key == info1.pretrain_key
 
     # other pretraining settings or another dtype: a new key
-    _, _, info4 = train_two_stage(small, dataclasses.replace(model_cfg, dtype="float64"), cfg, cfg, "fixed", 0.01, tmp_path)
+    _, _, info4 = train_two_stage(
+        small, dataclasses.replace(model_cfg, dtype="float64"), cfg, cfg, "fixed", 0.01, tmp_path
+    )
     assert info4.pretrain_key != info1.pretrain_key and pre_calls.calls == 2
 
 

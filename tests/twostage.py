@@ -67,8 +67,10 @@ class TwoStage:
         x_pre = torch.randn(40, d, generator=g, dtype=torch.float64)
         y_pre = (x_pre @ teacher + 0.8 * torch.randn(40, 3, generator=g, dtype=torch.float64)).argmax(1)
         x_ft = torch.randn(30, d, generator=g, dtype=torch.float64)
-        y_ft = (x_ft[:, :2] @ torch.tensor([[1.0, -1.0], [0.5, 1.0]], dtype=torch.float64)
-                + 0.8 * torch.randn(30, 2, generator=g, dtype=torch.float64)).argmax(1)
+        y_ft = (
+            x_ft[:, :2] @ torch.tensor([[1.0, -1.0], [0.5, 1.0]], dtype=torch.float64)
+            + 0.8 * torch.randn(30, 2, generator=g, dtype=torch.float64)
+        ).argmax(1)
         x_te = torch.randn(3, d, generator=g, dtype=torch.float64)
         y_te = torch.tensor([0, 1, 1])
         torch.manual_seed(seed)
@@ -98,7 +100,9 @@ class TwoStage:
         def G(flat):
             loss = cross_entropy(functional_call(self.pre, block.unflatten(flat), (data.x,)), data.y)
             if z is not None:
-                loss = loss + eps * cross_entropy(functional_call(self.pre, block.unflatten(flat), (data.x[z:z + 1],)), data.y[z:z + 1])
+                loss = loss + eps * cross_entropy(
+                    functional_call(self.pre, block.unflatten(flat), (data.x[z : z + 1],)), data.y[z : z + 1]
+                )
             return loss + 0.5 * self.lam_pre * flat @ flat
 
         return G
@@ -109,9 +113,14 @@ class TwoStage:
     def retrain_finetune(self, w_star: torch.Tensor, start_wt: torch.Tensor) -> torch.Tensor:
         nW = self.W.numel
         if self.mode == "fixed":
+
             def F(theta):
                 p = {**self.W.unflatten(w_star), **self.T.unflatten(theta)}
-                return cross_entropy(functional_call(self.ft, p, (self.ft_data.x,)), self.ft_data.y) + 0.5 * self.lam_ft * theta @ theta
+                return (
+                    cross_entropy(functional_call(self.ft, p, (self.ft_data.x,)), self.ft_data.y)
+                    + 0.5 * self.lam_ft * theta @ theta
+                )
+
             return torch.cat([w_star, newton(F, start_wt[nW:])])
 
         block = self.W + self.T
@@ -128,4 +137,4 @@ class TwoStage:
         wt = self.retrain_finetune(wu[: self.W.numel], self.wt)
         p = (self.W + self.T).unflatten(wt)
         t = self.test
-        return float(cross_entropy(functional_call(self.ft, p, (t.x[query:query + 1],)), t.y[query:query + 1]))
+        return float(cross_entropy(functional_call(self.ft, p, (t.x[query : query + 1],)), t.y[query : query + 1]))

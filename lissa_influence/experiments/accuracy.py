@@ -110,8 +110,15 @@ def reference(cfg: Any, pretrained, finetuned, data, test) -> dict[str, Any]:
         inverses[stage] = DenseInverse.of(dense.matrix(op, op.size, g))
     v = inverses["finetune"].solve(msi.finetune_rhs(g))
     s = inverses["pretrain"].solve(msi.pretrain_rhs(v, g))
-    ref = {"config": hashed, "g": g, "v": v, "s": s, "scores": msi.scores_from(s), "inverses": inverses,
-           "seconds": time.perf_counter() - t0}
+    ref = {
+        "config": hashed,
+        "g": g,
+        "v": v,
+        "s": s,
+        "scores": msi.scores_from(s),
+        "inverses": inverses,
+        "seconds": time.perf_counter() - t0,
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")  # parallel jobs may build the same reference
     torch.save(ref, tmp)
@@ -138,8 +145,14 @@ def _solve(solver, op, b: torch.Tensor, trace: ErrorTrace | None) -> tuple[torch
         except (SolverError, MemoryError) as e:
             return None, {"status": f"{type(e).__name__}: {in_config_terms(str(e))}"}
     d = info.as_dict()
-    out = {"status": "ok", "iterations": d["iterations"], "hvps": full_products(solver, op, d["num_products"]) / b.shape[0],
-           "converged": d["converged"], "seconds": d["wall_time"], "final_residual": d["final_residual"]}
+    out = {
+        "status": "ok",
+        "iterations": d["iterations"],
+        "hvps": full_products(solver, op, d["num_products"]) / b.shape[0],
+        "converged": d["converged"],
+        "seconds": d["wall_time"],
+        "final_residual": d["final_residual"],
+    }
     solver_warnings = [w for w in caught if issubclass(w.category, SolverWarning)]
     for w in caught:  # anything else (a library's deprecation notice) is passed on
         if w not in solver_warnings:
@@ -168,10 +181,17 @@ def run(cfg: Any, out_dir: str | Path, overrides: list[str] | tuple[str, ...] = 
     g, rows, trace_on = ref["g"], ref["g"].shape[0], cfg.accuracy.trace
 
     row: dict[str, Any] = {
-        "label": " ".join(overrides) or "defaults", "overrides": " ".join(overrides), "mode": cfg.mode, "solver": cfg.solver.name,
-        "gauss_newton": cfg.gauss_newton, "query": cfg.query, "right_hand_sides": rows,
-        "finetune_params": msi.ft_block.numel, "pretrain_params": msi.pre_block.numel,
-        "finetune_damping": cfg.finetune.damping, "pretrain_damping": cfg.pretrain.damping,
+        "label": " ".join(overrides) or "defaults",
+        "overrides": " ".join(overrides),
+        "mode": cfg.mode,
+        "solver": cfg.solver.name,
+        "gauss_newton": cfg.gauss_newton,
+        "query": cfg.query,
+        "right_hand_sides": rows,
+        "finetune_params": msi.ft_block.numel,
+        "pretrain_params": msi.pre_block.numel,
+        "finetune_damping": cfg.finetune.damping,
+        "pretrain_damping": cfg.pretrain.damping,
         "reference_seconds": ref["seconds"],
         **{f"finetune_{k}": v for k, v in inv_ft.spectrum().items()},
         **{f"pretrain_{k}": v for k, v in inv_pre.spectrum().items()},
@@ -179,17 +199,25 @@ def run(cfg: Any, out_dir: str | Path, overrides: list[str] | tuple[str, ...] = 
     curves: dict[str, list] = {}
     t0 = time.perf_counter()
     b_ft = msi.finetune_rhs(g)
-    ft_trace = (ErrorTrace({"finetune": ref["v"]}, rows, partial(full_products, solver, msi.ft_operator))
-                if trace_on else None)
+    ft_trace = (
+        ErrorTrace({"finetune": ref["v"]}, rows, partial(full_products, solver, msi.ft_operator)) if trace_on else None
+    )
     v, ft = _solve(solver, msi.ft_operator, b_ft, ft_trace)
     row.update({f"finetune_{k}": x for k, x in ft.items()})
     if v is not None:
         row["finetune_error"] = relative_error(v, ref["v"])
         b_pre = msi.pretrain_rhs(v, g)
         s_same_rhs = inv_pre.solve(b_pre)  # the exact solve of the candidate's own right-hand side
-        pre_trace = (ErrorTrace({"pretrain": s_same_rhs, "query": ref["s"]}, rows,
-                                partial(full_products, solver, msi.pre_operator), {"query": ft["hvps"]})
-                     if trace_on else None)
+        pre_trace = (
+            ErrorTrace(
+                {"pretrain": s_same_rhs, "query": ref["s"]},
+                rows,
+                partial(full_products, solver, msi.pre_operator),
+                {"query": ft["hvps"]},
+            )
+            if trace_on
+            else None
+        )
         s, pre = _solve(solver, msi.pre_operator, b_pre, pre_trace)
         row.update({f"pretrain_{k}": x for k, x in pre.items()})
         if s is not None:
@@ -204,20 +232,54 @@ def run(cfg: Any, out_dir: str | Path, overrides: list[str] | tuple[str, ...] = 
     row["seconds"] = time.perf_counter() - t0
     failed = [row[k] for k in ("finetune_status", "pretrain_status") if row.get(k, "ok") != "ok"]
     row["status"] = failed[0] if failed else "ok"
-    payload = {"row": row, "curves": curves, "config": OmegaConf.to_container(cfg, resolve=True),
-               "versions": pipeline.versions()}
+    payload = {
+        "row": row,
+        "curves": curves,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "versions": pipeline.versions(),
+    }
     (out / "accuracy.json").write_text(json.dumps(payload, indent=2, default=str))
     print(format_rows([row]))
     return payload
 
 
 # -- summary ---------------------------------------------------------------------------
-COLUMNS = ["label", "status", "mode", "solver", "gauss_newton", "finetune_error", "pretrain_error", "query_error",
-           "scores_error", "pearson", "spearman", "top10_overlap", "hvps", "finetune_hvps", "pretrain_hvps",
-           "finetune_iterations", "pretrain_iterations", "finetune_converged", "pretrain_converged", "seconds",
-           "finetune_seconds", "pretrain_seconds", "finetune_condition", "pretrain_condition",
-           "finetune_min_eigenvalue", "pretrain_min_eigenvalue", "finetune_params", "pretrain_params",
-           "finetune_damping", "pretrain_damping", "right_hand_sides", "reference_seconds", "job", "overrides"]
+COLUMNS = [
+    "label",
+    "status",
+    "mode",
+    "solver",
+    "gauss_newton",
+    "finetune_error",
+    "pretrain_error",
+    "query_error",
+    "scores_error",
+    "pearson",
+    "spearman",
+    "top10_overlap",
+    "hvps",
+    "finetune_hvps",
+    "pretrain_hvps",
+    "finetune_iterations",
+    "pretrain_iterations",
+    "finetune_converged",
+    "pretrain_converged",
+    "seconds",
+    "finetune_seconds",
+    "pretrain_seconds",
+    "finetune_condition",
+    "pretrain_condition",
+    "finetune_min_eigenvalue",
+    "pretrain_min_eigenvalue",
+    "finetune_params",
+    "pretrain_params",
+    "finetune_damping",
+    "pretrain_damping",
+    "right_hand_sides",
+    "reference_seconds",
+    "job",
+    "overrides",
+]
 
 
 def collect(root: Path) -> list[dict[str, Any]]:
@@ -257,13 +319,18 @@ def summarise(root: str | Path, out: str | Path | None = None) -> list[dict[str,
     # solve's 1e-13 would only stretch the error axis)
     identity = [p for p in payloads if p["row"]["solver"] == "identity"]
     for name in sorted({r["solver"] for r in rows} - {"explicit", "identity"}):
-        plots.error_vs_hvps(out / f"error_vs_hvps_{name}.png", [p for p in payloads if p["row"]["solver"] == name] + identity)
+        plots.error_vs_hvps(
+            out / f"error_vs_hvps_{name}.png", [p for p in payloads if p["row"]["solver"] == name] + identity
+        )
     return rows
 
 
 def format_rows(rows: list[dict[str, Any]]) -> str:
-    return sweep.format_table(rows, ["label", "status", "finetune_error", "pretrain_error", "query_error", "spearman",
-                                     "hvps", "seconds"], max_width=60)
+    return sweep.format_table(
+        rows,
+        ["label", "status", "finetune_error", "pretrain_error", "query_error", "spearman", "hvps", "seconds"],
+        max_width=60,
+    )
 
 
 class AccuracySummary(Callback):
@@ -273,13 +340,17 @@ class AccuracySummary(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         rows = summarise(sweep_dir)
         if rows:
-            print(f"solver accuracy ({sweep_dir / 'solver_accuracy.csv'}, {sweep_dir / 'error_vs_hvps.png'}):\n"
-                  + format_rows(rows))
+            print(
+                f"solver accuracy ({sweep_dir / 'solver_accuracy.csv'}, {sweep_dir / 'error_vs_hvps.png'}):\n"
+                + format_rows(rows)
+            )
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m lissa_influence.experiments.accuracy",
-                                     description="Collect the accuracy.json rows of one or more sweep folders.")
+    parser = argparse.ArgumentParser(
+        prog="python -m lissa_influence.experiments.accuracy",
+        description="Collect the accuracy.json rows of one or more sweep folders.",
+    )
     parser.add_argument("root", help="folder searched recursively for accuracy.json (e.g. one suite's output)")
     parser.add_argument("--out", help="where solver_accuracy.csv and error_vs_hvps.png go (default: root)")
     args = parser.parse_args(argv)

@@ -69,16 +69,24 @@ def variant(cfg: Any, changes: dict[str, Any]) -> Any:
 
 def stats(scores: torch.Tensor) -> dict[str, float]:
     a = scores.double().flatten()
-    return {"mean_abs": float(a.abs().mean()), "median_abs": float(a.abs().median()), "std": float(a.std()),
-            "min": float(a.min()), "max": float(a.max()), "fraction_harmful": float((a > 0).double().mean())}
+    return {
+        "mean_abs": float(a.abs().mean()),
+        "median_abs": float(a.abs().median()),
+        "std": float(a.std()),
+        "min": float(a.min()),
+        "max": float(a.max()),
+        "fraction_harmful": float((a > 0).double().mean()),
+    }
 
 
 def _test_metrics(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
     ref = next(model.parameters())
     with torch.no_grad():
         logits = model(x.to(ref))
-        return {"test_loss": float(nnf.cross_entropy(logits, y.to(ref.device))),
-                "test_accuracy": float((logits.argmax(1).cpu() == y).double().mean())}
+        return {
+            "test_loss": float(nnf.cross_entropy(logits, y.to(ref.device))),
+            "test_accuracy": float((logits.argmax(1).cpu() == y).double().mean()),
+        }
 
 
 def score_setting(cfg: Any, label: str, out: Path) -> tuple[dict[str, Any], torch.Tensor]:
@@ -96,18 +104,27 @@ def score_setting(cfg: Any, label: str, out: Path) -> tuple[dict[str, Any], torc
     scores = msi.scores_from(torch.cat([s_mean, s_each]))
     np.save(out / f"scores_{label}.npy", scores.double().cpu().numpy())
     summary = {
-        "pretrain_classes": list(data.pretrain_classes), "finetune_classes": list(data.finetune_classes),
-        "num_pretrain": len(data.pretrain_train), "num_finetune": len(data.finetune_train),
-        "num_finetune_test": len(y_all), "finetune_steps": cfg.finetune.train.steps,
-        "training": {"pretrain": vars(info.pretrain_report), "finetune": vars(info.finetune_report),
-                     "pretrain_cached": info.pretrain_cached, "finetune_cached": info.finetune_cached},
+        "pretrain_classes": list(data.pretrain_classes),
+        "finetune_classes": list(data.finetune_classes),
+        "num_pretrain": len(data.pretrain_train),
+        "num_finetune": len(data.finetune_train),
+        "num_finetune_test": len(y_all),
+        "finetune_steps": cfg.finetune.train.steps,
+        "training": {
+            "pretrain": vars(info.pretrain_report),
+            "finetune": vars(info.finetune_report),
+            "pretrain_cached": info.pretrain_cached,
+            "finetune_cached": info.finetune_cached,
+        },
         **_test_metrics(finetuned, x_all, y_all),
         "mean_query": stats(scores[0]),
         "mean_abs": float(scores[0].abs().mean()),
         "test_indices": idx.tolist(),
         "mean_abs_per_point": float(scores[1:].abs().mean()),
         "per_point_mean_abs": scores[1:].abs().mean(1).tolist(),
-        "median_per_point_mean_abs": float(np.median(scores[1:].abs().mean(1).double().cpu().numpy())),  # robust to one hard point
+        "median_per_point_mean_abs": float(
+            np.median(scores[1:].abs().mean(1).double().cpu().numpy())
+        ),  # robust to one hard point
         "solver": {"mean_query": diag_mean, "per_point": diag_each},
     }
     return summary, scores
@@ -122,10 +139,21 @@ def plot_distributions(out: Path, scores: dict[str, np.ndarray], title: str) -> 
     rest: per test point). Writes ``distributions.png`` and ``distributions_per_point.png``."""
     points = {name: rows[1:].ravel() for name, rows in scores.items()}
     n_points = len(next(iter(scores.values()))) - 1
-    plots.histograms(out / "distributions.png", {name: rows[0] for name, rows in scores.items()},
-                     "influence I(z) on the mean test loss", title, clip=HIST_CLIP)
-    plots.histograms(out / "distributions_per_point.png", points, f"influence I(z) on each of {n_points} test points",
-                     title + " (per test point)", clip=HIST_CLIP, ylabel="(test point, pretraining example) pairs")
+    plots.histograms(
+        out / "distributions.png",
+        {name: rows[0] for name, rows in scores.items()},
+        "influence I(z) on the mean test loss",
+        title,
+        clip=HIST_CLIP,
+    )
+    plots.histograms(
+        out / "distributions_per_point.png",
+        points,
+        f"influence I(z) on each of {n_points} test points",
+        title + " (per test point)",
+        clip=HIST_CLIP,
+        ylabel="(test point, pretraining example) pairs",
+    )
 
 
 def _distributions(cfg: Any, out: Path, settings: dict[str, Any], title: str, names: dict[str, str]) -> dict[str, Any]:
@@ -146,38 +174,60 @@ def task_similarity(cfg: Any, out: Path) -> dict[str, Any]:
     a = cfg.analysis
     same = list(a.same_task_classes) if a.same_task_classes is not None else list(cfg.data.pretrain_classes)
     if a.other_task_classes is None:
-        raise ValueError("analysis=task_similarity needs analysis.other_task_classes (the finetuning task on other classes)")
+        raise ValueError(
+            "analysis=task_similarity needs analysis.other_task_classes (the finetuning task on other classes)"
+        )
     other = list(a.other_task_classes)
-    settings = {"same_task": variant(cfg, {"data.finetune_classes": same}),
-                "other_task": variant(cfg, {"data.finetune_classes": other})}
+    settings = {
+        "same_task": variant(cfg, {"data.finetune_classes": same}),
+        "other_task": variant(cfg, {"data.finetune_classes": other}),
+    }
     names = {"same_task": f"same task ({_class_label(same)})", "other_task": f"other task ({_class_label(other)})"}
-    results = _distributions(cfg, out, settings, f"{cfg.data.name}: finetuning-task similarity, embedding {cfg.mode}", names)
-    return {"settings": results,
-            "ratio_mean_abs": results["same_task"]["mean_abs"] / results["other_task"]["mean_abs"],
-            "ratio_mean_abs_per_point": results["same_task"]["mean_abs_per_point"] / results["other_task"]["mean_abs_per_point"],
-            "paper": {**PAPER["task_similarity"], "ratio": PAPER["task_similarity"]["same_task"] / PAPER["task_similarity"]["other_task"]}}
+    results = _distributions(
+        cfg, out, settings, f"{cfg.data.name}: finetuning-task similarity, embedding {cfg.mode}", names
+    )
+    return {
+        "settings": results,
+        "ratio_mean_abs": results["same_task"]["mean_abs"] / results["other_task"]["mean_abs"],
+        "ratio_mean_abs_per_point": results["same_task"]["mean_abs_per_point"]
+        / results["other_task"]["mean_abs_per_point"],
+        "paper": {
+            **PAPER["task_similarity"],
+            "ratio": PAPER["task_similarity"]["same_task"] / PAPER["task_similarity"]["other_task"],
+        },
+    }
 
 
 def finetune_size(cfg: Any, out: Path) -> dict[str, Any]:
     a = cfg.analysis
     base = a.base_subsample if a.base_subsample is not None else cfg.data.finetune_subsample
     if base is None:
-        raise ValueError("analysis=finetune_size needs analysis.base_subsample (or data.finetune_subsample): model C's finetuning examples")
+        raise ValueError(
+            "analysis=finetune_size needs analysis.base_subsample (or data.finetune_subsample): model C's finetuning examples"
+        )
     if a.factor < 2:
         raise ValueError(f"analysis.factor={a.factor} must be >= 2 (model D has factor x model C's examples and steps)")
     steps = cfg.finetune.train.steps
-    settings = {"C": variant(cfg, {"data.finetune_subsample": base}),
-                "D": variant(cfg, {"data.finetune_subsample": base * a.factor, "finetune.train.steps": steps * a.factor})}
-    names = {"C": f"model C ({base} examples, {steps} steps)",
-             "D": f"model D ({base * a.factor} examples, {steps * a.factor} steps)"}
+    settings = {
+        "C": variant(cfg, {"data.finetune_subsample": base}),
+        "D": variant(cfg, {"data.finetune_subsample": base * a.factor, "finetune.train.steps": steps * a.factor}),
+    }
+    names = {
+        "C": f"model C ({base} examples, {steps} steps)",
+        "D": f"model D ({base * a.factor} examples, {steps * a.factor} steps)",
+    }
     results = _distributions(cfg, out, settings, f"{cfg.data.name}: finetuning-set size, embedding {cfg.mode}", names)
     if results["D"]["num_finetune"] != base * a.factor:
-        raise ValueError(f"model D needs {base * a.factor} finetuning examples but the task has only "
-                         f"{results['D']['num_finetune']}; lower analysis.base_subsample")
-    return {"settings": results,
-            "ratio_mean_abs": results["C"]["mean_abs"] / results["D"]["mean_abs"],
-            "ratio_mean_abs_per_point": results["C"]["mean_abs_per_point"] / results["D"]["mean_abs_per_point"],
-            "paper": {**PAPER["finetune_size"], "ratio": PAPER["finetune_size"]["C"] / PAPER["finetune_size"]["D"]}}
+        raise ValueError(
+            f"model D needs {base * a.factor} finetuning examples but the task has only "
+            f"{results['D']['num_finetune']}; lower analysis.base_subsample"
+        )
+    return {
+        "settings": results,
+        "ratio_mean_abs": results["C"]["mean_abs"] / results["D"]["mean_abs"],
+        "ratio_mean_abs_per_point": results["C"]["mean_abs_per_point"] / results["D"]["mean_abs_per_point"],
+        "paper": {**PAPER["finetune_size"], "ratio": PAPER["finetune_size"]["C"] / PAPER["finetune_size"]["D"]},
+    }
 
 
 def influential_examples(cfg: Any, out: Path) -> dict[str, Any]:
@@ -208,33 +258,51 @@ def influential_examples(cfg: Any, out: Path) -> dict[str, Any]:
 
     with torch.no_grad():
         ref = next(finetuned.parameters())
-        trained_losses = nnf.cross_entropy(finetuned(x.to(ref)), y.to(ref.device), reduction="none").double().cpu().numpy()
+        trained_losses = (
+            nnf.cross_entropy(finetuned(x.to(ref)), y.to(ref.device), reduction="none").double().cpu().numpy()
+        )
     control = point_losses(None)
     points = []
     bar = progress_bar(2 * len(idx), "remove top examples", enabled=cfg.progress)
     for t in range(len(idx)):
         order = torch.argsort(scores[t])
-        row = {"test_index": int(idx[t]), "label": int(data.finetune_classes[int(y[t])]),
-               "trained_loss": float(trained_losses[t]), "control_loss": float(control[t])}
+        row = {
+            "test_index": int(idx[t]),
+            "label": int(data.finetune_classes[int(y[t])]),
+            "trained_loss": float(trained_losses[t]),
+            "control_loss": float(control[t]),
+        }
         for kind, chosen in (("harmful", order.flip(0)[:k]), ("helpful", order[:k])):
             chosen = chosen.tolist()
             retrained = float(point_losses(chosen)[t])
-            row[kind] = {"removed": chosen, "scores": scores[t, chosen].tolist(), "retrained_loss": retrained,
-                         "actual_change": retrained - float(control[t]),
-                         "predicted_change": float(-scores[t, chosen].sum() / m)}
+            row[kind] = {
+                "removed": chosen,
+                "scores": scores[t, chosen].tolist(),
+                "retrained_loss": retrained,
+                "actual_change": retrained - float(control[t]),
+                "predicted_change": float(-scores[t, chosen].sum() / m),
+            }
             bar.update()
         points.append(row)
     bar.close()
     plots.removal_bars(out / "removal.png", points, k)
-    return {"num_pretrain": m, "removed_per_check": k, "retrain": {"pretrain": vars(pre_cfg), "finetune": vars(ft_cfg)},
-            "training": {"pretrain": vars(info.pretrain_report), "finetune": vars(info.finetune_report)},
-            "solver": dict(msi.diagnostics), "top_examples": top, "points": points,
-            "harmful_removal_lowers_loss": [p["harmful"]["actual_change"] < 0 for p in points],
-            "helpful_removal_raises_loss": [p["helpful"]["actual_change"] > 0 for p in points]}
+    return {
+        "num_pretrain": m,
+        "removed_per_check": k,
+        "retrain": {"pretrain": vars(pre_cfg), "finetune": vars(ft_cfg)},
+        "training": {"pretrain": vars(info.pretrain_report), "finetune": vars(info.finetune_report)},
+        "solver": dict(msi.diagnostics),
+        "top_examples": top,
+        "points": points,
+        "harmful_removal_lowers_loss": [p["harmful"]["actual_change"] < 0 for p in points],
+        "helpful_removal_raises_loss": [p["helpful"]["actual_change"] > 0 for p in points],
+    }
 
 
 RUNNERS: dict[str, Callable[[Any, Path], dict[str, Any]]] = {
-    "task_similarity": task_similarity, "finetune_size": finetune_size, "influential_examples": influential_examples,
+    "task_similarity": task_similarity,
+    "finetune_size": finetune_size,
+    "influential_examples": influential_examples,
 }
 
 
@@ -263,15 +331,21 @@ def summary(r: dict[str, Any]) -> str:
         lines = [f"{name}: mean |I| (mean test loss of each task's test set; per test point in brackets)"]
         for label, s in r["settings"].items():
             paper = PAPER[name].get(label)
-            lines.append(f"  {label}: {s['mean_abs']:.4g} [{s['mean_abs_per_point']:.4g}]  "
-                         f"(finetune classes {s['finetune_classes']}, {s['num_finetune']} examples, "
-                         f"{s['finetune_steps']} steps; test loss {s['test_loss']:.3g}; paper {paper})")
-        lines.append(f"  ratio {r['ratio_mean_abs']:.3g} [{r['ratio_mean_abs_per_point']:.3g}], paper {r['paper']['ratio']:.3g}")
+            lines.append(
+                f"  {label}: {s['mean_abs']:.4g} [{s['mean_abs_per_point']:.4g}]  "
+                f"(finetune classes {s['finetune_classes']}, {s['num_finetune']} examples, "
+                f"{s['finetune_steps']} steps; test loss {s['test_loss']:.3g}; paper {paper})"
+            )
+        lines.append(
+            f"  ratio {r['ratio_mean_abs']:.3g} [{r['ratio_mean_abs_per_point']:.3g}], paper {r['paper']['ratio']:.3g}"
+        )
         return "\n".join(lines)
     lines = [f"influential_examples: removing the top {r['removed_per_check']} examples and retraining"]
     for p in r["points"]:
         h, g = p["harmful"], p["helpful"]
-        lines.append(f"  test point {p['test_index']} (label {p['label']}, loss {p['control_loss']:.4g}): "
-                     f"harmful removed {h['actual_change']:+.4g} (predicted {h['predicted_change']:+.4g}), "
-                     f"helpful removed {g['actual_change']:+.4g} (predicted {g['predicted_change']:+.4g})")
+        lines.append(
+            f"  test point {p['test_index']} (label {p['label']}, loss {p['control_loss']:.4g}): "
+            f"harmful removed {h['actual_change']:+.4g} (predicted {h['predicted_change']:+.4g}), "
+            f"helpful removed {g['actual_change']:+.4g} (predicted {g['predicted_change']:+.4g})"
+        )
     return "\n".join(lines)

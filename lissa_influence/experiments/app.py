@@ -52,8 +52,11 @@ def _quiet_other_ranks() -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or int(os.environ.get("RANK", "0")) == 0:
         return
     args = sys.argv[1:]
-    extra = [o for o in ("hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled")
-             if not any(a.startswith(o.split("=")[0] + "=") for a in args)]
+    extra = [
+        o
+        for o in ("hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled")
+        if not any(a.startswith(o.split("=")[0] + "=") for a in args)
+    ]
     at = next((i for i, a in enumerate(args) if "=" in a and not a.startswith("-")), len(args))
     sys.argv[1 + at : 1 + at] = extra
 

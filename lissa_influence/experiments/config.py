@@ -67,7 +67,9 @@ class SolverSchema:
     tol: float = 1e-6
     max_iter: int = 200
     preconditioner: Optional[str] = None  # null | jacobi
-    block: bool = True  # block CG: one Krylov space for all right-hand sides (rows run separately with a preconditioner)
+    block: bool = (
+        True  # block CG: one Krylov space for all right-hand sides (rows run separately with a preconditioner)
+    )
     # LiSSA
     scale: str = "auto"  # "auto" or a number
     damping: float = 0.0  # LiSSA's own damping d (adds d*scale to the stage damping)
@@ -179,13 +181,22 @@ def build_solver(node: Any):
     s = _plain(node)
     name = s["name"]
     if name == "cg":
-        return CG(tol=s["tol"], max_iter=s["max_iter"], preconditioner=s["preconditioner"], block=s["block"],
-                  seed=s["seed"])
+        return CG(
+            tol=s["tol"], max_iter=s["max_iter"], preconditioner=s["preconditioner"], block=s["block"], seed=s["seed"]
+        )
     if name == "lissa":
         scale = s["scale"]
         scale = scale if scale == "auto" else float(scale)
-        return LiSSA(scale=scale, damping=s["damping"], depth=s["depth"], repeats=s["repeats"],
-                     batch_size=s["batch_size"], seed=s["seed"], tol=s["tol"], safety=s["safety"])
+        return LiSSA(
+            scale=scale,
+            damping=s["damping"],
+            depth=s["depth"],
+            repeats=s["repeats"],
+            batch_size=s["batch_size"],
+            seed=s["seed"],
+            tol=s["tol"],
+            safety=s["safety"],
+        )
     if name == "explicit":
         return Explicit(method=s["method"], max_params=s["max_params"])
     if name == "identity":

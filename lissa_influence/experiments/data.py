@@ -35,7 +35,12 @@ DEFAULT_CLASSES: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
 
 CIFAR10_CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
-MNIST_RAW_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+MNIST_RAW_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
 CIFAR10_FOLDER = "cifar-10-batches-py"
 CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR10_TEST_FILES = ("test_batch",)
@@ -158,7 +163,9 @@ def load_two_stage(cfg: DataConfig) -> TwoStageData:
         splits = [((x - mean) / std, y) for x, y in splits]
     for what, (x, _) in zip(("pretrain_train", "pretrain_test", "finetune_train", "finetune_test"), splits):
         if len(x) == 0:
-            raise ValueError(f"{cfg.name}: the {what} split is empty; check the class lists and sizes in the data config")
+            raise ValueError(
+                f"{cfg.name}: the {what} split is empty; check the class lists and sizes in the data config"
+            )
     return TwoStageData(*(TensorDataset(x, y) for x, y in splits), pre_cls, ft_cls, cfg.name, cfg)
 
 

@@ -61,8 +61,14 @@ def config_terms() -> Iterator[None]:
     package) is shown in config keys when it is shown, not later."""
     original = warnings.showwarning
 
-    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
-             line: str | None = None) -> None:
+    def show(
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: Any = None,
+        line: str | None = None,
+    ) -> None:
         if issubclass(category, SolverWarning) or str(Path(filename).resolve()).startswith(_PACKAGE):
             message = category(in_config_terms(str(message)))
         original(message, category, filename, lineno, file, line)

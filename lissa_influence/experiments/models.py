@@ -32,7 +32,9 @@ class ModelConfig:
 class TwoStageNet(nn.Module):
     """``forward(x) = head(embedding(x))``; the two submodules split W from U/Theta."""
 
-    def __init__(self, embedding: nn.Module, head: nn.Module, arch: str = "", input_shape: tuple[int, ...] | None = None):
+    def __init__(
+        self, embedding: nn.Module, head: nn.Module, arch: str = "", input_shape: tuple[int, ...] | None = None
+    ):
         super().__init__()
         self.embedding = embedding
         self.head = head
@@ -60,8 +62,10 @@ def _digits_embedding() -> nn.Module:
     # Average pooling, unlike Table A's max-pooling, keeps the loss smooth, so that
     # L-BFGS reaches a true stationary point and the Hessian there is well defined.
     return nn.Sequential(
-        nn.Conv2d(1, 8, 3), nn.Tanh(),
-        nn.Conv2d(8, 16, 3), nn.Tanh(),
+        nn.Conv2d(1, 8, 3),
+        nn.Tanh(),
+        nn.Conv2d(8, 16, 3),
+        nn.Tanh(),
         nn.AvgPool2d(2, 2),
         nn.Flatten(),
     )
@@ -70,8 +74,12 @@ def _digits_embedding() -> nn.Module:
 def _mnist_embedding() -> nn.Module:
     # 1x28x28 -> 32x24x24 -> 32x12x12 -> 64x8x8 -> 64x4x4 = 1024 features.
     return nn.Sequential(
-        nn.Conv2d(1, 32, 5), nn.Tanh(), nn.MaxPool2d(2, 2),
-        nn.Conv2d(32, 64, 5), nn.Tanh(), nn.MaxPool2d(2, 2),
+        nn.Conv2d(1, 32, 5),
+        nn.Tanh(),
+        nn.MaxPool2d(2, 2),
+        nn.Conv2d(32, 64, 5),
+        nn.Tanh(),
+        nn.MaxPool2d(2, 2),
         nn.Flatten(),
     )
 
@@ -79,12 +87,16 @@ def _mnist_embedding() -> nn.Module:
 def _cifar_embedding() -> nn.Module:
     # 3x32x32 -> 30 -> 27 -> pool 13 -> 12 -> pool 6 -> 5 -> pool 2: 128x2x2 = 512 features.
     return nn.Sequential(
-        nn.Conv2d(3, 32, 3), nn.Tanh(),
-        nn.Conv2d(32, 64, 4), nn.Tanh(),
+        nn.Conv2d(3, 32, 3),
+        nn.Tanh(),
+        nn.Conv2d(32, 64, 4),
+        nn.Tanh(),
         nn.MaxPool2d(2, 2),
-        nn.Conv2d(64, 128, 2), nn.Tanh(),
+        nn.Conv2d(64, 128, 2),
+        nn.Tanh(),
         nn.MaxPool2d(2, 2),
-        nn.Conv2d(128, 128, 2), nn.Tanh(),
+        nn.Conv2d(128, 128, 2),
+        nn.Tanh(),
         nn.MaxPool2d(2, 2),
         nn.Flatten(),
     )

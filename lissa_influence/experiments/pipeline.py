@@ -47,12 +47,19 @@ def versions() -> dict[str, str]:
     import scipy
     import torchvision
 
-    out = {"lissa_influence": __version__, "python": platform.python_version(), "torch": torch.__version__,
-           "torchvision": torchvision.__version__, "numpy": np.__version__, "scipy": scipy.__version__,
-           "hydra": hydra.__version__}
+    out = {
+        "lissa_influence": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": np.__version__,
+        "scipy": scipy.__version__,
+        "hydra": hydra.__version__,
+    }
     try:  # a source checkout records its commit; an installed wheel has none
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                                text=True, timeout=5)
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
         if commit.returncode == 0:
             out["git_commit"] = commit.stdout.strip()
     except (OSError, subprocess.SubprocessError):
@@ -64,9 +71,15 @@ def train(cfg: Any) -> tuple[TwoStageData, torch.nn.Module, torch.nn.Module, Any
     """Load the data and train (or load from the cache) both stages."""
     data = load_two_stage(config.to_frozen(DataConfig, cfg.data))
     pretrained, finetuned, info = train_two_stage(
-        data, config.to_frozen(ModelConfig, cfg.model), config.to_frozen(TrainConfig, cfg.pretrain.train),
-        config.to_frozen(TrainConfig, cfg.finetune.train), cfg.mode, cfg.alpha, Path(cfg.cache_dir).expanduser(),
-        progress=cfg.progress and distributed.is_main())
+        data,
+        config.to_frozen(ModelConfig, cfg.model),
+        config.to_frozen(TrainConfig, cfg.pretrain.train),
+        config.to_frozen(TrainConfig, cfg.finetune.train),
+        cfg.mode,
+        cfg.alpha,
+        Path(cfg.cache_dir).expanduser(),
+        progress=cfg.progress and distributed.is_main(),
+    )
     return data, pretrained, finetuned, info
 
 
@@ -77,11 +90,22 @@ def test_indices(n: int, count: int, seed: int) -> torch.Tensor:
 
 def build_influence(cfg: Any, pretrained, finetuned, data: TwoStageData) -> MultiStageInfluence:
     msi = MultiStageInfluence(
-        pretrained, finetuned, shared="embedding", mode=cfg.mode, alpha=cfg.alpha, solver=config.build_solver(cfg.solver),
-        pretrain_damping=cfg.pretrain.damping, finetune_damping=cfg.finetune.damping,
-        hessian_samples=cfg.pretrain.hessian_samples, finetune_hessian_samples=cfg.finetune.hessian_samples,
-        seed=cfg.seed, gauss_newton=cfg.gauss_newton, batch_size=cfg.batch_size, scoring=cfg.scoring,
-        progress=cfg.progress)
+        pretrained,
+        finetuned,
+        shared="embedding",
+        mode=cfg.mode,
+        alpha=cfg.alpha,
+        solver=config.build_solver(cfg.solver),
+        pretrain_damping=cfg.pretrain.damping,
+        finetune_damping=cfg.finetune.damping,
+        hessian_samples=cfg.pretrain.hessian_samples,
+        finetune_hessian_samples=cfg.finetune.hessian_samples,
+        seed=cfg.seed,
+        gauss_newton=cfg.gauss_newton,
+        batch_size=cfg.batch_size,
+        scoring=cfg.scoring,
+        progress=cfg.progress,
+    )
     return msi.fit(data.pretrain_train, data.finetune_train)
 
 
@@ -101,8 +125,14 @@ def top_examples(scores: torch.Tensor, k: int) -> list[dict[str, list]]:
     for row in scores:
         helpful = torch.argsort(row)[:k]
         harmful = torch.argsort(row, descending=True)[:k]
-        out.append({"helpful": helpful.tolist(), "helpful_scores": row[helpful].tolist(),
-                    "harmful": harmful.tolist(), "harmful_scores": row[harmful].tolist()})
+        out.append(
+            {
+                "helpful": helpful.tolist(),
+                "helpful_scores": row[helpful].tolist(),
+                "harmful": harmful.tolist(),
+                "harmful_scores": row[harmful].tolist(),
+            }
+        )
     return out
 
 
@@ -125,19 +155,29 @@ def run(cfg: Any, out_dir: str | Path) -> dict[str, Any]:
         data, pretrained, finetuned, info = train(cfg)
     distributed.broadcast_module(pretrained)  # identical weights on every rank, even without a shared cache
     distributed.broadcast_module(finetuned)
-    log.info("trained: pretrain loss %.4g (|grad| %.2g%s), finetune loss %.4g (|grad| %.2g%s)",
-             info.pretrain_report.loss, info.pretrain_report.grad_norm, ", cached" if info.pretrain_cached else "",
-             info.finetune_report.loss, info.finetune_report.grad_norm, ", cached" if info.finetune_cached else "")
+    log.info(
+        "trained: pretrain loss %.4g (|grad| %.2g%s), finetune loss %.4g (|grad| %.2g%s)",
+        info.pretrain_report.loss,
+        info.pretrain_report.grad_norm,
+        ", cached" if info.pretrain_cached else "",
+        info.finetune_report.loss,
+        info.finetune_report.grad_norm,
+        ", cached" if info.finetune_cached else "",
+    )
 
     idx = test_indices(len(data.finetune_test), cfg.test_points, cfg.seed)
     x_test, y_test = (t[idx] for t in data.finetune_test.tensors)
     msi = build_influence(cfg, pretrained, finetuned, data)
-    s, scores, resumed = results.resumable_scores(msi, (x_test, y_test), out / "scores", key, cfg.shard_size,
-                                                  mean=cfg.query == "mean", config=hashed)
+    s, scores, resumed = results.resumable_scores(
+        msi, (x_test, y_test), out / "scores", key, cfg.shard_size, mean=cfg.query == "mean", config=hashed
+    )
     solve_diagnostics = dict(resumed["solve"])
     solve_diagnostics["time"] = {**solve_diagnostics.get("time", {}), "scoring": resumed["scoring_time"]}
-    solve_diagnostics["resumed"] = {"solve": resumed["resumed_solve"], "shards_computed": resumed["shards_computed"],
-                                    "shards_total": resumed["shards_total"]}
+    solve_diagnostics["resumed"] = {
+        "solve": resumed["resumed_solve"],
+        "shards_computed": resumed["shards_computed"],
+        "shards_total": resumed["shards_total"],
+    }
     solve_diagnostics["world_size"] = distributed.world_size()
 
     top = top_examples(scores, cfg.top_k)
@@ -145,13 +185,21 @@ def run(cfg: Any, out_dir: str | Path) -> dict[str, Any]:
         "config": OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg,
         "versions": versions(),
         "data": data.describe(),
-        "training": {"pretrain": vars(info.pretrain_report), "finetune": vars(info.finetune_report),
-                     "pretrain_cached": info.pretrain_cached, "finetune_cached": info.finetune_cached},
+        "training": {
+            "pretrain": vars(info.pretrain_report),
+            "finetune": vars(info.finetune_report),
+            "pretrain_cached": info.pretrain_cached,
+            "finetune_cached": info.finetune_cached,
+        },
         "test_indices": idx.tolist(),
         "test_labels": y_test.tolist(),
-        "influence": {**solve_diagnostics, "num_pretrain": scores.shape[1], "num_queries": scores.shape[0],
-                      "mean_abs_score": float(scores.abs().mean()),
-                      "score_range": [float(scores.min()), float(scores.max())]},
+        "influence": {
+            **solve_diagnostics,
+            "num_pretrain": scores.shape[1],
+            "num_queries": scores.shape[0],
+            "mean_abs_score": float(scores.abs().mean()),
+            "score_range": [float(scores.min()), float(scores.max())],
+        },
         "top_examples": top,
     }
     if not main:  # the other ranks of a torchrun job: same numbers, no files
@@ -159,8 +207,9 @@ def run(cfg: Any, out_dir: str | Path) -> dict[str, Any]:
     np.save(out / "scores.npy", scores.double().cpu().numpy())
     np.save(out / "query_vectors.npy", s.double().cpu().numpy())
     if cfg.query == "each":
-        plots.top_examples_grid(out / "top_examples.png", x_test, y_test, data, top, data.finetune_classes,
-                                data.pretrain_classes)
+        plots.top_examples_grid(
+            out / "top_examples.png", x_test, y_test, data, top, data.finetune_classes, data.pretrain_classes
+        )
     if cfg.validate.enabled:
         from . import validation
 
@@ -180,13 +229,19 @@ def summary(m: dict[str, Any]) -> str:
         d = inf.get(stage)
         if d:
             res = d.get("final_residual")
-            lines.append(f"  {stage} solve: {d['iterations']} iterations, {d['num_products']} products, "
-                         f"converged={d['converged']}" + (f", residual {res:.2g}" if res is not None else ""))
+            lines.append(
+                f"  {stage} solve: {d['iterations']} iterations, {d['num_products']} products, "
+                f"converged={d['converged']}" + (f", residual {res:.2g}" if res is not None else "")
+            )
     lines.append("  time: " + ", ".join(f"{k} {v:.2f}s" for k, v in inf["time"].items()))
     for q, t in enumerate(m["top_examples"][:3]):
-        lines.append(f"  query {q}: most helpful {t['helpful'][:3]} {[round(v, 4) for v in t['helpful_scores'][:3]]}, "
-                     f"most harmful {t['harmful'][:3]} {[round(v, 4) for v in t['harmful_scores'][:3]]}")
+        lines.append(
+            f"  query {q}: most helpful {t['helpful'][:3]} {[round(v, 4) for v in t['helpful_scores'][:3]]}, "
+            f"most harmful {t['harmful'][:3]} {[round(v, 4) for v in t['harmful_scores'][:3]]}"
+        )
     if "validation" in m:
         v = m["validation"]
-        lines.append(f"  leave-one-out: Pearson {v['pearson']:.3f}, Spearman {v['spearman']:.3f} over {v['num_examples']} examples")
+        lines.append(
+            f"  leave-one-out: Pearson {v['pearson']:.3f}, Spearman {v['spearman']:.3f} over {v['num_examples']} examples"
+        )
     return "\n".join(lines)

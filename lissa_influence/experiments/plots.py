@@ -20,8 +20,15 @@ def _image(x: torch.Tensor) -> np.ndarray:
     return a[0].numpy() if a.shape[0] == 1 else a.permute(1, 2, 0).numpy()
 
 
-def top_examples_grid(path: Path, x_test: torch.Tensor, y_test: torch.Tensor, data, top: list[dict],
-                      ft_classes: Sequence[int], pre_classes: Sequence[int]) -> None:
+def top_examples_grid(
+    path: Path,
+    x_test: torch.Tensor,
+    y_test: torch.Tensor,
+    data,
+    top: list[dict],
+    ft_classes: Sequence[int],
+    pre_classes: Sequence[int],
+) -> None:
     """One row per test point: the test image, then its most helpful and most harmful
     pretraining examples with their scores ``I(z)``."""
     k = len(top[0]["helpful"])
@@ -35,7 +42,9 @@ def top_examples_grid(path: Path, x_test: torch.Tensor, y_test: torch.Tensor, da
             ax = axes[r, 1 + c]
             ax.imshow(_image(x_pre[i]), cmap="gray")
             kind = "helps" if c < k else "harms"
-            ax.set_title(f"{kind} {pre_classes[int(y_pre[i])]}\n{s:.3g}", fontsize=6, color="tab:green" if c < k else "tab:red")
+            ax.set_title(
+                f"{kind} {pre_classes[int(y_pre[i])]}\n{s:.3g}", fontsize=6, color="tab:green" if c < k else "tab:red"
+            )
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
@@ -45,7 +54,9 @@ def top_examples_grid(path: Path, x_test: torch.Tensor, y_test: torch.Tensor, da
     plt.close(fig)
 
 
-def loo_scatter(path: Path, predicted: np.ndarray, actual: np.ndarray, pearson: float, spearman: float, title: str) -> None:
+def loo_scatter(
+    path: Path, predicted: np.ndarray, actual: np.ndarray, pearson: float, spearman: float, title: str
+) -> None:
     """Leave-one-out (the paper's Figure A): true test-loss change on removal vs the predicted ``−I(z)/m``."""
     fig, ax = plt.subplots(figsize=(4.2, 4))
     ax.scatter(predicted, actual, s=14, alpha=0.8)
@@ -59,8 +70,14 @@ def loo_scatter(path: Path, predicted: np.ndarray, actual: np.ndarray, pearson: 
     plt.close(fig)
 
 
-def histograms(path: Path, series: dict[str, np.ndarray], xlabel: str, title: str, clip: float | None = None,
-               ylabel: str = "pretraining examples") -> None:
+def histograms(
+    path: Path,
+    series: dict[str, np.ndarray],
+    xlabel: str,
+    title: str,
+    clip: float | None = None,
+    ylabel: str = "pretraining examples",
+) -> None:
     """Overlaid histograms of score distributions (the paper's Figures B and C).
 
     ``clip``: show only the central ``1 - 2 clip`` of the pooled values (heavy tails
@@ -69,7 +86,7 @@ def histograms(path: Path, series: dict[str, np.ndarray], xlabel: str, title: st
     """
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     pooled = np.concatenate([np.ravel(v) for v in series.values()])
-    lo, hi = (np.quantile(pooled, [clip, 1 - clip]) if clip else (pooled.min(), pooled.max()))
+    lo, hi = np.quantile(pooled, [clip, 1 - clip]) if clip else (pooled.min(), pooled.max())
     # One set of bin edges for every series, so the bars compare; one filled outline per
     # series (not a patch per bin: far faster to draw).
     edges = np.linspace(lo, hi, 61) if hi > lo else 60
@@ -95,10 +112,12 @@ def removal_bars(path: Path, points: list[dict], k: int) -> None:
     retraining, beside the linear prediction ``Σ −I(z)/m`` (harmful removal should lower
     the loss, helpful raise it)."""
     fig, axes = plt.subplots(1, len(points), figsize=(2.4 * len(points) + 0.6, 3.2), squeeze=False)
-    bars = [("harmful", "predicted_change", "harmful\npredicted", "tab:red", 0.4),
-            ("harmful", "actual_change", "harmful\nmeasured", "tab:red", 0.95),
-            ("helpful", "predicted_change", "helpful\npredicted", "tab:green", 0.4),
-            ("helpful", "actual_change", "helpful\nmeasured", "tab:green", 0.95)]
+    bars = [
+        ("harmful", "predicted_change", "harmful\npredicted", "tab:red", 0.4),
+        ("harmful", "actual_change", "harmful\nmeasured", "tab:red", 0.95),
+        ("helpful", "predicted_change", "helpful\npredicted", "tab:green", 0.4),
+        ("helpful", "actual_change", "helpful\nmeasured", "tab:green", 0.95),
+    ]
     for ax, p in zip(axes[0], points):
         for j, (kind, key, _, color, alpha) in enumerate(bars):
             ax.bar(j, p[kind][key], 0.8, color=color, alpha=alpha)
@@ -108,7 +127,9 @@ def removal_bars(path: Path, points: list[dict], k: int) -> None:
         ax.tick_params(axis="y", labelsize=6)
         ax.set_title(f"test point {p['test_index']} (label {p['label']})\nloss {p['control_loss']:.3g}", fontsize=7)
     axes[0, 0].set_ylabel("test-loss change after retraining", fontsize=7)
-    fig.suptitle(f"removing the top {k} harmful / helpful pretraining examples (light: predicted Σ −I(z)/m)", fontsize=8)
+    fig.suptitle(
+        f"removing the top {k} harmful / helpful pretraining examples (light: predicted Σ −I(z)/m)", fontsize=8
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -120,9 +141,11 @@ def error_vs_hvps(path: Path, payloads: list[dict]) -> None:
     trace, or its final point), for the finetune solve, the pretrain solve and the final
     query vectors; and the Spearman correlation of the scores versus total products.
     Identity (no products) is a dashed horizontal line."""
-    panels = [("finetune", "finetune_error", "finetune_hvps", "finetune solve"),
-              ("pretrain", "pretrain_error", "pretrain_hvps", "pretrain solve (same right-hand side)"),
-              ("query", "query_error", "hvps", "final query vectors s (end to end)")]
+    panels = [
+        ("finetune", "finetune_error", "finetune_hvps", "finetune solve"),
+        ("pretrain", "pretrain_error", "pretrain_hvps", "pretrain solve (same right-hand side)"),
+        ("query", "query_error", "hvps", "final query vectors s (end to end)"),
+    ]
     fig, grid = plt.subplots(2, 2, figsize=(12, 9.5))
     axes = grid.ravel()
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -145,8 +168,15 @@ def error_vs_hvps(path: Path, payloads: list[dict]) -> None:
             pts = pts[pts[:, 0] > 0]
             if len(pts):
                 with_points.add(panel)
-            ax.plot(pts[:, 0], np.maximum(pts[:, 1], 1e-16), ls=style, color=color, lw=1.2,
-                    marker="o" if len(pts) == 1 else None, ms=4)
+            ax.plot(
+                pts[:, 0],
+                np.maximum(pts[:, 1], 1e-16),
+                ls=style,
+                color=color,
+                lw=1.2,
+                marker="o" if len(pts) == 1 else None,
+                ms=4,
+            )
         if row.get("spearman") is not None:
             if row.get("hvps"):
                 axes[3].plot([row["hvps"]], [row["spearman"]], "o", color=color, ms=5)
@@ -156,8 +186,11 @@ def error_vs_hvps(path: Path, payloads: list[dict]) -> None:
         axes[3].plot([], [], ls=style, color=color, label=label)  # one legend entry per job
     for ax, (_, _, _, title) in zip(axes, panels):
         ax.set(xlabel="Hessian-vector products per right-hand side", ylabel="relative error vs explicit", title=title)
-    axes[3].set(xlabel="Hessian-vector products per right-hand side, both solves",
-                ylabel="Spearman of the scores vs explicit", title="score ranking")
+    axes[3].set(
+        xlabel="Hessian-vector products per right-hand side, both solves",
+        ylabel="Spearman of the scores vs explicit",
+        title="score ranking",
+    )
     for i, ax in enumerate(axes):
         if i in with_points:  # log axes need positive data; a failed solve leaves its panel empty
             ax.set_xscale("log")

@@ -13,26 +13,45 @@ from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["job", "overrides", "mode", "solver", "pretrain_damping", "finetune_damping", "hessian_samples",
-           "finetune_iterations", "pretrain_iterations", "converged", "mean_abs_score", "seconds", "pearson", "spearman"]
+COLUMNS = [
+    "job",
+    "overrides",
+    "mode",
+    "solver",
+    "pretrain_damping",
+    "finetune_damping",
+    "hessian_samples",
+    "finetune_iterations",
+    "pretrain_iterations",
+    "converged",
+    "mean_abs_score",
+    "seconds",
+    "pearson",
+    "spearman",
+]
 
 
 def row(job_dir: Path, metrics: dict[str, Any]) -> dict[str, Any]:
     cfg, inf = metrics["config"], metrics["influence"]
     val = metrics.get("validation", {})
-    overrides = (job_dir / ".hydra" / "overrides.yaml")
+    overrides = job_dir / ".hydra" / "overrides.yaml"
     return {
         "job": job_dir.name,
-        "overrides": " ".join(o.strip("- \n") for o in overrides.read_text().splitlines()) if overrides.exists() else "",
-        "mode": cfg["mode"], "solver": cfg["solver"]["name"],
-        "pretrain_damping": cfg["pretrain"]["damping"], "finetune_damping": cfg["finetune"]["damping"],
+        "overrides": " ".join(o.strip("- \n") for o in overrides.read_text().splitlines())
+        if overrides.exists()
+        else "",
+        "mode": cfg["mode"],
+        "solver": cfg["solver"]["name"],
+        "pretrain_damping": cfg["pretrain"]["damping"],
+        "finetune_damping": cfg["finetune"]["damping"],
         "hessian_samples": cfg["pretrain"]["hessian_samples"],
         "finetune_iterations": inf.get("finetune", {}).get("iterations"),
         "pretrain_iterations": inf.get("pretrain", {}).get("iterations"),
         "converged": all(inf.get(s, {}).get("converged", True) for s in ("finetune", "pretrain")),
         "mean_abs_score": inf["mean_abs_score"],
         "seconds": round(sum(inf["time"].values()), 3),
-        "pearson": val.get("pearson"), "spearman": val.get("spearman"),
+        "pearson": val.get("pearson"),
+        "spearman": val.get("spearman"),
     }
 
 
@@ -53,11 +72,21 @@ def summarise(sweep_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
-TABLE = ["job", "overrides", "converged", "finetune_iterations", "pretrain_iterations", "mean_abs_score", "seconds", "pearson"]
+TABLE = [
+    "job",
+    "overrides",
+    "converged",
+    "finetune_iterations",
+    "pretrain_iterations",
+    "mean_abs_score",
+    "seconds",
+    "pearson",
+]
 
 
 def format_table(rows: list[dict[str, Any]], cols: list[str] = TABLE, max_width: int = 80) -> str:
     """A plain-text table of ``rows`` (missing values as ``-``, cells cut at ``max_width``)."""
+
     def cell(v: Any) -> str:
         return f"{v:.4g}" if isinstance(v, float) else "-" if v is None else str(v)[:max_width]
 

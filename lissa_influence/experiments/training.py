@@ -100,14 +100,21 @@ def proximity(model: nn.Module, w_star: Mapping[str, torch.Tensor]) -> torch.Ten
     return sum(((params[n] - w.to(params[n])) ** 2).sum() for n, w in w_star.items())
 
 
-def pretrain_objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+def pretrain_objective(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """G on the given examples: ``(1/m) sum_i w_i CE_i``."""
     ce = nnf.cross_entropy(model(x), y, reduction="none")
     return (ce if weights is None else weights.to(ce) * ce).mean()
 
 
 def finetune_objective(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: str, alpha: float, w_star: Mapping[str, torch.Tensor] | None
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    mode: str,
+    alpha: float,
+    w_star: Mapping[str, torch.Tensor] | None,
 ) -> torch.Tensor:
     """F on the given examples, plus ``alpha ||W - W*||^2`` when the embedding is updated."""
     _check_mode(mode, alpha)
@@ -293,7 +300,9 @@ def pretrain(
     x, y = _tensors(model, data.pretrain_train)
     if weights is not None:
         if weights.shape != (len(y),):
-            raise ValueError(f"weights must have one entry per pretraining example ({len(y)}), got shape {tuple(weights.shape)}")
+            raise ValueError(
+                f"weights must have one entry per pretraining example ({len(y)}), got shape {tuple(weights.shape)}"
+            )
         weights = weights.to(x)
 
     def example_sum(idx: torch.Tensor) -> torch.Tensor:
@@ -373,7 +382,9 @@ def pretrain_settings(data: TwoStageData, model_cfg: ModelConfig, pre_cfg: Train
     }
 
 
-def finetune_settings(data: TwoStageData, pretrain_key: str, model_cfg: ModelConfig, ft_cfg: TrainConfig, mode: str, alpha: float) -> dict:
+def finetune_settings(
+    data: TwoStageData, pretrain_key: str, model_cfg: ModelConfig, ft_cfg: TrainConfig, mode: str, alpha: float
+) -> dict:
     return {
         "stage": "finetune",
         "version": CACHE_VERSION,
@@ -404,7 +415,11 @@ def _load_cached(path: Path, fresh: TwoStageNet) -> tuple[TwoStageNet, TrainRepo
 def _save_cached(path: Path, model: TwoStageNet, report: TrainReport, settings: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    blob = {"state_dict": model.state_dict(), "report": asdict(report), "settings": json.dumps(settings, sort_keys=True)}
+    blob = {
+        "state_dict": model.state_dict(),
+        "report": asdict(report),
+        "settings": json.dumps(settings, sort_keys=True),
+    }
     torch.save(blob, tmp)
     os.replace(tmp, path)  # atomic: parallel sweeps never read a half-written file
 
@@ -445,8 +460,9 @@ def train_two_stage(
     if ft_cached:
         finetuned, ft_report = hit
     else:
-        finetuned, ft_report = finetune(fresh, data, ft_cfg, mode, alpha, embedding_state(pretrained),
-                                        progress=progress)
+        finetuned, ft_report = finetune(
+            fresh, data, ft_cfg, mode, alpha, embedding_state(pretrained), progress=progress
+        )
         if cache:
             _save_cached(cache / f"{ft_key}.pt", finetuned, ft_report, ft_settings)
     info = TwoStageInfo(pre_key, ft_key, pre_report, ft_report, pre_cached, ft_cached)

@@ -36,7 +36,9 @@ def choose_examples(scores: torch.Tensor, k: int, seed: int) -> list[int]:
     third = k // 3
     order = torch.argsort(scores)
     chosen = list(dict.fromkeys(order[-third:].tolist()[::-1] + order[:third].tolist())) if third else []
-    rest = [i for i in torch.randperm(m, generator=torch.Generator().manual_seed(seed)).tolist() if i not in set(chosen)]
+    rest = [
+        i for i in torch.randperm(m, generator=torch.Generator().manual_seed(seed)).tolist() if i not in set(chosen)
+    ]
     return chosen + rest[: k - len(chosen)]
 
 
@@ -55,8 +57,15 @@ def test_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float
         return float(nnf.cross_entropy(model(x.to(ref)), y.to(ref.device)))
 
 
-def run(cfg: Any, data: TwoStageData, pretrained, finetuned, scores: torch.Tensor,
-        test: tuple[torch.Tensor, torch.Tensor], out: Path) -> dict[str, Any]:
+def run(
+    cfg: Any,
+    data: TwoStageData,
+    pretrained,
+    finetuned,
+    scores: torch.Tensor,
+    test: tuple[torch.Tensor, torch.Tensor],
+    out: Path,
+) -> dict[str, Any]:
     v = cfg.validate
     x, y = test
     if scores.shape[0] == 1 or v.test_index < 0:
@@ -91,9 +100,15 @@ def run(cfg: Any, data: TwoStageData, pretrained, finetuned, scores: torch.Tenso
     title = f"leave-one-out, embedding {cfg.mode}, solver {cfg.solver.name}"
     plots.loo_scatter(out / "loo_scatter.png", predicted, actual_arr, pearson, spearman, title)
     result = {
-        "query": query, "num_examples": len(chosen), "pearson": pearson, "spearman": spearman,
-        "control_test_loss": control, "retrain": {"pretrain": vars(pre_cfg), "finetune": vars(ft_cfg)},
-        "examples": [{"index": z, "predicted": float(p), "actual": float(a)} for z, p, a in zip(chosen, predicted, actual)],
+        "query": query,
+        "num_examples": len(chosen),
+        "pearson": pearson,
+        "spearman": spearman,
+        "control_test_loss": control,
+        "retrain": {"pretrain": vars(pre_cfg), "finetune": vars(ft_cfg)},
+        "examples": [
+            {"index": z, "predicted": float(p), "actual": float(a)} for z, p, a in zip(chosen, predicted, actual)
+        ],
     }
     (out / "loo.json").write_text(json.dumps(result, indent=2))
     log.info("leave-one-out over %d examples: Pearson %.3f, Spearman %.3f", len(chosen), pearson, spearman)

@@ -7,13 +7,32 @@ solver shares). Any object with a ``solve(A, b, callback=None) -> (x, SolveInfo)
 method is a solver: see docs/architecture.md.
 """
 
-from .base import (Callback, DivergenceError, NegativeCurvatureError, NotConvergedError, SolveInfo, Solver, SolverError,
-                   SolverWarning)
+from .base import (
+    Callback,
+    DivergenceError,
+    NegativeCurvatureError,
+    NotConvergedError,
+    SolveInfo,
+    Solver,
+    SolverError,
+    SolverWarning,
+)
 from .cg import CG
 from .direct import Explicit, Identity
 from .lissa import LiSSA, power_iteration
 
 __all__ = [
-    "Solver", "SolveInfo", "Callback", "CG", "LiSSA", "Explicit", "Identity", "power_iteration",
-    "SolverError", "NegativeCurvatureError", "NotConvergedError", "DivergenceError", "SolverWarning",
+    "Solver",
+    "SolveInfo",
+    "Callback",
+    "CG",
+    "LiSSA",
+    "Explicit",
+    "Identity",
+    "power_iteration",
+    "SolverError",
+    "NegativeCurvatureError",
+    "NotConvergedError",
+    "DivergenceError",
+    "SolverWarning",
 ]

@@ -86,8 +86,9 @@ class SolveInfo:
 class Solver(Protocol):
     """Anything that solves ``A x = b`` from products with ``A``."""
 
-    def solve(self, matvec: OperatorLike, b: torch.Tensor,
-              callback: Callback | None = None) -> tuple[torch.Tensor, SolveInfo]: ...
+    def solve(
+        self, matvec: OperatorLike, b: torch.Tensor, callback: Callback | None = None
+    ) -> tuple[torch.Tensor, SolveInfo]: ...
 
 
 # -- helpers of the built-in solvers ---------------------------------------------------

@@ -11,7 +11,16 @@ from typing import Any, Literal
 import torch
 
 from ..operators import LinearOperator, OperatorLike, aslinearoperator
-from .base import Callback, NegativeCurvatureError, NotConvergedError, SolveInfo, SolverWarning, as_stack, check_rhs, rownorm
+from .base import (
+    Callback,
+    NegativeCurvatureError,
+    NotConvergedError,
+    SolveInfo,
+    SolverWarning,
+    as_stack,
+    check_rhs,
+    rownorm,
+)
 
 
 @dataclass
@@ -64,7 +73,9 @@ class CG:
         floor = 1e-3 * diag.abs().mean().clamp_min(torch.finfo(like.dtype).tiny)
         return 1.0 / diag.clamp_min(floor)
 
-    def solve(self, matvec: OperatorLike, b: torch.Tensor, callback: Callback | None = None) -> tuple[torch.Tensor, SolveInfo]:
+    def solve(
+        self, matvec: OperatorLike, b: torch.Tensor, callback: Callback | None = None
+    ) -> tuple[torch.Tensor, SolveInfo]:
         check_rhs(b)
         start = time.perf_counter()
         B, single = as_stack(b)
@@ -83,22 +94,37 @@ class CG:
             products += k
             true_rel = rownorm(R) / safe_bnorm
             if stop is None and bool((true_rel <= self.tol).all()):
-                return (X[0] if single else X), self._finish(true_rel, history, it, products, start, [],
-                                                             {"block": True, "preconditioner": None})
+                return (X[0] if single else X), self._finish(
+                    true_rel, history, it, products, start, [], {"block": True, "preconditioner": None}
+                )
             history.append(float(true_rel.max()))
         minv = self._inverse_diagonal(op, size, B)
         if minv is not None and not torch.is_tensor(self.preconditioner):
             products += self.jacobi_samples
         X, R, products, it, negative = self._rows(op, X, R, minv, safe_bnorm, products, it, history, report)
-        extra = {"block": block, "preconditioner": None if self.preconditioner is None else
-                 ("diagonal" if torch.is_tensor(self.preconditioner) else self.preconditioner)}
+        extra = {
+            "block": block,
+            "preconditioner": None
+            if self.preconditioner is None
+            else ("diagonal" if torch.is_tensor(self.preconditioner) else self.preconditioner),
+        }
         if block:
             extra["block_stopped"] = stop or "residual above tol"
         info = self._finish(rownorm(R) / safe_bnorm, history, it, products, start, negative, extra)
         return (X[0] if single else X), info
 
-    def _rows(self, op: LinearOperator, X: torch.Tensor, R: torch.Tensor, minv: torch.Tensor | None, safe_bnorm: torch.Tensor,
-              products: int, it: int, history: list[float], report) -> tuple:
+    def _rows(
+        self,
+        op: LinearOperator,
+        X: torch.Tensor,
+        R: torch.Tensor,
+        minv: torch.Tensor | None,
+        safe_bnorm: torch.Tensor,
+        products: int,
+        it: int,
+        history: list[float],
+        report,
+    ) -> tuple:
         """Separate (stacked) CG recursions from ``X`` with residuals ``R``, up to ``max_iter`` iterations in all."""
         Z = R * minv if minv is not None else R.clone()
         D = Z.clone()
@@ -145,17 +171,34 @@ class CG:
                 report(X, products)
         return X, R, products, it, negative
 
-    def _finish(self, final: torch.Tensor, history: list[float], it: int, products: int, start: float,
-                negative: list[int], extra: dict[str, Any]) -> SolveInfo:
+    def _finish(
+        self,
+        final: torch.Tensor,
+        history: list[float],
+        it: int,
+        products: int,
+        start: float,
+        negative: list[int],
+        extra: dict[str, Any],
+    ) -> SolveInfo:
         """The SolveInfo of a finished solve; warns (or raises) when it did not converge."""
         if not history or history[-1] != float(final.max()):
             history.append(float(final.max()))
         converged = bool((final <= self.tol).all()) and not negative
-        info = SolveInfo("cg", converged, it, products, time.perf_counter() - start, history,
-                         {"relative_residuals": final.tolist(), "negative_curvature_rows": sorted(set(negative)), **extra})
+        info = SolveInfo(
+            "cg",
+            converged,
+            it,
+            products,
+            time.perf_counter() - start,
+            history,
+            {"relative_residuals": final.tolist(), "negative_curvature_rows": sorted(set(negative)), **extra},
+        )
         if not converged and not negative:
-            msg = (f"CG did not reach tol={self.tol:g} in {self.max_iter} iterations (worst relative residual "
-                   f"{float(final.max()):.3g}); raise max_iter, add damping, or use preconditioner='jacobi'")
+            msg = (
+                f"CG did not reach tol={self.tol:g} in {self.max_iter} iterations (worst relative residual "
+                f"{float(final.max()):.3g}); raise max_iter, add damping, or use preconditioner='jacobi'"
+            )
             if self.on_not_converged == "raise":
                 raise NotConvergedError(msg)
             warnings.warn(msg, SolverWarning, stacklevel=3)

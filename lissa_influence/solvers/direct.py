@@ -45,7 +45,9 @@ class Explicit:
         a = torch.cat(rows)
         return 0.5 * (a + a.T)  # rows of a symmetric operator; symmetrise the rounding
 
-    def solve(self, matvec: OperatorLike, b: torch.Tensor, callback: Callback | None = None) -> tuple[torch.Tensor, SolveInfo]:
+    def solve(
+        self, matvec: OperatorLike, b: torch.Tensor, callback: Callback | None = None
+    ) -> tuple[torch.Tensor, SolveInfo]:
         check_rhs(b)
         start = time.perf_counter()
         B, single = as_stack(b)
@@ -60,11 +62,17 @@ class Explicit:
                 X = torch.cholesky_solve(B.T, chol).T
                 extra["method"] = "cholesky"
             elif method == "cholesky":
-                raise NegativeCurvatureError("Explicit(method='cholesky'): the damped Hessian is not positive definite; "
-                                             "add damping or use gauss_newton=True")
+                raise NegativeCurvatureError(
+                    "Explicit(method='cholesky'): the damped Hessian is not positive definite; "
+                    "add damping or use gauss_newton=True"
+                )
             else:
-                warnings.warn("Explicit: the damped Hessian is not positive definite; solving with LU. "
-                              "Influence assumes a minimum: add damping or use gauss_newton=True.", SolverWarning, stacklevel=2)
+                warnings.warn(
+                    "Explicit: the damped Hessian is not positive definite; solving with LU. "
+                    "Influence assumes a minimum: add damping or use gauss_newton=True.",
+                    SolverWarning,
+                    stacklevel=2,
+                )
                 method = "lu"
         if method == "eigh":
             evals, evecs = torch.linalg.eigh(a)
@@ -89,7 +97,9 @@ class Identity:
 
     name = "identity"
 
-    def solve(self, matvec: OperatorLike, b: torch.Tensor, callback: Callback | None = None) -> tuple[torch.Tensor, SolveInfo]:
+    def solve(
+        self, matvec: OperatorLike, b: torch.Tensor, callback: Callback | None = None
+    ) -> tuple[torch.Tensor, SolveInfo]:
         check_rhs(b)
         if callback is not None:
             callback(b.clone(), 0)

@@ -14,7 +14,15 @@ from ..operators import LinearOperator, Matvec, OperatorLike, aslinearoperator
 from .base import Callback, DivergenceError, SolveInfo, SolverWarning, as_stack, check_rhs, rownorm
 
 
-def power_iteration(matvec: Matvec, size: int, dtype: torch.dtype, device: torch.device | str = "cpu", iters: int = 30, seed: int = 0, rtol: float = 1e-3) -> float:
+def power_iteration(
+    matvec: Matvec,
+    size: int,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+    iters: int = 30,
+    seed: int = 0,
+    rtol: float = 1e-3,
+) -> float:
     """Estimate of the eigenvalue of largest magnitude of a symmetric operator (a
     lower bound of it, in exact arithmetic), by power iteration."""
     g = torch.Generator().manual_seed(seed)
@@ -68,7 +76,9 @@ class LiSSA:
     def _top_eigenvalue(self, op: LinearOperator, size: int, like: torch.Tensor) -> float:
         return power_iteration(lambda v: op(v[None])[0], size, like.dtype, like.device, self.power_iters, self.seed)
 
-    def solve(self, matvec: OperatorLike, b: torch.Tensor, callback: Callback | None = None) -> tuple[torch.Tensor, SolveInfo]:
+    def solve(
+        self, matvec: OperatorLike, b: torch.Tensor, callback: Callback | None = None
+    ) -> tuple[torch.Tensor, SolveInfo]:
         check_rhs(b)
         start = time.perf_counter()
         full = aslinearoperator(matvec, b)
@@ -81,7 +91,9 @@ class LiSSA:
             lam_max = self._top_eigenvalue(full, size, B)
             products += self.power_iters
             if lam_max <= 0:
-                raise DivergenceError(f"power iteration found top eigenvalue {lam_max:.3g} ≤ 0: the operator is not positive definite; add damping")
+                raise DivergenceError(
+                    f"power iteration found top eigenvalue {lam_max:.3g} ≤ 0: the operator is not positive definite; add damping"
+                )
             scale = self.safety * lam_max
         elif not (isinstance(scale, (int, float)) and scale > 0):
             raise ValueError(f"scale must be a positive number or 'auto', got {scale!r}")
@@ -119,16 +131,33 @@ class LiSSA:
         X = total / repeats
         final = history[-1] if history else math.nan
         converged = stochastic or final <= self.tol
-        info = SolveInfo("lissa", converged, steps, products, time.perf_counter() - start, history,
-                         {"scale": scale, "top_eigenvalue": lam_max, "effective_damping": self.damping * scale,
-                          "repeats": repeats, "stochastic": stochastic})
+        info = SolveInfo(
+            "lissa",
+            converged,
+            steps,
+            products,
+            time.perf_counter() - start,
+            history,
+            {
+                "scale": scale,
+                "top_eigenvalue": lam_max,
+                "effective_damping": self.damping * scale,
+                "repeats": repeats,
+                "stochastic": stochastic,
+            },
+        )
         if not converged:
-            warnings.warn(f"LiSSA stopped at depth {self.depth} with relative update {final:.3g} > tol={self.tol:g}: "
-                          "the error is about update/(1 − rate); raise depth, lower scale towards the top eigenvalue, or add damping",
-                          SolverWarning, stacklevel=2)
+            warnings.warn(
+                f"LiSSA stopped at depth {self.depth} with relative update {final:.3g} > tol={self.tol:g}: "
+                "the error is about update/(1 − rate); raise depth, lower scale towards the top eigenvalue, or add damping",
+                SolverWarning,
+                stacklevel=2,
+            )
         return (X[0] if single else X), info
 
-    def _divergence(self, op: LinearOperator, size: int, like: torch.Tensor, scale: float, step: int) -> DivergenceError:
+    def _divergence(
+        self, op: LinearOperator, size: int, like: torch.Tensor, scale: float, step: int
+    ) -> DivergenceError:
         lam = self._top_eigenvalue(op, size, like)
         need = lam / (2.0 - self.damping) if self.damping < 2 else math.inf
         return DivergenceError(
