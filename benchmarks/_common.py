@@ -8,8 +8,9 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as `python benchmarks/bench_X.py` without installing
@@ -57,9 +58,9 @@ def table(headers: list[str], rows: list[list[Any]], title: str | None = None) -
     lines = []
     if title:
         lines.append(title)
-    lines.append("  ".join(c.rjust(w) for c, w in zip(cells[0], widths)))
+    lines.append("  ".join(c.rjust(w) for c, w in zip(cells[0], widths, strict=True)))
     lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells[1:]]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells[1:]]
     return "\n".join(lines)
 
 

@@ -34,8 +34,6 @@ import statistics
 import time
 import warnings
 
-from _common import finish, interleaved, markdown, pyplot, save_figure, setup_threads, table
-
 import torch
 from torch import nn
 from torch.func import grad, vjp
@@ -44,10 +42,12 @@ from lissa_influence.batching import Batch, subsample_indices
 from lissa_influence.curvature import CurvatureOperator, Objective, cross_entropy
 from lissa_influence.experiments.data import DataConfig, load_two_stage
 from lissa_influence.experiments.models import build_model
+from lissa_influence.experiments.training import TrainConfig, pretrain
 from lissa_influence.operators import LinearOperator
 from lissa_influence.params import ParamBlock, make_block, named_params
 from lissa_influence.solvers import CG, Explicit, Identity, LiSSA, SolverError
-from lissa_influence.experiments.training import TrainConfig, pretrain
+
+from _common import finish, interleaved, markdown, pyplot, save_figure, setup_threads, table
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -228,7 +228,7 @@ def bench_products(args, model, sample) -> list[dict]:
             }
             if not args.no_alternatives:
                 fns["hvp_vjp_of_grad"] = lambda: hvp_vjp_of_grad(obj, block, v)
-                fns["hvp_retained"] = lambda: retained(v)
+                fns["hvp_retained"] = lambda: retained(v)  # noqa: F821 (timed below, before the del)
             t = interleaved(fns, args.repeats)
             med = {k: r["median"] for k, r in t.items()}
             row = {
@@ -241,7 +241,8 @@ def bench_products(args, model, sample) -> list[dict]:
                 "relative_difference_to_library_hvp": errs,
                 # paired: the ratio within each round, then the median (robust to load drifting between rounds)
                 "ratio_to_gradient": {
-                    k: statistics.median(a / g for a, g in zip(t[k]["all"], t["gradient"]["all"])) for k in t
+                    k: statistics.median(a / g for a, g in zip(t[k]["all"], t["gradient"]["all"], strict=True))
+                    for k in t
                 },
             }
             rows.append(row)

@@ -30,9 +30,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import ROOT, setup_threads, table, write_json
-
 import torch
+
+from _common import ROOT, setup_threads, table, write_json
 
 
 def worker(args) -> None:
@@ -158,7 +158,7 @@ def main(argv=None) -> dict:
         "env": env_info,
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "worker")},
         "runs": {str(n): r for n, r in runs.items()},
-        "speedup": {str(n): {"scoring": row[2], "product": row[4]} for n, row in zip(runs, rows)},
+        "speedup": {str(n): {"scoring": row[2], "product": row[4]} for n, row in zip(runs, rows, strict=True)},
     }
     target = write_json(args.out, "distributed.json", payload)
     if target:

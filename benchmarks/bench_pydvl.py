@@ -39,19 +39,19 @@ import sys
 import time
 import warnings
 
-from _common import interleaved, markdown, pyplot, save_figure, setup_threads, table, write_json
-
 import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from lissa_influence import Influence
 from lissa_influence import relative_error as rel
 from lissa_influence.experiments.data import DataConfig, load_two_stage
 from lissa_influence.experiments.models import build_model
-from lissa_influence import Influence
+from lissa_influence.experiments.training import TrainConfig, pretrain
 from lissa_influence.scoring import PerExample, loss_gradients
 from lissa_influence.solvers import CG, Explicit, LiSSA, SolverWarning
-from lissa_influence.experiments.training import TrainConfig, pretrain
+
+from _common import interleaved, markdown, pyplot, save_figure, setup_threads, table, write_json
 
 
 def rowwise(a: torch.Tensor, b: torch.Tensor, rank: bool) -> float:
@@ -117,7 +117,8 @@ def main(argv=None) -> int:
     env["pydvl"] = pydvl.__version__
     t_start = time.perf_counter()
     print(
-        f"threads={env['threads']} (cpu_count={env['cpu_count']}, load={env['load_average']}), torch {env['torch']}, pyDVL {pydvl.__version__}"
+        f"threads={env['threads']} (cpu_count={env['cpu_count']}, load={env['load_average']}), torch {env['torch']}, "
+        f"pyDVL {pydvl.__version__}"
     )
     data = load_two_stage(DataConfig(name="digits", seed=args.seed))
     lam = args.damping
@@ -169,7 +170,9 @@ def main(argv=None) -> int:
 
         return f
 
-    def run_dvl(name, make, cg=True, n=len(ty)):
+    def run_dvl(name, make, cg=True, n=None):
+        n = len(ty) if n is None else n
+
         def f():
             inf = make().fit(loader)
             counter = [0]
@@ -230,7 +233,8 @@ def main(argv=None) -> int:
         "raw_pearson": rowwise(raw, S_ref, False),
     }
     print(
-        f"sign check: raw pyDVL CG scores vs +S* rel. {sign['raw_vs_plus_ref']:.3g}, vs −S* rel. {sign['raw_vs_minus_ref']:.2e}, "
+        f"sign check: raw pyDVL CG scores vs +S* rel. {sign['raw_vs_plus_ref']:.3g}, vs −S* rel. "
+        f"{sign['raw_vs_minus_ref']:.2e}, "
         f"Pearson(raw, S*) {sign['raw_pearson']:.4f}"
     )
 
@@ -271,7 +275,8 @@ def main(argv=None) -> int:
         runs.append(r)
         rows.append([name + (f" ({n} pts, 1 run)" if n < len(ty) else "")] + list(r.values())[1:-1])
     title = (
-        f"\npyDVL {pydvl.__version__} vs lissa_influence: digits CNN, {P} params, float64, λ={lam:g}, Hessian over {m} examples, "
+        f"\npyDVL {pydvl.__version__} vs lissa_influence: digits CNN, {P} params, float64, λ={lam:g}, Hessian over "
+        f"{m} examples, "
         f"{len(ty)} test points x {m} scored; CG tol {cg_tol:g}, LiSSA depth {args.lissa_depth} scale {scale:.3g}; "
         f"median of {args.repeats}, {env['threads']} thread(s)"
     )
@@ -303,7 +308,7 @@ def main(argv=None) -> int:
         plt = pyplot()
         pairs = [(k, "CG ours" if k.startswith("CG") else "LiSSA ours") for k in res if "pyDVL" in k]
         fig, axes = plt.subplots(1, len(pairs), figsize=(4.2 * len(pairs), 4), squeeze=False)
-        for ax, (k, base) in zip(axes[0], pairs):
+        for ax, (k, base) in zip(axes[0], pairs, strict=True):
             a, d = res[base][0][: len(res[k][0])].flatten(), res[k][0].flatten()
             ax.scatter(a, d, s=4, alpha=0.5)
             lo, hi = float(min(a.min(), d.min())), float(max(a.max(), d.max()))

@@ -41,8 +41,6 @@ import sys
 import time
 import warnings
 
-from _common import finish, markdown, pyplot, save_figure, setup_threads, table
-
 import numpy as np
 import torch
 from torch import nn
@@ -51,6 +49,8 @@ from torch.utils.data import Dataset
 from lissa_influence import CG, MultiStageInfluence, SolverWarning
 from lissa_influence.batching import iter_batches
 from lissa_influence.experiments.models import TwoStageNet, build_model, count_params, finetune_model_from
+
+from _common import finish, markdown, pyplot, save_figure, setup_threads, table
 
 STAGES = ["test_gradients", "finetune_solve", "mixed_product", "pretrain_solve", "scoring"]
 SHAPE = (1, 28, 28)

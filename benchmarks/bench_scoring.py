@@ -28,8 +28,6 @@ import tempfile
 import time
 import warnings
 
-from _common import finish, interleaved, markdown, pyplot, save_figure, setup_threads, table
-
 import torch
 from torch.utils.data import TensorDataset
 
@@ -38,10 +36,11 @@ from lissa_influence.batching import Batch, iter_batches
 from lissa_influence.curvature import CurvatureOperator, Objective, cross_entropy
 from lissa_influence.experiments.data import DataConfig, load_two_stage
 from lissa_influence.experiments.models import ModelConfig, build_model
+from lissa_influence.experiments.training import TrainConfig, train_two_stage
 from lissa_influence.params import make_block, named_params
 from lissa_influence.scoring import PerExample, loss_gradients, score_dataset
-from lissa_influence.experiments.training import TrainConfig, train_two_stage
 
+from _common import finish, interleaved, markdown, pyplot, save_figure, setup_threads, table
 from bench_curvature import RetainedGraphHVP
 
 CPU = torch.device("cpu")
@@ -78,7 +77,9 @@ def bench_scoring(label, model, data, batch_size, ks, sweep, repeats, jvp_max_k=
         med = {n: r["median"] for n, r in t.items()}
         # paired ratios: within each round, then the median (robust to load drifting between rounds)
         ratio = {
-            n: statistics.median(a / f for a, f in zip(t[n]["all"], t["forward"]["all"])) for n in t if n != "forward"
+            n: statistics.median(a / f for a, f in zip(t[n]["all"], t["forward"]["all"], strict=True))
+            for n in t
+            if n != "forward"
         }
         results[k] = {"seconds": med, "ratio_to_forward": ratio}
         print(
@@ -249,7 +250,8 @@ def head_only_products(args, msi, ft, data_test) -> dict:
         }
         res["solves"].append(run)
         print(
-            f"  finetune solve, head only + retained graph, {run['dtype']}: {run['seconds']:.2f}s, {info.iterations} its, "
+            f"  finetune solve, head only + retained graph, {run['dtype']}: {run['seconds']:.2f}s, {info.iterations} "
+            "its, "
             f"residual {run['final_residual']:.1e}, converged {info.converged}",
             flush=True,
         )
@@ -347,13 +349,16 @@ def report(args, res) -> str:
         ho = inf.get("head_only_products")
         if ho:
             out.append(
-                f"finetune product with the embedding fixed: whole network {ho['network_ms']:.2f} ms, head alone on cached "
+                f"finetune product with the embedding fixed: whole network {ho['network_ms']:.2f} ms, head alone on "
+                "cached "
                 f"features {ho['head_ms']:.2f} ms ({ho['speedup']:.1f}x)"
             )
             for r in ho.get("solves", []):
                 out.append(
-                    f"finetune solve (fixed), head only + retained graph (proposed), {r['dtype']}: {r['seconds']:.2f} s, "
-                    f"{r['iterations']} iterations ({r['ms_per_product']:.2f} ms/product), residual {r['final_residual']:.1e}, "
+                    f"finetune solve (fixed), head only + retained graph (proposed), {r['dtype']}: "
+                    f"{r['seconds']:.2f} s, "
+                    f"{r['iterations']} iterations ({r['ms_per_product']:.2f} ms/product), residual "
+                    f"{r['final_residual']:.1e}, "
                     f"converged {r['converged']}"
                 )
     res["_tables"] = tables
@@ -367,7 +372,7 @@ def plots(args, res) -> list[str]:
     keys = [k for k in ("digits", "mnist") if res.get(f"scoring_{k}")]
     if keys:
         fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), squeeze=False)
-        for ax, key in zip(axes[0], keys):
+        for ax, key in zip(axes[0], keys, strict=True):
             sc = res[f"scoring_{key}"]
             for n, mk in (("jvp", "o-"), ("grad", "s-")):
                 pts = [
@@ -399,7 +404,7 @@ def plots(args, res) -> list[str]:
         for part in parts:
             vals = [r["time"].get(part, 0.0) for r in runs]
             ax.barh(range(len(runs)), vals, left=left, label=part)
-            left = [a + b for a, b in zip(left, vals)]
+            left = [a + b for a, b in zip(left, vals, strict=True)]
         ax.set_yticks(range(len(runs)))
         ax.set_yticklabels([f"{r['mode']}, {r['queries']}" for r in runs], fontsize=8)
         ax.set_xlabel("seconds")

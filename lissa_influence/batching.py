@@ -8,13 +8,23 @@ set (scoring), whose memory is bounded by the batch.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence, Sized
 from dataclasses import dataclass
-from typing import Iterator, Sequence, Union
+from typing import Any, Protocol
 
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
-DataLike = Union[Dataset, Sequence[torch.Tensor]]
+DataLike = Dataset[Any] | Sequence[torch.Tensor]
+"""What the library takes as data: a map-style ``Dataset`` or a pair of tensors ``(X, Y)``."""
+
+
+class SizedDataset(Protocol):
+    """A map-style dataset with a length (what :func:`as_dataset` returns)."""
+
+    def __getitem__(self, index: int) -> Any: ...
+
+    def __len__(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -25,20 +35,21 @@ class Batch:
     def __len__(self) -> int:
         return self.x.shape[0]
 
-    def chunks(self, size: int) -> Iterator["Batch"]:
+    def chunks(self, size: int) -> Iterator[Batch]:
         for start in range(0, len(self), size):
             yield Batch(self.x[start : start + size], self.y[start : start + size])
 
 
-def as_dataset(data: DataLike, what: str = "data") -> Dataset:
+def as_dataset(data: DataLike, what: str = "data") -> SizedDataset:
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(torch.is_tensor(t) for t in data):
         x, y = data
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"{what}: inputs have {x.shape[0]} rows but targets {y.shape[0]}")
         data = TensorDataset(x, y)
-    if not isinstance(data, Dataset):
+    if not isinstance(data, Dataset) or not isinstance(data, Sized):
         raise TypeError(
-            f"{what}: expected a torch Dataset of (x, y) or a tuple (X, Y) of tensors, got {type(data).__name__}"
+            f"{what}: expected a torch Dataset of (x, y) with a length, or a tuple (X, Y) of tensors, got "
+            f"{type(data).__name__}"
         )
     if len(data) == 0:
         raise ValueError(f"{what} is empty; influence needs at least one example")
@@ -50,7 +61,9 @@ def _cast(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Te
     return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
 
 
-def gather(data: Dataset, indices: Sequence[int] | torch.Tensor, dtype: torch.dtype, device: torch.device) -> Batch:
+def gather(
+    data: SizedDataset, indices: Sequence[int] | torch.Tensor, dtype: torch.dtype, device: torch.device
+) -> Batch:
     """Materialise the examples at ``indices`` as one batch."""
     idx = torch.as_tensor(indices, dtype=torch.long)
     if isinstance(data, TensorDataset) and len(data.tensors) == 2:
@@ -66,7 +79,12 @@ def gather(data: Dataset, indices: Sequence[int] | torch.Tensor, dtype: torch.dt
 
 
 def iter_batches(
-    data: Dataset, batch_size: int, dtype: torch.dtype, device: torch.device, start: int = 0, stop: int | None = None
+    data: SizedDataset,
+    batch_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    start: int = 0,
+    stop: int | None = None,
 ) -> Iterator[Batch]:
     """Stream ``data[start:stop]`` in order, one batch at a time."""
     stop = len(data) if stop is None else stop

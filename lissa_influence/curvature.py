@@ -17,8 +17,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
@@ -95,13 +95,15 @@ class Objective:
     def _forward(self, overrides: Params, x: torch.Tensor) -> torch.Tensor:
         return functional_call(self.model, {**self.params, **overrides}, (x,))
 
-    def _loss(self, blocks: tuple[ParamBlock, ...], flats: tuple[torch.Tensor, ...], x, y) -> torch.Tensor:
+    def _loss(
+        self, blocks: tuple[ParamBlock, ...], flats: tuple[torch.Tensor, ...], x: torch.Tensor, y: torch.Tensor
+    ) -> torch.Tensor:
         overrides: Params = {}
-        for b, f in zip(blocks, flats):
+        for b, f in zip(blocks, flats, strict=True):
             overrides.update(b.unflatten(f))
         return self.loss_fn(self._forward(overrides, x), y)
 
-    def _chunks(self, batch: Batch | None):
+    def _chunks(self, batch: Batch | None) -> Iterator[tuple[Batch, float]]:
         batch, n = (self.batch, self.total) if batch is None else (batch, len(batch))
         for chunk in batch.chunks(self.chunk_size):
             yield chunk, len(chunk) / n
@@ -109,7 +111,7 @@ class Objective:
     def _reduced(self, total: torch.Tensor, batch: Batch | None) -> torch.Tensor:
         return self.reduce(total) if self.reduce is not None and batch is None else total
 
-    def restricted(self, indices: torch.Tensor) -> "Objective":
+    def restricted(self, indices: torch.Tensor) -> Objective:
         """The objective over the examples at ``indices`` of the whole sample (a
         minibatch): this rank keeps those in its shard, in the order given; weights and
         the reduction are over all of them."""
@@ -143,7 +145,7 @@ class Objective:
         load_forward_ad()
         total = None
         for c, w in self._chunks(batch):
-            out = fn(v, c) if v.dim() == 1 else vmap(lambda vv: fn(vv, c))(v)
+            out = fn(v, c) if v.dim() == 1 else vmap(lambda vv: fn(vv, c))(v)  # noqa: B023 (called at once)
             total = w * out if total is None else total + w * out
         if total is None:  # an empty shard (more ranks than examples): contributes zero
             total = v.new_zeros(*v.shape[:-1], out_size)
@@ -161,9 +163,14 @@ class Objective:
         theta = self.point(block)
 
         def one(vv: torch.Tensor, c: Batch) -> torch.Tensor:
-            net = lambda f: self._forward(block.unflatten(f), c.x)  # noqa: E731
-            out, jv = jvp(net, (theta,), (vv,))
-            hjv = jvp(grad(lambda o: self.loss_fn(o, c.y)), (out,), (jv,))[1]
+            def net(f: torch.Tensor) -> torch.Tensor:
+                return self._forward(block.unflatten(f), c.x)
+
+            def loss(o: torch.Tensor) -> torch.Tensor:
+                return self.loss_fn(o, c.y)
+
+            out, jv = jvp(net, (theta,), (vv,))[:2]
+            hjv = jvp(grad(loss), (out,), (jv,))[1]
             return vjp(net, theta)[1](hjv)[0]
 
         return self._batched(one, v, batch, block.numel)

@@ -20,7 +20,8 @@ import contextlib
 import datetime
 import os
 import pickle
-from typing import Any, Callable, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -148,7 +149,7 @@ def all_gather_cat(local: torch.Tensor, dim: int = -1) -> torch.Tensor:
     padded = torch.cat([local, local.new_zeros(pad_shape)], dim=dim).contiguous()
     blocks = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(blocks, padded)
-    return torch.cat([b.narrow(dim, 0, s) for b, s in zip(blocks, sizes_)], dim=dim)
+    return torch.cat([b.narrow(dim, 0, s) for b, s in zip(blocks, sizes_, strict=True)], dim=dim)
 
 
 def barrier() -> None:
@@ -160,7 +161,7 @@ def broadcast_object(obj: T, src: int = 0) -> T:
     """Rank ``src``'s (picklable) ``obj`` on every rank."""
     if not is_distributed():
         return obj
-    box = [obj if rank() == src else None]
+    box: list[Any] = [obj if rank() == src else None]
     dist.broadcast_object_list(box, src=src)
     return box[0]
 

@@ -26,16 +26,16 @@ import operator
 import time
 import warnings
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterator, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
 from . import distributed as _dist
-from .batching import DataLike, as_dataset, gather, subsample_indices
+from .batching import DataLike, SizedDataset, as_dataset, gather, subsample_indices
 from .params import Params, check_finite, named_params
 from .scoring import PerExample, ScoringMethod, score_dataset
 from .solvers import SolveInfo, Solver, SolverError
@@ -54,7 +54,7 @@ def eval_mode(*models: nn.Module) -> Iterator[None]:
             m.eval()
         yield
     finally:
-        for m, was in zip(models, modes):
+        for m, was in zip(models, modes, strict=True):
             m.train(was)
 
 
@@ -76,7 +76,7 @@ def rank_world(distributed: bool) -> tuple[int, int]:
 
 
 def hessian_sample(
-    data: Dataset, size: HessianSamples, seed: int, params: Params, what: str, distributed: bool
+    data: SizedDataset, size: HessianSamples, seed: int, params: Params, what: str, distributed: bool
 ) -> dict[str, Any]:
     """The seeded Hessian sample as :class:`~lissa_influence.curvature.Objective` keyword
     arguments: all of it, or under torch.distributed this rank's contiguous shard of the
@@ -152,7 +152,7 @@ class InfluenceEstimator(ABC):
 
     def __post_init__(self) -> None:
         self.diagnostics: dict[str, Any] = {}
-        self._scored: Dataset | None = None
+        self._scored: SizedDataset | None = None
 
     # -- what each estimator defines ---------------------------------------------------
     @abstractmethod
@@ -170,7 +170,7 @@ class InfluenceEstimator(ABC):
         return self._scored is not None
 
     @property
-    def scored_data(self) -> Dataset:
+    def scored_data(self) -> SizedDataset:
         """The dataset given to ``fit`` whose examples are scored (training or pretraining data)."""
         self._check_fitted()
         assert self._scored is not None
@@ -181,7 +181,7 @@ class InfluenceEstimator(ABC):
         """``m``, the number of scored examples (the ``1/m`` of :meth:`removal_effects`)."""
         return len(self.scored_data)
 
-    def _fitted_on(self, scored: Dataset) -> None:
+    def _fitted_on(self, scored: SizedDataset) -> None:
         self._scored = scored
 
     def _check_fitted(self) -> None:
@@ -210,18 +210,18 @@ class InfluenceEstimator(ABC):
         """``I(z) = −sᵀ∇g(z)`` for the given query vectors, ``[k, n]``, over every
         scored example (or ``data``, or its ``[start:stop]``). Distributed: each rank
         scores a contiguous share and every rank returns all scores, in dataset order."""
-        data = self._renamed(data, renamed, "scores_from")
+        given = self._renamed(data, renamed, "scores_from")
         self._check_fitted()
-        data = self.scored_data if data is None else as_dataset(data, "scored data")
+        scored = self.scored_data if given is None else as_dataset(given, "scored data")
         per_example = self._scored_losses()
         t0 = time.perf_counter()
-        stop = len(data) if stop is None else stop
+        stop = len(scored) if stop is None else stop
         rank, world = rank_world(self.distributed)
         lo, hi = _dist.shard_range(stop - start, rank, world)
         with eval_mode(per_example.model):
             d = score_dataset(
                 per_example,
-                data,
+                scored,
                 s,
                 self.batch_size,
                 self.scoring,

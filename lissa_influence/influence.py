@@ -36,7 +36,7 @@ class Influence(InfluenceEstimator):
 
     _old_data_keyword: ClassVar[str] = "train_data"
 
-    def fit(self, train_data: DataLike) -> "Influence":
+    def fit(self, train_data: DataLike) -> Influence:
         train = as_dataset(train_data, "training data")
         self.params = trainable_params(self.model, self.dtype, "model")
         self.block = make_block(self.params, lambda n: True)

@@ -8,8 +8,8 @@ and scores against reference scores, as the solver-accuracy benchmarks do
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ def score_agreement(scores: torch.Tensor, ref: torch.Tensor, top_k: int = 10) ->
     a, b = scores.double().cpu().numpy(), ref.double().cpu().numpy()
     k = min(top_k, a.shape[1])
     pearson, spearman, overlap = [], [], []
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         constant = np.ptp(x) == 0 or np.ptp(y) == 0
         pearson.append(math.nan if constant else float(stats.pearsonr(x, y)[0]))
         spearman.append(math.nan if constant else float(stats.spearmanr(x, y)[0]))

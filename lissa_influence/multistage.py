@@ -132,7 +132,7 @@ class MultiStageInfluence(InfluenceEstimator):
             self.ft_block = self.W + self.Theta
 
     # -- fit ------------------------------------------------------------------------
-    def fit(self, pretrain_data: DataLike, finetune_data: DataLike) -> "MultiStageInfluence":
+    def fit(self, pretrain_data: DataLike, finetune_data: DataLike) -> MultiStageInfluence:
         """Draw the Hessian samples of both stages and build the damped operators."""
         pre = as_dataset(pretrain_data, "pretraining data")
         ft = as_dataset(finetune_data, "finetuning data")

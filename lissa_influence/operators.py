@@ -16,7 +16,7 @@ of ``scipy.sparse.linalg.aslinearoperator``. A user-written operator subclasses
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable, Union
+from collections.abc import Callable
 
 import torch
 
@@ -59,7 +59,7 @@ class LinearOperator(ABC):
             return self.matmat(v)
         raise ValueError(f"expected a vector [n] or a stack [k, n], got shape {tuple(v.shape)}")
 
-    def minibatch(self, batch_size: int, generator: torch.Generator) -> "LinearOperator":
+    def minibatch(self, batch_size: int, generator: torch.Generator) -> LinearOperator:
         """The same operator over ``batch_size`` examples drawn with ``generator``."""
         raise NotImplementedError(f"{type(self).__name__} cannot draw minibatches (its sample_size is None)")
 
@@ -110,7 +110,7 @@ class FunctionOperator(LinearOperator):
         return torch.stack([self.matvec(row) for row in V])
 
 
-OperatorLike = Union[LinearOperator, torch.Tensor, Matvec]
+OperatorLike = LinearOperator | torch.Tensor | Matvec
 """What a solver accepts: an operator, a dense matrix, or a function on vectors."""
 
 

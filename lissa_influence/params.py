@@ -8,8 +8,8 @@ and in what order, so that flat vectors from different operators line up.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -47,29 +47,29 @@ class ParamBlock:
             raise ValueError(f"unflatten: vector has {flat.shape[-1]} entries, block has {self.numel}")
         lead = flat.shape[:-1]
         parts = torch.split(flat, list(self.sizes), dim=-1)
-        return {n: p.reshape(*lead, *s) for n, p, s in zip(self.names, parts, self.shapes)}
+        return {n: p.reshape(*lead, *s) for n, p, s in zip(self.names, parts, self.shapes, strict=True)}
 
     def slice_of(self, name: str) -> slice:
         """Position of one parameter inside the flat vector."""
         start = 0
-        for n, size in zip(self.names, self.sizes):
+        for n, size in zip(self.names, self.sizes, strict=True):
             if n == name:
                 return slice(start, start + size)
             start += size
         raise KeyError(name)
 
-    def embed(self, sub: "ParamBlock", flat_sub: torch.Tensor) -> torch.Tensor:
+    def embed(self, sub: ParamBlock, flat_sub: torch.Tensor) -> torch.Tensor:
         """Place a vector of a sub-block into this block, zeros elsewhere (``[u; 0]``)."""
         out = flat_sub.new_zeros(*flat_sub.shape[:-1], self.numel)
         for name, piece in sub.unflatten(flat_sub).items():
             out[..., self.slice_of(name)] = piece.reshape(*flat_sub.shape[:-1], -1)
         return out
 
-    def restrict(self, sub: "ParamBlock", flat: torch.Tensor) -> torch.Tensor:
+    def restrict(self, sub: ParamBlock, flat: torch.Tensor) -> torch.Tensor:
         """The entries of ``flat`` (a vector of this block) that belong to ``sub``."""
         return torch.cat([flat[..., self.slice_of(n)] for n in sub.names], dim=-1)
 
-    def __add__(self, other: "ParamBlock") -> "ParamBlock":
+    def __add__(self, other: ParamBlock) -> ParamBlock:
         overlap = set(self.names) & set(other.names)
         if overlap:
             raise ValueError(f"blocks overlap in {sorted(overlap)}")

@@ -28,8 +28,9 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -44,6 +45,9 @@ FORMAT = "lissa_influence.shards/1"
 MANIFEST = "manifest.json"
 QUERY_VECTORS = "query_vectors.npy"
 SOLVE_INFO = "solve.json"
+
+
+T = TypeVar("T")
 
 
 class ResultsMismatchError(ValueError):
@@ -104,7 +108,7 @@ class ShardStore:
 
     def __init__(
         self,
-        root: str | os.PathLike,
+        root: str | os.PathLike[str],
         config_hash: str,
         n: int,
         k: int,
@@ -122,7 +126,7 @@ class ShardStore:
         existing = self.read_manifest(self.root)
         if existing is None:
             self.root.mkdir(parents=True, exist_ok=True)
-            self.manifest = {
+            self.manifest: dict[str, Any] = {
                 "format": FORMAT,
                 "config_hash": config_hash,
                 "config": dict(config) if config is not None else None,
@@ -147,17 +151,20 @@ class ShardStore:
 
     # -- manifest -------------------------------------------------------------------
     @staticmethod
-    def read_manifest(root: str | os.PathLike) -> dict[str, Any] | None:
+    def read_manifest(root: str | os.PathLike[str]) -> dict[str, Any] | None:
         path = Path(root) / MANIFEST
         if not path.exists():
             return None
         try:
-            return json.loads(path.read_text())
+            manifest: dict[str, Any] = json.loads(path.read_text())
+            return manifest
         except json.JSONDecodeError as e:
             raise ResultsMismatchError(f"{path} is not valid JSON ({e}); delete {Path(root)} to start afresh") from None
 
     @classmethod
-    def check_folder(cls, root: str | os.PathLike, config_hash: str, config: Mapping[str, Any] | None = None) -> bool:
+    def check_folder(
+        cls, root: str | os.PathLike[str], config_hash: str, config: Mapping[str, Any] | None = None
+    ) -> bool:
         """Fail early (before any training) if ``root`` holds results of another config;
         True when there is something to resume."""
         existing = cls.read_manifest(root)
@@ -231,7 +238,8 @@ class ShardStore:
         self._save_manifest()
 
     def read(self, i: int) -> np.ndarray:
-        return np.load(self.shard_file(i))
+        array: np.ndarray = np.load(self.shard_file(i))
+        return array
 
     def assemble(self) -> np.ndarray:
         """All scores ``[k, n]``; every shard must be complete."""
@@ -265,14 +273,14 @@ class ShardStore:
 def resumable_scores(
     estimator: InfluenceEstimator,
     test_data: Any,
-    root: str | os.PathLike,
+    root: str | os.PathLike[str],
     config_hash: str,
     shard_size: int,
     mean: bool = False,
     data: Any = None,
     config: Mapping[str, Any] | None = None,
     on_shard: Callable[[int, int, int], None] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, dict]:
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """Query vectors and scores of a fitted estimator (:class:`~lissa_influence.MultiStageInfluence`
     or :class:`~lissa_influence.Influence`), kept in a :class:`ShardStore` at ``root``.
 
@@ -295,9 +303,11 @@ def resumable_scores(
         opened["store"] = ShardStore(root, config_hash, n, k, shard_size, config)
 
     distributed.on_rank0(open_store)
-    store = opened.get("store")
 
-    saved = distributed.on_rank0(lambda: store.load_query_vectors())
+    def on_store(fn: Callable[[ShardStore], T]) -> T:  # the files are rank 0's; the result every rank's
+        return distributed.on_rank0(lambda: fn(opened["store"]))
+
+    saved = on_store(lambda store: store.load_query_vectors())
     if saved is not None:
         s = estimator.as_query_vectors(saved[0])
         solve_info = saved[1]
@@ -305,9 +315,9 @@ def resumable_scores(
     else:
         s = estimator.query_vectors(test_data, mean)
         solve_info = dict(estimator.diagnostics)
-        distributed.on_rank0(lambda: store.save_query_vectors(s, solve_info))
+        on_store(lambda store: store.save_query_vectors(s, solve_info))
 
-    pending = distributed.on_rank0(lambda: store.pending())
+    pending = on_store(lambda store: store.pending())
     total_shards = -(-n // shard_size)
     if len(pending) < total_shards:
         log.info("resuming %s: %d of %d score shards already computed", root, total_shards - len(pending), total_shards)
@@ -315,11 +325,11 @@ def resumable_scores(
     for i in pending:
         lo, hi = i * shard_size, min((i + 1) * shard_size, n)
         block = estimator.scores_from(s, data, lo, hi)
-        distributed.on_rank0(lambda: store.write(i, block.double()))
+        on_store(lambda store: store.write(i, block.double()))  # noqa: B023 (called at once)
         if on_shard is not None:
             on_shard(i, lo, hi)
     scoring_time = time.perf_counter() - t0
-    scores = distributed.on_rank0(lambda: store.assemble())
+    scores = on_store(lambda store: store.assemble())
     info = {
         "solve": solve_info,
         "resumed_solve": saved is not None,

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 
-from .batching import Batch, iter_batches
+from .batching import Batch, SizedDataset, iter_batches
 from .curvature import LossFn, load_forward_ad
 from .params import ParamBlock, Params
 from .progress import progress_bar
@@ -67,7 +67,7 @@ class PerExample:
         return vmap(along)(S)
 
 
-def loss_gradients(per_example: PerExample, data, batch_size: int, mean: bool) -> torch.Tensor:
+def loss_gradients(per_example: PerExample, data: SizedDataset, batch_size: int, mean: bool) -> torch.Tensor:
     """Gradients of the test losses ``[n_test, P]``, or ``[1, P]`` of their mean."""
     dtype, device = _dtype_device(per_example.params)
     rows = [per_example.gradients(b) for b in iter_batches(data, batch_size, dtype, device)]
@@ -82,7 +82,7 @@ def loss_gradients(per_example: PerExample, data, batch_size: int, mean: bool) -
 
 def score_dataset(
     per_example: PerExample,
-    data,
+    data: SizedDataset,
     S: torch.Tensor,
     batch_size: int = 256,
     method: ScoringMethod = "auto",
@@ -98,7 +98,9 @@ def score_dataset(
     stop = len(data) if stop is None else stop
     out = []
     bar = progress_bar(stop - start, "scoring", enabled=progress, unit="ex")
-    for lo, b in zip(range(start, stop, batch_size), iter_batches(data, batch_size, dtype, device, start, stop)):
+    for lo, b in zip(
+        range(start, stop, batch_size), iter_batches(data, batch_size, dtype, device, start, stop), strict=True
+    ):
         d = per_example.directional(b, S, method, jvp_max_queries).detach()
         if not torch.isfinite(d).all():
             bad = (~torch.isfinite(d).all(0)).nonzero().squeeze(1)

@@ -8,8 +8,8 @@ from torch import nn
 from torch.func import functional_call, hessian
 
 from lissa_influence.batching import Batch
-from lissa_influence.curvature import Objective, cross_entropy
-from lissa_influence.params import ParamBlock, make_block, named_params
+from lissa_influence.curvature import cross_entropy
+from lissa_influence.params import ParamBlock
 
 # The test models are tiny: one thread avoids OpenMP oversubscription, which on a shared
 # 2-core machine made products 100x slower. Benchmarks set their own thread counts.

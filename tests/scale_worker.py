@@ -22,9 +22,9 @@ import torch
 torch.set_num_threads(1)
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # conftest's tiny models; lissa_influence from PYTHONPATH
 
-from conftest import TinyCNN, make_data  # noqa: E402
-
 from lissa_influence import CG, Influence, LiSSA, MultiStageInfluence, distributed, results  # noqa: E402
+
+from conftest import TinyCNN, make_data  # noqa: E402
 
 SHARD_SIZE = 7
 REPO = Path(__file__).resolve().parents[1]

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import lissa_influence
-from lissa_influence.experiments import analyses, config
+from lissa_influence.experiments import analyses
 from lissa_influence.experiments.data import DataConfig, load_two_stage
 
 from hydra_helpers import assert_png, compose_cfg
@@ -189,7 +189,7 @@ def test_same_task_digits_split_is_the_pretraining_split():
         DataConfig(pretrain_classes=(0, 1, 2, 3), finetune_classes=(0, 1, 2, 3), finetune_subsample=None)
     )
     for a, b in (("pretrain_train", "finetune_train"), ("pretrain_test", "finetune_test")):
-        assert all(torch.equal(s, t) for s, t in zip(getattr(same, a).tensors, getattr(same, b).tensors))
+        assert all(torch.equal(s, t) for s, t in zip(getattr(same, a).tensors, getattr(same, b).tensors, strict=True))
     partial = load_two_stage(
         DataConfig(pretrain_classes=(0, 1, 2, 3), finetune_classes=(3, 5), finetune_subsample=None)
     )

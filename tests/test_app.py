@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from hydra import compose, initialize_config_dir
+from hydra import compose
 
 import lissa_influence
 from lissa_influence.experiments import config, pipeline

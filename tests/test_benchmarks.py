@@ -7,11 +7,11 @@ import subprocess
 import sys
 
 import pytest
-
 from hydra import compose, initialize_config_dir
 
-from hydra_helpers import CONF, REPO
 from lissa_influence.experiments import config
+
+from hydra_helpers import CONF, REPO
 
 BENCH = REPO / "benchmarks"
 

@@ -15,7 +15,6 @@ import scipy.sparse.linalg as sla
 import torch
 
 import lissa_influence
-from conftest import TinyCNN, make_data, rel, train_full_batch
 from lissa_influence import (
     CG,
     DenseOperator,
@@ -33,6 +32,8 @@ from lissa_influence import (
     aslinearoperator,
 )
 from lissa_influence.experiments.errors import config_terms, in_config_terms
+
+from conftest import TinyCNN, make_data, rel, train_full_batch
 
 REPO = Path(lissa_influence.__file__).resolve().parents[1]
 
@@ -71,9 +72,12 @@ def test_core_never_imports_the_application_stack():
     assert "Warning" not in proc.stderr, proc.stderr  # torch's jit deprecation notice stays silent
 
 
-def test_public_names_are_exported():
+def test_public_names_are_exported_and_documented():
+    """Every name of ``__all__`` exists and has its entry in the API page of the docs site."""
+    api = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
     for name in lissa_influence.__all__:
         assert getattr(lissa_influence, name) is not None
+        assert f"::: lissa_influence.{name}\n" in api, f"docs/api.md lacks {name}"
 
 
 # --- the Solver protocol: a user-written solver --------------------------------------------
@@ -264,11 +268,13 @@ def test_solver_errors_name_the_stage_and_its_damping(two_stage):
         ),
         (
             "diverged with scale=0.1: use scale ≥ 3 or scale='auto'; raise depth, lower scale",
-            "diverged with solver.scale=0.1: use solver.scale ≥ 3 or solver.scale=auto; raise solver.depth, lower solver.scale",
+            "diverged with solver.scale=0.1: use solver.scale ≥ 3 or solver.scale=auto; raise solver.depth, lower "
+            "solver.scale",
         ),
         (
             "hessian_samples=1000 exceeds the 862 finetuning examples (hessian_samples='all' asks for that)",
-            "finetune.hessian_samples=1000 exceeds the 862 finetuning examples (finetune.hessian_samples=all asks for that)",
+            "finetune.hessian_samples=1000 exceeds the 862 finetuning examples (finetune.hessian_samples=all asks "
+            "for that)",
         ),
         ("polish_tol=1e-8 and mode='updated'", "polish_tol=1e-8 and mode=updated"),
     ],
@@ -285,9 +291,9 @@ def test_config_terms_retells_errors_and_warnings():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with config_terms():
-            warnings.warn("raise max_iter", SolverWarning)
+            warnings.warn("raise max_iter", SolverWarning, stacklevel=1)
             assert [str(w.message) for w in caught] == ["raise solver.max_iter"]  # shown at once, not at the end
-            warnings.warn("a dependency's tol=3", UserWarning)  # attributed to this test file: left alone
+            warnings.warn("a dependency's tol=3", UserWarning, stacklevel=1)  # attributed to this test file: left alone
     assert [str(w.message) for w in caught] == ["raise solver.max_iter", "a dependency's tol=3"]
     assert caught[0].category is SolverWarning
     assert in_config_terms(in_config_terms("raise max_iter, tol=1")) == "raise solver.max_iter, solver.tol=1"
@@ -307,4 +313,4 @@ def test_training_shows_its_progress_only_when_asked(capsys):
     loud, _ = pretrain(model, data, cfg, progress=True)
     err = capsys.readouterr().err
     assert "pretrain" in err and "3/3" in err and "loss=" in err and "L-BFGS polish" in err
-    assert all(torch.equal(a, b) for a, b in zip(quiet.state_dict().values(), loud.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(quiet.state_dict().values(), loud.state_dict().values(), strict=True))

@@ -4,9 +4,10 @@ import pytest
 import torch
 from torch.func import functional_call, hessian
 
-from conftest import TinyCNN, TinyMLP, dense_hessian, make_data, rel
 from lissa_influence.curvature import CurvatureOperator, Objective, cross_entropy
 from lissa_influence.params import make_block, named_params, prefix_matcher
+
+from conftest import TinyCNN, TinyMLP, dense_hessian, make_data, rel
 
 
 @pytest.mark.parametrize("arch,shape", [(TinyCNN, (1, 6, 6)), (TinyMLP, (5,))])

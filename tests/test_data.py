@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 
-from fake_datasets import write_fake_cifar10, write_fake_mnist
 from lissa_influence.experiments import data as data_mod
 from lissa_influence.experiments.data import (
     DataConfig,
@@ -15,6 +14,8 @@ from lissa_influence.experiments.data import (
     TwoStageData,
     load_two_stage,
 )
+
+from fake_datasets import write_fake_cifar10, write_fake_mnist
 
 SPLITS = ("pretrain_train", "pretrain_test", "finetune_train", "finetune_test")
 
@@ -66,7 +67,10 @@ def test_digits_seed_determinism(digits):
     again = load_two_stage(DataConfig(seed=0))
     other = load_two_stage(DataConfig(seed=1))
     for split in SPLITS:
-        assert all(torch.equal(a, b) for a, b in zip(getattr(digits, split).tensors, getattr(again, split).tensors))
+        assert all(
+            torch.equal(a, b)
+            for a, b in zip(getattr(digits, split).tensors, getattr(again, split).tensors, strict=True)
+        )
     assert not torch.equal(digits.pretrain_train.tensors[0], other.pretrain_train.tensors[0])
     assert digits.pretrain_digest == again.pretrain_digest != other.pretrain_digest
 

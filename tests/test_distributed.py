@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,14 +22,15 @@ import pytest
 import torch
 
 import lissa_influence
-import scale_worker
-from conftest import make_data
 from lissa_influence import distributed, results
-from lissa_influence.experiments import app, pipeline
 from lissa_influence.batching import Batch
 from lissa_influence.curvature import CurvatureOperator, Objective, cross_entropy
+from lissa_influence.experiments import app, pipeline
 from lissa_influence.params import make_block, named_params, prefix_matcher
 from lissa_influence.results import ResultsMismatchError, ShardStore
+
+import scale_worker
+from conftest import make_data
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent

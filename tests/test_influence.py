@@ -7,11 +7,12 @@ import pytest
 import torch
 from torch.func import functional_call, hessian
 
-from conftest import TinyCNN, make_data, rel, train_full_batch
-from twostage import TwoStage
 from lissa_influence import CG, Explicit, Identity, Influence, LiSSA, MultiStageInfluence
 from lissa_influence.curvature import cross_entropy
 from lissa_influence.params import make_block, named_params, prefix_matcher
+
+from conftest import TinyCNN, make_data, rel, train_full_batch
+from twostage import TwoStage
 
 
 def pearson(a, b):
@@ -41,7 +42,7 @@ class CNNTwoStage:
 
             def closure():
                 opt.zero_grad()
-                prox = sum(((p - w) ** 2).sum() for p, w in zip(self.ft.embedding.parameters(), w_star))
+                prox = sum(((p - w) ** 2).sum() for p, w in zip(self.ft.embedding.parameters(), w_star, strict=True))
                 loss = (
                     cross_entropy(self.ft(self.ft_data.x), self.ft_data.y)
                     + alpha * prox

@@ -99,9 +99,9 @@ def test_seeded_init_is_deterministic_and_leaves_global_rng_alone():
     assert torch.equal(before, after)
     b = build_model("digits", 4, seed=7)
     c = build_model("digits", 4, seed=8)
-    for (n, p), q, r in zip(a.named_parameters(), b.parameters(), c.parameters()):
+    for (n, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
         assert torch.equal(p, q), n
-    assert not all(torch.equal(p, r) for p, r in zip(a.parameters(), c.parameters()))
+    assert not all(torch.equal(p, r) for p, r in zip(a.parameters(), c.parameters(), strict=True))
 
 
 def test_dtype_and_config():
@@ -115,7 +115,7 @@ def test_finetune_copy_shares_values_not_storage():
     pre = build_model("digits", 4, seed=0)
     ft = finetune_model_from(pre, 6, seed=1)
     assert ft(torch.rand(2, 1, 8, 8)).shape == (2, 6)
-    for (n, p), (m, q) in zip(pre.embedding.named_parameters(), ft.embedding.named_parameters()):
+    for (n, p), (m, q) in zip(pre.embedding.named_parameters(), ft.embedding.named_parameters(), strict=True):
         assert n == m and torch.equal(p, q)
         assert p.data_ptr() != q.data_ptr()
     with torch.no_grad():
@@ -123,7 +123,7 @@ def test_finetune_copy_shares_values_not_storage():
     assert not torch.equal(next(ft.embedding.parameters()), next(pre.embedding.parameters()))
     # The new head is seeded: same seed, same head.
     again = finetune_model_from(pre, 6, seed=1)
-    assert all(torch.equal(p, q) for p, q in zip(ft.head.parameters(), again.head.parameters()))
+    assert all(torch.equal(p, q) for p, q in zip(ft.head.parameters(), again.head.parameters(), strict=True))
 
 
 def test_finetune_copy_keeps_dtype():

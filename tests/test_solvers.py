@@ -6,11 +6,12 @@ import warnings
 import pytest
 import torch
 
-from conftest import TinyCNN, TinyMLP, make_data, rel, train_full_batch
 from lissa_influence import CG, Explicit, Identity, LiSSA
 from lissa_influence.curvature import CurvatureOperator, Objective, cross_entropy
 from lissa_influence.params import make_block, named_params
 from lissa_influence.solvers import DivergenceError, NegativeCurvatureError, SolverWarning
+
+from conftest import TinyCNN, TinyMLP, make_data, rel, train_full_batch
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +185,7 @@ def test_cg_callback_sees_every_iterate(damped_operator, dense):
     assert counts == sorted(counts) and counts[0] == 2  # one stacked product of both rows
     errors = [rel(xi, exact) for xi, _ in seen]
     # CG's error norm falls monotonically (Hestenes & Stiefel); allow rounding at the end
-    assert all(e2 <= e1 * (1 + 1e-6) + 1e-12 for e1, e2 in zip(errors, errors[1:]))
+    assert all(e2 <= e1 * (1 + 1e-6) + 1e-12 for e1, e2 in zip(errors, errors[1:], strict=False))
     assert errors[0] > 1e4 * errors[-1]
 
 
@@ -257,3 +258,22 @@ def test_plain_callable_and_dense_matrix_are_operators():
     x1, _ = CG(tol=1e-12).solve(lambda v: a @ v, b)
     x2, _ = CG(tol=1e-12).solve(a, b)
     assert torch.allclose(x1, torch.linalg.solve(a, b.T).T) and torch.allclose(x1, x2)
+
+
+def test_explicit_methods_and_an_indefinite_matrix():
+    g = torch.Generator().manual_seed(3)
+    m = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    spd, b = m @ m.T + torch.eye(6, dtype=torch.float64), torch.randn(2, 6, generator=g, dtype=torch.float64)
+    exact = torch.linalg.solve(spd, b.T).T
+    for method in ("auto", "cholesky", "eigh", "lu"):
+        x, info = Explicit(method=method).solve(spd, b)
+        assert rel(x, exact) <= 1e-12 and info.num_products == 0  # a dense matrix costs no product
+    assert Explicit(method="eigh").solve(spd, b)[1].extra["min_eigenvalue"] > 0
+    indefinite = spd - 20 * torch.eye(6, dtype=torch.float64)
+    with pytest.raises(NegativeCurvatureError, match="not positive definite"):
+        Explicit(method="cholesky").solve(indefinite, b)
+    with pytest.warns(SolverWarning, match="solving with LU"):
+        x, info = Explicit().solve(indefinite, b)
+    assert info.extra["method"] == "lu" and rel(x, torch.linalg.solve(indefinite, b.T).T) <= 1e-10
+    with pytest.raises(ValueError, match="unknown method 'qr'"):
+        Explicit(method="qr").solve(spd, b)  # type: ignore[arg-type]

@@ -52,7 +52,7 @@ def params_of(model):
 
 
 def same_weights(a, b) -> bool:
-    return all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    return all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
 
 
 def value(t: torch.Tensor) -> float:

@@ -71,7 +71,7 @@ class DenseInverse:
     eigenvectors: torch.Tensor
 
     @classmethod
-    def of(cls, matrix: torch.Tensor) -> "DenseInverse":
+    def of(cls, matrix: torch.Tensor) -> DenseInverse:
         evals, evecs = torch.linalg.eigh(matrix)
         return cls(evals, evecs)
 
@@ -303,7 +303,7 @@ def summarise(root: str | Path, out: str | Path | None = None) -> list[dict[str,
     # Name each row by what sets it apart: the overrides not shared by every row.
     overrides = [p["row"].get("overrides", p["row"]["label"]).split() for p in payloads]
     common = set.intersection(*map(set, overrides)) if len(payloads) > 1 else set()
-    for p, o in zip(payloads, overrides):
+    for p, o in zip(payloads, overrides, strict=True):
         p["row"]["label"] = " ".join(x for x in o if x not in common) or "defaults"
     out = Path(out) if out else root
     out.mkdir(parents=True, exist_ok=True)

@@ -32,8 +32,9 @@ from __future__ import annotations
 import copy
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -203,7 +204,8 @@ def finetune_size(cfg: Any, out: Path) -> dict[str, Any]:
     base = a.base_subsample if a.base_subsample is not None else cfg.data.finetune_subsample
     if base is None:
         raise ValueError(
-            "analysis=finetune_size needs analysis.base_subsample (or data.finetune_subsample): model C's finetuning examples"
+            "analysis=finetune_size needs analysis.base_subsample (or data.finetune_subsample): model C's finetuning "
+            "examples"
         )
     if a.factor < 2:
         raise ValueError(f"analysis.factor={a.factor} must be >= 2 (model D has factor x model C's examples and steps)")
@@ -266,14 +268,14 @@ def influential_examples(cfg: Any, out: Path) -> dict[str, Any]:
     bar = progress_bar(2 * len(idx), "remove top examples", enabled=cfg.progress)
     for t in range(len(idx)):
         order = torch.argsort(scores[t])
-        row = {
+        row: dict[str, Any] = {
             "test_index": int(idx[t]),
             "label": int(data.finetune_classes[int(y[t])]),
             "trained_loss": float(trained_losses[t]),
             "control_loss": float(control[t]),
         }
-        for kind, chosen in (("harmful", order.flip(0)[:k]), ("helpful", order[:k])):
-            chosen = chosen.tolist()
+        for kind, top_k in (("harmful", order.flip(0)[:k]), ("helpful", order[:k])):
+            chosen = top_k.tolist()
             retrained = float(point_losses(chosen)[t])
             row[kind] = {
                 "removed": chosen,

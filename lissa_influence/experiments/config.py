@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -25,7 +25,7 @@ from .models import ModelConfig
 from .training import TrainConfig
 
 
-def _mutable(cls: type, **defaults: Any) -> type:
+def _mutable(cls: type, **defaults: Any) -> Any:  # a dataclass made at run time: Any to the type checker
     """A mutable dataclass with the fields of frozen ``cls`` (tuples become lists)."""
     hints = typing.get_type_hints(cls)  # resolves string annotations
     fields = []
@@ -33,7 +33,7 @@ def _mutable(cls: type, **defaults: Any) -> type:
         ftype = _listify(hints[f.name])
         default = defaults.get(f.name, f.default)
         if isinstance(default, tuple):
-            fields.append((f.name, ftype, field(default_factory=lambda d=default: list(d))))
+            fields.append((f.name, ftype, field(default_factory=lambda d=default: list(d))))  # type: ignore[misc]
         else:
             fields.append((f.name, ftype, field(default=default)))
     return dataclasses.make_dataclass(f"{cls.__name__}Schema", fields)
@@ -44,7 +44,7 @@ def _listify(tp: Any) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin is tuple:
-        return list[args[0]] if args else list
+        return list[args[0]] if args else list  # type: ignore[valid-type]
     if args and type(None) in args:
         inner = [a for a in args if a is not type(None)]
         if len(inner) == 1:
@@ -66,7 +66,7 @@ class SolverSchema:
     # CG
     tol: float = 1e-6
     max_iter: int = 200
-    preconditioner: Optional[str] = None  # null | jacobi
+    preconditioner: str | None = None  # null | jacobi
     block: bool = (
         True  # block CG: one Krylov space for all right-hand sides (rows run separately with a preconditioner)
     )
@@ -75,7 +75,7 @@ class SolverSchema:
     damping: float = 0.0  # LiSSA's own damping d (adds d*scale to the stage damping)
     depth: int = 1000
     repeats: int = 1
-    batch_size: Optional[int] = None
+    batch_size: int | None = None
     safety: float = 1.2
     # Explicit
     method: str = "auto"
@@ -87,7 +87,7 @@ class SolverSchema:
 class StageSchema:
     damping: float = 1e-2
     hessian_samples: Any = 1000  # a count (seeded subsample) or "all"; checked by check()
-    train: TrainSchema = field(default_factory=TrainSchema)
+    train: TrainSchema = field(default_factory=TrainSchema)  # type: ignore[valid-type]
 
 
 @dataclass
@@ -110,10 +110,10 @@ class AnalysisSchema:
 
     name: str = "none"  # none | task_similarity | finetune_size | influential_examples
     # task_similarity (section 4.3, Figure B): one pretrained model, two finetuning tasks
-    same_task_classes: Optional[list[int]] = None  # null: data.pretrain_classes
-    other_task_classes: Optional[list[int]] = None  # required for task_similarity
+    same_task_classes: list[int] | None = None  # null: data.pretrain_classes
+    other_task_classes: list[int] | None = None  # required for task_similarity
     # finetune_size (section 4.4, Figure C): model C, and model D with factor x the examples and steps
-    base_subsample: Optional[int] = None  # model C's finetuning examples (null: data.finetune_subsample)
+    base_subsample: int | None = None  # model C's finetuning examples (null: data.finetune_subsample)
     factor: int = 3
     # influential_examples: remove the top `remove` harmful (then helpful) examples and retrain
     remove: int = 10
@@ -132,8 +132,8 @@ class AccuracySchema:
 
 @dataclass
 class RunSchema:
-    data: DataSchema = field(default_factory=DataSchema)
-    model: ModelSchema = field(default_factory=ModelSchema)
+    data: DataSchema = field(default_factory=DataSchema)  # type: ignore[valid-type]
+    model: ModelSchema = field(default_factory=ModelSchema)  # type: ignore[valid-type]
     solver: SolverSchema = field(default_factory=SolverSchema)
     pretrain: StageSchema = field(default_factory=lambda: StageSchema(damping=1e-2))
     finetune: StageSchema = field(default_factory=lambda: StageSchema(damping=1e-8))
@@ -150,7 +150,7 @@ class RunSchema:
     gauss_newton: bool = False
     top_k: int = 6  # helpful / harmful examples shown per test point
     cache_dir: str = "~/.cache/lissa_influence"
-    threads: Optional[int] = None  # torch.set_num_threads; null keeps torch's default
+    threads: int | None = None  # torch.set_num_threads; null keeps torch's default
     shard_size: int = 4096  # pretraining examples per score shard (scores/shard_*.npy; a rerun resumes)
     progress: bool = True
 
@@ -164,8 +164,10 @@ def register() -> None:
 
 
 # -- conversion to library objects -----------------------------------------------------
-def _plain(node: Any) -> dict:
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dataclasses.asdict(node)
+def _plain(node: Any) -> dict[str, Any]:
+    if isinstance(node, DictConfig):
+        return cast(dict[str, Any], OmegaConf.to_container(node, resolve=True))
+    return dataclasses.asdict(node)
 
 
 def to_frozen(cls: type, node: Any):

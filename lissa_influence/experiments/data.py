@@ -17,8 +17,8 @@ import functools
 import hashlib
 import os
 import pickle
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -161,12 +161,15 @@ def load_two_stage(cfg: DataConfig) -> TwoStageData:
     if cfg.normalize:
         mean, std = _channel_stats(pre_train[0])
         splits = [((x - mean) / std, y) for x, y in splits]
-    for what, (x, _) in zip(("pretrain_train", "pretrain_test", "finetune_train", "finetune_test"), splits):
+    for what, (x, _) in zip(
+        ("pretrain_train", "pretrain_test", "finetune_train", "finetune_test"), splits, strict=True
+    ):
         if len(x) == 0:
             raise ValueError(
                 f"{cfg.name}: the {what} split is empty; check the class lists and sizes in the data config"
             )
-    return TwoStageData(*(TensorDataset(x, y) for x, y in splits), pre_cls, ft_cls, cfg.name, cfg)
+    pre_train, pre_test, ft_train, ft_test = (TensorDataset(x, y) for x, y in splits)
+    return TwoStageData(pre_train, pre_test, ft_train, ft_test, pre_cls, ft_cls, cfg.name, cfg)
 
 
 # --- splitting -----------------------------------------------------------------------
@@ -288,7 +291,8 @@ def _load_mnist(cfg: DataConfig) -> Arrays:
             ds = MNIST(cfg.root, train=train, download=cfg.download)
         except (RuntimeError, OSError) as e:  # torchvision reports failed downloads as RuntimeError
             raise DatasetDownloadError(
-                f"could not download MNIST into '{os.path.abspath(raw)}' ({type(e).__name__}: {str(e).splitlines()[0]}). "
+                f"could not download MNIST into '{os.path.abspath(raw)}' ({type(e).__name__}: "
+                f"{str(e).splitlines()[0]}). "
                 "Without internet, put the uncompressed idx files there yourself and set data.download=false."
             ) from e
         except AssertionError as e:  # torchvision's idx parser asserts on a bad header
@@ -323,7 +327,8 @@ def _download_cifar10(root: str) -> None:
         download_and_extract_archive(CIFAR10.url, root, filename=CIFAR10.filename, md5=CIFAR10.tgz_md5)
     except Exception as e:  # urllib raises many types; all mean the same to the user
         raise DatasetDownloadError(
-            f"could not download CIFAR-10 into '{os.path.abspath(root)}' ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+            f"could not download CIFAR-10 into '{os.path.abspath(root)}' ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}). "
             f"Without internet, extract cifar-10-python.tar.gz into '{os.path.abspath(root)}' yourself "
             "and set data.download=false."
         ) from e

@@ -12,8 +12,9 @@ from __future__ import annotations
 import contextlib
 import re
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from ..solvers import SolverError, SolverWarning
 from ..solvers.base import reworded

@@ -10,8 +10,9 @@ the parameters, which influence functions need.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+from typing import cast
 
 import torch
 from torch import nn
@@ -177,7 +178,7 @@ def build_model(arch: str, classes: int, seed: int, dtype: str | torch.dtype = t
     spec = _arch(arch)
     _check_classes(classes)
     model = _seeded(seed, lambda: TwoStageNet(spec.embedding(), spec.head(classes), arch, spec.input_shape))
-    return model.to(_dtype(dtype))
+    return cast(TwoStageNet, model.to(_dtype(dtype)))
 
 
 def build_from_config(cfg: ModelConfig, classes: int) -> TwoStageNet:

@@ -26,7 +26,7 @@ import logging
 import platform
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -36,8 +36,8 @@ from .. import __version__, distributed, results
 from ..multistage import MultiStageInfluence
 from . import config, plots
 from .data import DataConfig, TwoStageData, load_two_stage
-from .models import ModelConfig
-from .training import TrainConfig, train_two_stage
+from .models import ModelConfig, TwoStageNet
+from .training import TrainConfig, TwoStageInfo, train_two_stage
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def versions() -> dict[str, str]:
     return out
 
 
-def train(cfg: Any) -> tuple[TwoStageData, torch.nn.Module, torch.nn.Module, Any]:
+def train(cfg: Any) -> tuple[TwoStageData, TwoStageNet, TwoStageNet, TwoStageInfo]:
     """Load the data and train (or load from the cache) both stages."""
     data = load_two_stage(config.to_frozen(DataConfig, cfg.data))
     pretrained, finetuned, info = train_two_stage(
@@ -115,7 +115,7 @@ NOT_HASHED = ("progress", "threads", "top_k", "validate", "cache_dir", "shard_si
 
 def scored_config(cfg: Any) -> dict[str, Any]:
     """The part of the config that determines the scores (hashed into the results manifest)."""
-    plain = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+    plain = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True)) if OmegaConf.is_config(cfg) else dict(cfg)
     return {k: v for k, v in plain.items() if k not in NOT_HASHED}
 
 
@@ -223,7 +223,8 @@ def summary(m: dict[str, Any]) -> str:
     inf = m["influence"]
     lines = [
         f"multi-stage influence ({m['config']['mode']}, solver={m['config']['solver']['name']}): "
-        f"{inf['num_queries']} queries x {inf['num_pretrain']} pretraining examples, mean |I| = {inf['mean_abs_score']:.4g}",
+        f"{inf['num_queries']} queries x {inf['num_pretrain']} pretraining examples, mean |I| = "
+        f"{inf['mean_abs_score']:.4g}",
     ]
     for stage in ("finetune", "pretrain"):
         d = inf.get(stage)
@@ -242,6 +243,7 @@ def summary(m: dict[str, Any]) -> str:
     if "validation" in m:
         v = m["validation"]
         lines.append(
-            f"  leave-one-out: Pearson {v['pearson']:.3f}, Spearman {v['spearman']:.3f} over {v['num_examples']} examples"
+            f"  leave-one-out: Pearson {v['pearson']:.3f}, Spearman {v['spearman']:.3f} over {v['num_examples']} "
+            "examples"
         )
     return "\n".join(lines)

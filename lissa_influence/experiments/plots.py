@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import matplotlib
 
@@ -38,7 +38,9 @@ def top_examples_grid(
     for r, t in enumerate(top):
         axes[r, 0].imshow(_image(x_test[r]), cmap="gray")
         axes[r, 0].set_title(f"test: {ft_classes[int(y_test[r])]}", fontsize=7)
-        for c, (i, s) in enumerate(zip(t["helpful"] + t["harmful"], t["helpful_scores"] + t["harmful_scores"])):
+        for c, (i, s) in enumerate(
+            zip(t["helpful"] + t["harmful"], t["helpful_scores"] + t["harmful_scores"], strict=True)
+        ):
             ax = axes[r, 1 + c]
             ax.imshow(_image(x_pre[i]), cmap="gray")
             kind = "helps" if c < k else "harms"
@@ -96,7 +98,7 @@ def histograms(
         outside = int(((values < lo) | (values > hi)).sum()) if clip else 0
         if outside:
             label += f" ({outside} of {values.size} outside the axis)"
-        ax.hist(values[(values >= lo) & (values <= hi)], bins=edges, alpha=0.5, histtype="stepfilled", label=label)
+        ax.hist(values[(values >= lo) & (values <= hi)], bins=edges, alpha=0.5, histtype="stepfilled", label=label)  # type: ignore[arg-type]  # an array of edges is fine
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
@@ -118,7 +120,7 @@ def removal_bars(path: Path, points: list[dict], k: int) -> None:
         ("helpful", "predicted_change", "helpful\npredicted", "tab:green", 0.4),
         ("helpful", "actual_change", "helpful\nmeasured", "tab:green", 0.95),
     ]
-    for ax, p in zip(axes[0], points):
+    for ax, p in zip(axes[0], points, strict=True):
         for j, (kind, key, _, color, alpha) in enumerate(bars):
             ax.bar(j, p[kind][key], 0.8, color=color, alpha=alpha)
         ax.axhline(0, color="gray", lw=0.8)
@@ -157,7 +159,7 @@ def error_vs_hvps(path: Path, payloads: list[dict]) -> None:
         # "solver=cg solver.tol=1e-06" -> "cg tol=1e-06": the legend holds many jobs
         label = " ".join(t.removeprefix("solver=").removeprefix("solver.") for t in row["label"].split())
         label += "" if row.get("status", "ok") == "ok" else " (failed)"
-        for panel, (ax, (curve, err_key, hvp_key, _)) in enumerate(zip(axes, panels)):
+        for panel, (ax, (curve, err_key, hvp_key, _)) in enumerate(zip(axes, panels, strict=False)):  # 4 axes, 3 panels
             err, hvps = row.get(err_key), row.get(hvp_key)
             if err is None:
                 continue
@@ -184,7 +186,7 @@ def error_vs_hvps(path: Path, payloads: list[dict]) -> None:
             else:
                 axes[3].axhline(row["spearman"], color=color, ls="--", lw=1)
         axes[3].plot([], [], ls=style, color=color, label=label)  # one legend entry per job
-    for ax, (_, _, _, title) in zip(axes, panels):
+    for ax, (_, _, _, title) in zip(axes, panels, strict=False):
         ax.set(xlabel="Hessian-vector products per right-hand side", ylabel="relative error vs explicit", title=title)
     axes[3].set(
         xlabel="Hessian-vector products per right-hand side, both solves",

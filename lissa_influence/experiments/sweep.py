@@ -92,8 +92,8 @@ def format_table(rows: list[dict[str, Any]], cols: list[str] = TABLE, max_width:
 
     text = [[cell(r.get(c)) for c in cols] for r in rows]
     widths = [max(len(c), *(len(t[i]) for t in text)) for i, c in enumerate(cols)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(t, widths)) for t in text]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(t, widths, strict=True)) for t in text]
     return "\n".join(lines)
 
 

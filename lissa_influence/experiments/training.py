@@ -28,9 +28,10 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as nnf
@@ -97,7 +98,7 @@ def proximity(model: nn.Module, w_star: Mapping[str, torch.Tensor]) -> torch.Ten
     missing = [n for n in params if n.startswith(EMBEDDING + ".") and n not in w_star]
     if missing:
         raise KeyError(f"w_star lacks embedding parameters {missing}; pass embedding_state(pretrained_model)")
-    return sum(((params[n] - w.to(params[n])) ** 2).sum() for n, w in w_star.items())
+    return cast(torch.Tensor, sum(((params[n] - w.to(params[n])) ** 2).sum() for n, w in w_star.items()))
 
 
 def pretrain_objective(
@@ -204,7 +205,7 @@ def _with_weight_decay(problem: _Problem, weight_decay: float) -> _Problem:
     base = problem.extra
 
     def extra() -> torch.Tensor:
-        l2 = 0.5 * weight_decay * sum((p**2).sum() for p in problem.params)
+        l2 = cast(torch.Tensor, 0.5 * weight_decay * sum((p**2).sum() for p in problem.params))
         return l2 if base is None else base() + l2
 
     return _Problem(problem.params, problem.n, problem.example_sum, extra)
@@ -218,7 +219,11 @@ def _optimise(problem: _Problem, cfg: TrainConfig, stage: str, progress: bool = 
     device = problem.params[0].device
     full_batch = cfg.batch_size is None or cfg.batch_size >= problem.n
     opt = torch.optim.Adam(problem.params, lr=cfg.lr)
-    steps = range(cfg.steps) if full_batch else _batches(problem.n, cfg.batch_size, cfg.steps, cfg.seed)
+    steps = (
+        range(cfg.steps)
+        if full_batch or cfg.batch_size is None
+        else _batches(problem.n, cfg.batch_size, cfg.steps, cfg.seed)
+    )
     every = max(1, cfg.steps // 100)  # the loss shown on the bar: a device sync, so not every step
     with progress_bar(cfg.steps, stage, enabled=progress and cfg.steps > 0, unit="step") as bar:
         for step, idx in enumerate(steps):
@@ -230,13 +235,20 @@ def _optimise(problem: _Problem, cfg: TrainConfig, stage: str, progress: bool = 
     evals = 0
     if cfg.polish_iters > 0:
         evals = _polish(problem, cfg, stage, progress)
-    loss = float(problem.full())
+    final = float(problem.full())
     report = TrainReport(
-        stage, problem.n, cfg.steps, evals, loss, problem.grad_norm(), problem.param_norm(), time.perf_counter() - start
+        stage,
+        problem.n,
+        cfg.steps,
+        evals,
+        final,
+        problem.grad_norm(),
+        problem.param_norm(),
+        time.perf_counter() - start,
     )
     problem.zero_grad()
-    if not math.isfinite(loss):
-        raise FloatingPointError(f"{stage} diverged (loss {loss}); lower the learning rate in the {stage} config")
+    if not math.isfinite(final):
+        raise FloatingPointError(f"{stage} diverged (loss {final}); lower the learning rate in the {stage} config")
     return report
 
 
@@ -407,7 +419,7 @@ def _load_cached(path: Path, fresh: TwoStageNet) -> tuple[TwoStageNet, TrainRepo
         report = TrainReport(**blob["report"])
         model.load_state_dict(blob["state_dict"])
     except Exception as e:  # unreadable or from another version: retrain and overwrite
-        warnings.warn(f"ignoring unreadable cache file {path} ({type(e).__name__}: {e}); retraining")
+        warnings.warn(f"ignoring unreadable cache file {path} ({type(e).__name__}: {e}); retraining", stacklevel=2)
         return None
     return model, report
 
@@ -447,7 +459,7 @@ def train_two_stage(
     fresh = build_from_config(model_cfg, len(data.pretrain_classes))
     hit = _load_cached(cache / f"{pre_key}.pt", fresh) if cache else None
     pre_cached = hit is not None
-    if pre_cached:
+    if hit is not None:
         pretrained, pre_report = hit
     else:
         pretrained, pre_report = pretrain(fresh, data, pre_cfg, progress=progress)
@@ -457,7 +469,7 @@ def train_two_stage(
     fresh = finetune_model_from(pretrained, len(data.finetune_classes), model_cfg.seed)
     hit = _load_cached(cache / f"{ft_key}.pt", fresh) if cache else None
     ft_cached = hit is not None
-    if ft_cached:
+    if hit is not None:
         finetuned, ft_report = hit
     else:
         finetuned, ft_report = finetune(

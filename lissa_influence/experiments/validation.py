@@ -107,7 +107,8 @@ def run(
         "control_test_loss": control,
         "retrain": {"pretrain": vars(pre_cfg), "finetune": vars(ft_cfg)},
         "examples": [
-            {"index": z, "predicted": float(p), "actual": float(a)} for z, p, a in zip(chosen, predicted, actual)
+            {"index": z, "predicted": float(p), "actual": float(a)}
+            for z, p, a in zip(chosen, predicted, actual, strict=True)
         ],
     }
     (out / "loo.json").write_text(json.dumps(result, indent=2))

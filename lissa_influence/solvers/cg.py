@@ -84,7 +84,8 @@ class CG:
         bnorm = rownorm(B)
         safe_bnorm = torch.where(bnorm > 0, bnorm, torch.ones_like(bnorm))
         report = (lambda X, n: callback((X[0] if single else X).clone(), n)) if callback is not None else None
-        X, R, products, it, history = torch.zeros_like(B), B.clone(), 0, 0, []
+        X, R, products, it = torch.zeros_like(B), B.clone(), 0, 0
+        history: list[float] = []
         block = self.block and k > 1 and self.preconditioner is None
         if block:
             X, products, it, history, stop = self._block(op, B, safe_bnorm, report)
@@ -123,8 +124,8 @@ class CG:
         products: int,
         it: int,
         history: list[float],
-        report,
-    ) -> tuple:
+        report: Callback | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, int, int, list[int]]:
         """Separate (stacked) CG recursions from ``X`` with residuals ``R``, up to ``max_iter`` iterations in all."""
         Z = R * minv if minv is not None else R.clone()
         D = Z.clone()
@@ -204,7 +205,9 @@ class CG:
             warnings.warn(msg, SolverWarning, stacklevel=3)
         return info
 
-    def _block(self, op: LinearOperator, B: torch.Tensor, safe_bnorm: torch.Tensor, report) -> tuple:
+    def _block(
+        self, op: LinearOperator, B: torch.Tensor, safe_bnorm: torch.Tensor, report: Callback | None
+    ) -> tuple[torch.Tensor, int, int, list[float], str | None]:
         """Dubrulle's DR-BCG on the columns ``B.T``: ``R = Q C`` with ``Q`` orthonormal, so the
         residual norms are the column norms of the small ``C``; ``S`` are the search blocks.
         Returns ``X``, products, iterations, the residual history and why it stopped early

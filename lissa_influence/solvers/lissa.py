@@ -92,7 +92,8 @@ class LiSSA:
             products += self.power_iters
             if lam_max <= 0:
                 raise DivergenceError(
-                    f"power iteration found top eigenvalue {lam_max:.3g} ≤ 0: the operator is not positive definite; add damping"
+                    f"power iteration found top eigenvalue {lam_max:.3g} ≤ 0: the operator is not positive definite; "
+                    "add damping"
                 )
             scale = self.safety * lam_max
         elif not (isinstance(scale, (int, float)) and scale > 0):
@@ -109,7 +110,7 @@ class LiSSA:
             h = B.clone()
             smallest = math.inf
             for t in range(1, self.depth + 1):
-                op = full.minibatch(self.batch_size, g) if stochastic else full
+                op = full.minibatch(self.batch_size, g) if self.batch_size is not None and stochastic else full
                 h_new = B + (1.0 - self.damping) * h - op(h) / scale
                 products += B.shape[0]
                 if callback is not None:  # the running average, counting the current recursion
@@ -149,7 +150,8 @@ class LiSSA:
         if not converged:
             warnings.warn(
                 f"LiSSA stopped at depth {self.depth} with relative update {final:.3g} > tol={self.tol:g}: "
-                "the error is about update/(1 − rate); raise depth, lower scale towards the top eigenvalue, or add damping",
+                "the error is about update/(1 − rate); raise depth, lower scale towards the top eigenvalue, or add "
+                "damping",
                 SolverWarning,
                 stacklevel=2,
             )
