@@ -1,26 +1,41 @@
-"""Datasets of ``(x, y)`` pairs as the influence code consumes them.
+"""Data as the influence code consumes it: any map-style dataset, batched, moved as used.
 
-The library accepts a ``torch.utils.data.Dataset`` yielding ``(x, y)`` or a pair of
-tensors ``(X, Y)``. Two access patterns are needed: a seeded subsample held in memory
-(the Hessian sample, reused by every product) and a stream of batches over the whole
-set (scoring), whose memory is bounded by the batch.
+The library takes data as
+
+- a map-style ``Dataset`` whose items are any pytree of tensors: an ``(x, y)`` pair, a
+  tensor tuple, a dict (``{"input_ids", "attention_mask", "labels"}``), a ``(dict,
+  tensor)`` pair;
+- a ``DataLoader``: its dataset, indexed by the library (the seeded Hessian sample, then
+  every example in order for scoring), batched with the loader's own ``collate_fn``;
+- a list of such items;
+- a pair of tensors ``(X, Y)``, one row per example.
+
+Two access patterns are needed: a seeded subsample held in memory (the Hessian sample,
+reused by every product) and a stream of batches over the whole set (scoring), whose
+memory is bounded by the batch. Each batch is moved to the model's device as it is
+used; floating tensors take the model's dtype, integer ones (labels, token ids) keep
+theirs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence, Sized
+from collections.abc import Callable, Iterator, Sequence, Sized
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
 
-DataLike = Dataset[Any] | Sequence[torch.Tensor]
-"""What the library takes as data: a map-style ``Dataset`` or a pair of tensors ``(X, Y)``."""
+DataLike = Dataset[Any] | DataLoader[Any] | Sequence[Any]
+"""What the library takes as data: a map-style ``Dataset``, a ``DataLoader``, a list of
+items, or a pair of tensors ``(X, Y)``."""
+
+Collate = Callable[[list[Any]], Any]
 
 
 class SizedDataset(Protocol):
-    """A map-style dataset with a length (what :func:`as_dataset` returns)."""
+    """A map-style dataset with a length."""
 
     def __getitem__(self, index: int) -> Any: ...
 
@@ -29,53 +44,137 @@ class SizedDataset(Protocol):
 
 @dataclass(frozen=True)
 class Batch:
-    x: torch.Tensor
-    y: torch.Tensor
+    """A collated batch: every tensor leaf has the examples along its first dimension.
+
+    ``Batch(x, y)`` holds ``(x, y)`` pairs, for which the default forward ``model(x)``
+    applies; ``Batch(tree)`` (``y`` left out) holds any other item structure, a dict or
+    a tuple of several tensors, which takes a ``forward(model, batch)``.
+    """
+
+    x: Any
+    y: Any = None
+
+    @property
+    def pair(self) -> bool:
+        return self.y is not None
+
+    @property
+    def tree(self) -> Any:
+        """What a custom ``forward`` and ``loss`` receive: ``(x, y)`` or the item tree."""
+        return (self.x, self.y) if self.pair else self.x
 
     def __len__(self) -> int:
-        return self.x.shape[0]
+        return _leading(self.tree)
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
+        """The batch with ``fn`` applied to every tensor leaf."""
+
+        def leaf(t: Any) -> Any:
+            return fn(t) if isinstance(t, torch.Tensor) else t
+
+        return Batch(tree_map(leaf, self.x), tree_map(leaf, self.y) if self.pair else None)
+
+    def select(self, index: slice | torch.Tensor) -> Batch:
+        """The examples at ``index`` (a slice or index tensor along the first dimension)."""
+        return self.map(lambda t: t[index])
 
     def chunks(self, size: int) -> Iterator[Batch]:
         for start in range(0, len(self), size):
-            yield Batch(self.x[start : start + size], self.y[start : start + size])
+            yield self.select(slice(start, start + size))
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in tree_flatten(self.tree)[0] if isinstance(t, torch.Tensor)]
 
 
-def as_dataset(data: DataLike, what: str = "data") -> SizedDataset:
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(torch.is_tensor(t) for t in data):
+def _leading(tree: Any) -> int:
+    for leaf in tree_flatten(tree)[0]:
+        if isinstance(leaf, torch.Tensor):
+            return int(leaf.shape[0]) if leaf.dim() > 0 else 1
+    raise ValueError(f"a batch needs at least one tensor, got {type(tree).__name__}")
+
+
+@dataclass(frozen=True)
+class Source:
+    """Indexable examples and how to collate them into a batch (what :func:`as_dataset` returns)."""
+
+    dataset: SizedDataset
+    collate: Collate = default_collate
+    pair: bool = True  # items are (x, y) pairs
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset[index]
+
+
+def _is_pair(item: Any) -> bool:
+    return isinstance(item, (tuple, list)) and len(item) == 2
+
+
+def describe(item: Any) -> str:
+    """A short description of an item's structure, for error messages."""
+    if isinstance(item, torch.Tensor):
+        return f"a tensor of shape {tuple(item.shape)}"
+    if isinstance(item, dict):
+        return f"a dict with keys {sorted(map(str, item))}"
+    if isinstance(item, (tuple, list)):
+        return f"a {type(item).__name__} of {len(item)} ({', '.join(describe(i) for i in item)})"
+    return f"a {type(item).__name__}"
+
+
+def as_dataset(data: DataLike | Source, what: str = "data") -> Source:
+    """``data`` as a :class:`Source`, checked non-empty."""
+    if isinstance(data, Source):
+        return data
+    collate: Collate = default_collate
+    if isinstance(data, DataLoader):
+        # a loader with batch_size=None converts items one by one; batching is ours to do
+        collate = data.collate_fn if data.batch_size is not None else default_collate
+        data = data.dataset
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
         x, y = data
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"{what}: inputs have {x.shape[0]} rows but targets {y.shape[0]}")
         data = TensorDataset(x, y)
-    if not isinstance(data, Dataset) or not isinstance(data, Sized):
+    if not isinstance(data, (Dataset, Sequence)) or not isinstance(data, Sized):
         raise TypeError(
-            f"{what}: expected a torch Dataset of (x, y) with a length, or a tuple (X, Y) of tensors, got "
-            f"{type(data).__name__}"
+            f"{what}: expected a map-style Dataset (with a length), a DataLoader over one, a list of items or a "
+            f"tuple (X, Y) of tensors, got {type(data).__name__}"
         )
     if len(data) == 0:
         raise ValueError(f"{what} is empty; influence needs at least one example")
-    return data
+    dataset: SizedDataset = data
+    if isinstance(data, TensorDataset):
+        return Source(dataset, collate, len(data.tensors) == 2)
+    return Source(dataset, collate, _is_pair(dataset[0]))
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    # Inputs follow the model's float dtype; integer targets (class labels) stay integer.
+    # Inputs follow the model's float dtype; integer targets (class labels, token ids) stay integer.
     return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
 
 
 def gather(
     data: SizedDataset, indices: Sequence[int] | torch.Tensor, dtype: torch.dtype, device: torch.device
 ) -> Batch:
-    """Materialise the examples at ``indices`` as one batch."""
+    """Materialise the examples at ``indices`` as one batch on ``device``."""
+    source = data if isinstance(data, Source) else as_dataset(data)  # type: ignore[arg-type]
     idx = torch.as_tensor(indices, dtype=torch.long)
-    if isinstance(data, TensorDataset) and len(data.tensors) == 2:
-        x, y = (t[idx] for t in data.tensors)
-    elif len(idx) == 0:  # an empty shard: the shapes of one example, zero rows
-        one = gather(data, [0], dtype, device)
-        return Batch(one.x[:0], one.y[:0])
+    base = source.dataset
+    if isinstance(base, TensorDataset) and len(base.tensors) == 2 and source.collate is default_collate:
+        x, y = (t[idx] for t in base.tensors)  # fast path: index the tensors, no per-item work
+        return Batch(_cast(x, dtype, device), _cast(y, dtype, device))
+    if len(idx) == 0:  # an empty shard: the structure of one example, zero rows
+        return gather(source, [0], dtype, device).select(slice(0, 0))
+    collated = source.collate([base[int(i)] for i in idx])
+    if source.pair:
+        if not _is_pair(collated):
+            raise TypeError(f"the collate function turned (x, y) items into {describe(collated)}; expected a pair")
+        batch = Batch(collated[0], collated[1])
     else:
-        pairs = [data[int(i)] for i in idx]
-        x = torch.stack([torch.as_tensor(p[0]) for p in pairs])
-        y = torch.stack([torch.as_tensor(p[1]) for p in pairs])
-    return Batch(_cast(x, dtype, device), _cast(y, dtype, device))
+        batch = Batch(collated)
+    return batch.map(lambda t: _cast(t, dtype, device))
 
 
 def iter_batches(

@@ -1,9 +1,11 @@
 """Matrix-free curvature: Hessian-, Gauss-Newton- and mixed-block-vector products.
 
-All products are of the empirical loss ``L(θ) = mean_i loss(model(x_i; θ), y_i)`` over
+All products are of the empirical loss ``L(θ) = mean_i loss(model(x_i; θ), y_i)`` (or any
+``forward`` and ``loss`` of :mod:`lissa_influence.task`) over
 a fixed sample held in memory (the subsampled Hessian of docs/math.md), restricted to one block of
 parameters with the rest held at their values. They are built from ``torch.func``
-(forward-over-reverse: ``jvp`` of ``grad``), streamed over the sample in chunks so
+(forward-over-reverse: ``jvp`` of ``grad``; reverse-over-reverse where a loss has no
+forward-mode derivative), streamed over the sample in chunks so
 memory is bounded by the chunk, and accept one vector ``[P]`` or a stack ``[k, P]``
 (the stack is ``vmap``-ed, one pass per chunk for all ``k`` vectors).
 
@@ -16,17 +18,25 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any, Literal, cast
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, jvp, vjp, vmap
+from torch.func import grad, jvp, vjp, vmap
+from torch.utils._pytree import tree_leaves, tree_map
 
 from .batching import Batch
 from .operators import LinearOperator
 from .params import ParamBlock, Params
+from .task import Forward, LossFn, cross_entropy, mean_loss, outputs
+
+__all__ = ["ADMode", "CurvatureOperator", "Objective", "cross_entropy", "load_forward_ad"]
+
+log = logging.getLogger(__name__)
 
 
 @functools.cache
@@ -42,12 +52,18 @@ def load_forward_ad() -> None:
         jvp(torch.sin, (torch.zeros(1),), (torch.ones(1),))
 
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-"""``(outputs, targets) -> mean loss over the batch`` (cross-entropy by default)."""
+ADMode = Literal["auto", "forward", "reverse"]
+"""How second derivatives are taken: ``"forward"`` (forward-over-reverse, ``jvp`` of
+``grad``), ``"reverse"`` (reverse-over-reverse, ``grad`` of an inner product with
+``grad``), or ``"auto"``: forward, and reverse from then on for an objective whose loss or
+model has no forward-mode derivative (``F.mse_loss``, ``F.huber_loss`` in torch 2.x)."""
+
+_NO_FORWARD_AD = (RuntimeError, NotImplementedError)
 
 
-def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return nn.functional.cross_entropy(outputs, targets)
+def _tree_dot(a: Any, b: Any) -> torch.Tensor:
+    """``Σ ⟨a_i, b_i⟩`` over the tensor leaves of two pytrees of the same structure."""
+    return cast(torch.Tensor, sum((x * y).sum() for x, y in zip(tree_leaves(a), tree_leaves(b), strict=True)))
 
 
 @dataclass
@@ -55,7 +71,10 @@ class Objective:
     """``L(θ)`` = mean loss of ``model`` with parameters ``params`` over ``batch``.
 
     ``params`` holds every trainable parameter (the point where derivatives are
-    taken); products are taken with respect to a :class:`ParamBlock` of them.
+    taken); products are taken with respect to a :class:`ParamBlock` of them. The loss of
+    a batch is ``loss(forward(model, batch), ...)`` as :mod:`lissa_influence.task` defines
+    it (``forward=None``: ``model(x)`` on ``(x, y)`` pairs). ``ad_mode`` picks forward- or
+    reverse-mode second derivatives (:data:`ADMode`); ``ad_used`` says which one ran.
 
     Sharded sample (one rank of several): ``batch`` is this rank's slice
     ``[sample_offset, sample_offset + len(batch))`` of a sample of ``sample_size``
@@ -74,6 +93,14 @@ class Objective:
     sample_size: int | None = None
     sample_offset: int = 0
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+    forward: Forward | None = None
+    ad_mode: ADMode = "auto"
+    # which mode ran, shared by the copies that restricted() makes (a minibatch learns from its parent)
+    _ad: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.ad_mode not in ("auto", "forward", "reverse"):
+            raise ValueError(f"ad_mode must be 'auto', 'forward' or 'reverse', got {self.ad_mode!r}")
 
     @property
     def total(self) -> int:
@@ -88,20 +115,23 @@ class Objective:
     def device(self) -> torch.device:
         return next(iter(self.params.values())).device
 
+    @property
+    def ad_used(self) -> str | None:
+        """``"forward"`` or ``"reverse"`` once a second-order product ran (None before)."""
+        return self._ad.get("mode")
+
     def point(self, block: ParamBlock) -> torch.Tensor:
         return block.flatten(self.params)
 
     # -- the loss as a function of flat blocks -----------------------------------
-    def _forward(self, overrides: Params, x: torch.Tensor) -> torch.Tensor:
-        return functional_call(self.model, {**self.params, **overrides}, (x,))
+    def _forward(self, overrides: Params, batch: Batch) -> Any:
+        return outputs(self.model, {**self.params, **overrides}, batch, self.forward)
 
-    def _loss(
-        self, blocks: tuple[ParamBlock, ...], flats: tuple[torch.Tensor, ...], x: torch.Tensor, y: torch.Tensor
-    ) -> torch.Tensor:
+    def _loss(self, blocks: tuple[ParamBlock, ...], flats: tuple[torch.Tensor, ...], batch: Batch) -> torch.Tensor:
         overrides: Params = {}
         for b, f in zip(blocks, flats, strict=True):
             overrides.update(b.unflatten(f))
-        return self.loss_fn(self._forward(overrides, x), y)
+        return mean_loss(self.loss_fn, self._forward(overrides, batch), batch, self.forward)
 
     def _chunks(self, batch: Batch | None) -> Iterator[tuple[Batch, float]]:
         batch, n = (self.batch, self.total) if batch is None else (batch, len(batch))
@@ -117,32 +147,28 @@ class Objective:
         the reduction are over all of them."""
         lo = self.sample_offset
         local = indices[(indices >= lo) & (indices < lo + len(self.batch))] - lo
-        local = local.to(self.batch.x.device)
-        mini = Batch(self.batch.x[local], self.batch.y[local])
-        return dataclasses.replace(self, batch=mini, sample_size=len(indices), sample_offset=0)
+        local = local.to(self.device)
+        return dataclasses.replace(self, batch=self.batch.select(local), sample_size=len(indices), sample_offset=0)
 
     # -- first order ---------------------------------------------------------------
     def value(self, batch: Batch | None = None) -> torch.Tensor:
         total = torch.zeros((), dtype=self.dtype, device=self.device)
         for c, w in self._chunks(batch):
-            total = total + w * self._loss((), (), c.x, c.y).detach()
+            total = total + w * self._loss((), (), c).detach()
         return self._reduced(total, batch)
 
     def gradient(self, block: ParamBlock, batch: Batch | None = None) -> torch.Tensor:
         theta = self.point(block)
         total = torch.zeros_like(theta)
-        g = grad(lambda f, x, y: self._loss((block,), (f,), x, y))
+        g = grad(lambda f, c: self._loss((block,), (f,), c))
         for c, w in self._chunks(batch):
-            total += w * g(theta, c.x, c.y)
+            total += w * g(theta, c)
         return self._reduced(total, batch)
 
     # -- second order --------------------------------------------------------------
     def _batched(
         self, fn: Callable[[torch.Tensor, Batch], torch.Tensor], v: torch.Tensor, batch: Batch | None, out_size: int
     ) -> torch.Tensor:
-        if v.dim() not in (1, 2):
-            raise ValueError(f"expected a vector [P] or a stack [k, P], got shape {tuple(v.shape)}")
-        load_forward_ad()
         total = None
         for c, w in self._chunks(batch):
             out = fn(v, c) if v.dim() == 1 else vmap(lambda vv: fn(vv, c))(v)  # noqa: B023 (called at once)
@@ -151,38 +177,91 @@ class Objective:
             total = v.new_zeros(*v.shape[:-1], out_size)
         return self._reduced(total.detach(), batch)
 
+    def _second_order(
+        self,
+        forward_mode: Callable[[torch.Tensor, Batch], torch.Tensor],
+        reverse_mode: Callable[[torch.Tensor, Batch], torch.Tensor],
+        v: torch.Tensor,
+        batch: Batch | None,
+        out_size: int,
+    ) -> torch.Tensor:
+        """A product in the mode :attr:`ad_mode` asks for; ``"auto"`` tries forward mode and
+        moves to reverse mode for good when the loss or the model does not support it."""
+        if v.dim() not in (1, 2):
+            raise ValueError(f"expected a vector [P] or a stack [k, P], got shape {tuple(v.shape)}")
+        if self.ad_mode == "reverse" or self._ad.get("mode") == "reverse":
+            self._ad["mode"] = "reverse"
+            return self._batched(reverse_mode, v, batch, out_size)
+        load_forward_ad()
+        try:
+            result = self._batched(forward_mode, v, batch, out_size)
+        except _NO_FORWARD_AD as e:
+            if self.ad_mode == "forward":
+                raise
+            self._ad.update(mode="reverse", reason=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            log.info("forward-mode AD failed (%s); reverse-over-reverse products from now on", self._ad["reason"])
+            return self._batched(reverse_mode, v, batch, out_size)
+        self._ad["mode"] = "forward"
+        return result
+
     def hvp(self, block: ParamBlock, v: torch.Tensor, batch: Batch | None = None) -> torch.Tensor:
         """``∇²_{block} L · v``."""
         theta = self.point(block)
-        g = grad(lambda f, x, y: self._loss((block,), (f,), x, y))
-        return self._batched(lambda vv, c: jvp(lambda f: g(f, c.x, c.y), (theta,), (vv,))[1], v, batch, block.numel)
+        g = grad(lambda f, c: self._loss((block,), (f,), c))
+
+        def forward_mode(vv: torch.Tensor, c: Batch) -> torch.Tensor:
+            return jvp(lambda f: g(f, c), (theta,), (vv,))[1]
+
+        def reverse_mode(vv: torch.Tensor, c: Batch) -> torch.Tensor:  # H symmetric: ∇(∇L · v) = Hv
+            return grad(lambda f: (g(f, c) * vv).sum())(theta)
+
+        return self._second_order(forward_mode, reverse_mode, v, batch, block.numel)
 
     def ggn_vp(self, block: ParamBlock, v: torch.Tensor, batch: Batch | None = None) -> torch.Tensor:
         """Generalised Gauss-Newton ``Jᵀ (∇²_out loss) J · v``: positive semi-definite
         for convex losses such as cross-entropy, whatever the network."""
         theta = self.point(block)
 
-        def one(vv: torch.Tensor, c: Batch) -> torch.Tensor:
-            def net(f: torch.Tensor) -> torch.Tensor:
-                return self._forward(block.unflatten(f), c.x)
+        def parts(c: Batch) -> tuple[Callable[[torch.Tensor], Any], Callable[[Any], torch.Tensor]]:
+            def net(f: torch.Tensor) -> Any:
+                return self._forward(block.unflatten(f), c)
 
-            def loss(o: torch.Tensor) -> torch.Tensor:
-                return self.loss_fn(o, c.y)
+            def loss(o: Any) -> torch.Tensor:
+                return mean_loss(self.loss_fn, o, c, self.forward)
 
+            return net, loss
+
+        def forward_mode(vv: torch.Tensor, c: Batch) -> torch.Tensor:
+            net, loss = parts(c)
             out, jv = jvp(net, (theta,), (vv,))[:2]
             hjv = jvp(grad(loss), (out,), (jv,))[1]
             return vjp(net, theta)[1](hjv)[0]
 
-        return self._batched(one, v, batch, block.numel)
+        def reverse_mode(vv: torch.Tensor, c: Batch) -> torch.Tensor:
+            net, loss = parts(c)
+            out, pullback = vjp(net, theta)[:2]
+            # J v as the transpose of the (linear) pullback u ↦ Jᵀu
+            jv = vjp(lambda u: pullback(u)[0], tree_map(torch.zeros_like, out))[1](vv)[0]
+            hjv = grad(lambda o: _tree_dot(grad(loss)(o), jv))(out)
+            return pullback(hjv)[0]
+
+        return self._second_order(forward_mode, reverse_mode, v, batch, block.numel)
 
     def mixed_vp(self, rows: ParamBlock, cols: ParamBlock, v: torch.Tensor, batch: Batch | None = None) -> torch.Tensor:
         """``∇²_{rows, cols} L · v``: ``v`` lives on ``cols``, the result on ``rows``
         (the ``∇²_WΘ F · v`` of docs/math.md is ``mixed_vp(W, Θ, v)``)."""
         a, b = self.point(rows), self.point(cols)
-        g_rows = grad(lambda fa, fb, x, y: self._loss((rows, cols), (fa, fb), x, y), argnums=0)
-        return self._batched(
-            lambda vv, c: jvp(lambda fb: g_rows(a, fb, c.x, c.y), (b,), (vv,))[1], v, batch, rows.numel
-        )
+
+        def loss(fa: torch.Tensor, fb: torch.Tensor, c: Batch) -> torch.Tensor:
+            return self._loss((rows, cols), (fa, fb), c)
+
+        def forward_mode(vv: torch.Tensor, c: Batch) -> torch.Tensor:
+            return jvp(lambda fb: grad(loss, argnums=0)(a, fb, c), (b,), (vv,))[1]
+
+        def reverse_mode(vv: torch.Tensor, c: Batch) -> torch.Tensor:  # ∇_rows (∇_cols L · v)
+            return grad(lambda fa: (grad(loss, argnums=1)(fa, b, c) * vv).sum())(a)
+
+        return self._second_order(forward_mode, reverse_mode, v, batch, rows.numel)
 
 
 @dataclass(eq=False)

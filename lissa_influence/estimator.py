@@ -33,13 +33,16 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import distributed as _dist
 from .batching import DataLike, SizedDataset, as_dataset, gather, subsample_indices
+from .curvature import ADMode
 from .params import Params, check_finite, named_params
 from .scoring import PerExample, ScoringMethod, score_dataset
 from .solvers import SolveInfo, Solver, SolverError
 from .solvers.base import reworded
+from .task import Forward, check_batch
 
 HessianSamples = int | Literal["all"]
 """How many examples estimate a Hessian: a count (seeded subsample) or ``"all"``."""
@@ -47,13 +50,23 @@ HessianSamples = int | Literal["all"]
 
 @contextlib.contextmanager
 def eval_mode(*models: nn.Module) -> Iterator[None]:
-    """Influence is a property of the deterministic (eval-mode) function."""
+    """Influence is a property of the deterministic (eval-mode) function.
+
+    Meanwhile attention runs in a form that has second derivatives: in eval mode
+    ``nn.TransformerEncoderLayer`` and ``nn.MultiheadAttention`` may take torch's fused
+    inference kernels, and ``scaled_dot_product_attention`` its flash kernels, none of
+    which can be differentiated twice; the math kernel can, with the same results.
+    """
     modes = [m.training for m in models]
+    fastpath = torch.backends.mha.get_fastpath_enabled()
     try:
+        torch.backends.mha.set_fastpath_enabled(False)
         for m in models:
             m.eval()
-        yield
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         for m, was in zip(models, modes, strict=True):
             m.train(was)
 
@@ -76,7 +89,13 @@ def rank_world(distributed: bool) -> tuple[int, int]:
 
 
 def hessian_sample(
-    data: SizedDataset, size: HessianSamples, seed: int, params: Params, what: str, distributed: bool
+    data: SizedDataset,
+    size: HessianSamples,
+    seed: int,
+    params: Params,
+    what: str,
+    distributed: bool,
+    forward: Forward | None = None,
 ) -> dict[str, Any]:
     """The seeded Hessian sample as :class:`~lissa_influence.curvature.Objective` keyword
     arguments: all of it, or under torch.distributed this rank's contiguous shard of the
@@ -103,11 +122,13 @@ def hessian_sample(
     rank, world = rank_world(distributed)
     if world == 1:
         batch = gather(data, indices, t.dtype, t.device)
-        check_finite(f"{what} data (Hessian sample)", batch.x)
+        check_batch(batch, forward, f"{what} data")
+        check_finite(f"{what} data (Hessian sample)", batch.tensors())
         return {"batch": batch}
     lo, hi = _dist.shard_range(len(indices), rank, world)
     batch = gather(data, indices[lo:hi], t.dtype, t.device)
-    check_finite(f"{what} data (Hessian sample, rank {rank})", batch.x)
+    check_batch(batch, forward, f"{what} data")
+    check_finite(f"{what} data (Hessian sample, rank {rank})", batch.tensors())
     return {"batch": batch, "sample_size": len(indices), "sample_offset": lo, "reduce": _dist.all_reduce_sum}
 
 
@@ -131,9 +152,11 @@ class InfluenceEstimator(ABC):
     Settings both share (keyword-only, after each estimator's own fields):
     ``gauss_newton`` curvature, the float ``dtype`` (None: the model's), ``batch_size``
     of products and scoring, the ``scoring`` path and ``jvp_max_queries``
-    (:mod:`~lissa_influence.scoring`), a ``progress`` bar, and ``distributed``: split
-    the Hessian samples and scoring across the ranks of an initialised torch.distributed
-    process group (no effect without one).
+    (:mod:`~lissa_influence.scoring`), a ``progress`` bar, ``distributed``: split the
+    Hessian samples and scoring across the ranks of an initialised torch.distributed
+    process group (no effect without one), and ``ad_mode``: forward- or reverse-mode
+    second derivatives (``"auto"``: forward, reverse where the loss lacks forward mode;
+    :data:`~lissa_influence.curvature.ADMode`).
 
     State after ``fit``: :attr:`is_fitted`, :attr:`scored_data` (the examples that
     :meth:`scores` scores by default), ``diagnostics`` (solver reports and timings of
@@ -147,6 +170,7 @@ class InfluenceEstimator(ABC):
     jvp_max_queries: int = 3
     progress: bool = False
     distributed: bool = True
+    ad_mode: ADMode = "auto"
 
     _old_data_keyword: ClassVar[str] = ""  # what ``data=`` was called before 0.2 (still accepted)
 

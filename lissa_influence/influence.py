@@ -9,11 +9,12 @@ import torch
 from torch import nn
 
 from .batching import DataLike, as_dataset
-from .curvature import CurvatureOperator, LossFn, Objective, cross_entropy
+from .curvature import CurvatureOperator, Objective
 from .estimator import HessianSamples, InfluenceEstimator, eval_mode, hessian_sample, timed, trainable_params
 from .params import make_block
 from .scoring import PerExample, loss_gradients
 from .solvers import CG, Solver
+from .task import Forward, LossFn, cross_entropy
 
 __all__ = ["Influence", "MultiStageInfluence"]
 
@@ -24,7 +25,8 @@ class Influence(InfluenceEstimator):
 
     ``fit(train_data)`` fixes the Hessian sample (``hessian_samples`` seeded examples, or
     ``"all"``); ``scores(test_data, train_data)`` returns ``[n_test, n_train]``
-    (``[1, n_train]`` with ``mean=True``: the mean test loss as one query).
+    (``[1, n_train]`` with ``mean=True``: the mean test loss as one query). ``loss`` and
+    the optional ``forward(model, batch)`` follow :mod:`lissa_influence.task`.
     """
 
     model: nn.Module
@@ -33,6 +35,7 @@ class Influence(InfluenceEstimator):
     damping: float = 1e-2
     hessian_samples: HessianSamples = 1000
     seed: int = 0
+    forward: Forward | None = None
 
     _old_data_keyword: ClassVar[str] = "train_data"
 
@@ -40,13 +43,24 @@ class Influence(InfluenceEstimator):
         train = as_dataset(train_data, "training data")
         self.params = trainable_params(self.model, self.dtype, "model")
         self.block = make_block(self.params, lambda n: True)
-        sample = hessian_sample(train, self.hessian_samples, self.seed, self.params, "training", self.distributed)
+        sample = hessian_sample(
+            train, self.hessian_samples, self.seed, self.params, "training", self.distributed, self.forward
+        )
         self.operator = CurvatureOperator(
-            Objective(self.model, self.loss, self.params, chunk_size=self.batch_size, **sample),
+            Objective(
+                self.model,
+                self.loss,
+                self.params,
+                chunk_size=self.batch_size,
+                forward=self.forward,
+                ad_mode=self.ad_mode,
+                **sample,
+            ),
             self.block,
             self.damping,
             self.gauss_newton,
         )
+        self._per_example = PerExample(self.model, self.loss, self.params, self.block, self.forward, self.ad_mode)
         self._fitted_on(train)
         return self
 
@@ -55,7 +69,7 @@ class Influence(InfluenceEstimator):
         return self.num_scored
 
     def _scored_losses(self) -> PerExample:
-        return PerExample(self.model, self.loss, self.params, self.block)
+        return self._per_example
 
     def query_vectors(self, test_data: DataLike, mean: bool = False) -> torch.Tensor:
         """``s = (∇²G + λI)⁻¹ ∇ℓ`` per test query, ``[k, P]``: all that scoring needs."""

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .batching import DataLike, as_dataset
-from .curvature import CurvatureOperator, LossFn, Objective, cross_entropy
+from .curvature import CurvatureOperator, Objective
 from .estimator import (
     HessianSamples,
     InfluenceEstimator,
@@ -37,9 +37,10 @@ from .estimator import (
     timed,
     trainable_params,
 )
-from .params import make_block, prefix_matcher
+from .params import NameSelector, make_block, name_matcher
 from .scoring import PerExample, loss_gradients
 from .solvers import CG, SolveInfo, Solver
+from .task import Forward, LossFn, cross_entropy
 
 Mode = Literal["fixed", "updated"]
 
@@ -49,9 +50,12 @@ class MultiStageInfluence(InfluenceEstimator):
     """Multi-stage influence (Chen et al. 2020) of pretraining examples on a finetuned
     model's test loss, with the embedding ``fixed`` or ``updated`` during finetuning.
 
-    ``shared`` is the name prefix of the embedding parameters ``W`` present in both
-    models; the pretrained model's other parameters are ``U``, the finetuned model's
-    are ``Θ``. ``pretrain_solver`` / ``finetune_solver`` default to ``solver``.
+    ``shared`` picks the embedding parameters ``W`` present in both models: a name
+    prefix (``"embedding"``), a list of prefixes (``["conv1", "bn1", "layer1"]``) or a
+    predicate on parameter names; the pretrained model's other parameters are ``U``, the
+    finetuned model's are ``Θ``. Losses and the optional ``pretrain_forward`` /
+    ``finetune_forward`` follow :mod:`lissa_influence.task`. ``pretrain_solver`` /
+    ``finetune_solver`` default to ``solver``.
     ``hessian_samples`` examples (seeded, or ``"all"``) estimate each Hessian;
     ``finetune_hessian_samples`` overrides it for the finetuning stage.
 
@@ -61,7 +65,7 @@ class MultiStageInfluence(InfluenceEstimator):
 
     pretrained: nn.Module
     finetuned: nn.Module
-    shared: str = "embedding"
+    shared: NameSelector = "embedding"
     pretrain_loss: LossFn = cross_entropy
     finetune_loss: LossFn = cross_entropy
     mode: Mode = "fixed"
@@ -74,6 +78,8 @@ class MultiStageInfluence(InfluenceEstimator):
     hessian_samples: HessianSamples = 1000
     finetune_hessian_samples: HessianSamples | None = None
     seed: int = 0
+    pretrain_forward: Forward | None = None
+    finetune_forward: Forward | None = None
 
     _old_data_keyword: ClassVar[str] = "pretrain_data"
 
@@ -89,7 +95,7 @@ class MultiStageInfluence(InfluenceEstimator):
     def _setup_blocks(self) -> None:
         self.pre_params = trainable_params(self.pretrained, self.dtype, "pretrained model")
         self.ft_params = trainable_params(self.finetuned, self.dtype, "finetuned model")
-        is_w = prefix_matcher(self.shared)
+        is_w = name_matcher(self.shared)
         pre_w = [n for n in self.pre_params if is_w(n)]
         ft_w = [n for n in self.ft_params if is_w(n)]
         if not pre_w or not ft_w:
@@ -137,15 +143,35 @@ class MultiStageInfluence(InfluenceEstimator):
         pre = as_dataset(pretrain_data, "pretraining data")
         ft = as_dataset(finetune_data, "finetuning data")
         pre_sample = hessian_sample(
-            pre, self.hessian_samples, self.seed, self.pre_params, "pretraining", self.distributed
+            pre,
+            self.hessian_samples,
+            self.seed,
+            self.pre_params,
+            "pretraining",
+            self.distributed,
+            self.pretrain_forward,
         )
         ft_n = self.finetune_hessian_samples or self.hessian_samples
-        ft_sample = hessian_sample(ft, ft_n, self.seed + 1, self.ft_params, "finetuning", self.distributed)
+        ft_sample = hessian_sample(
+            ft, ft_n, self.seed + 1, self.ft_params, "finetuning", self.distributed, self.finetune_forward
+        )
         self.pre_objective = Objective(
-            self.pretrained, self.pretrain_loss, self.pre_params, chunk_size=self.batch_size, **pre_sample
+            self.pretrained,
+            self.pretrain_loss,
+            self.pre_params,
+            chunk_size=self.batch_size,
+            forward=self.pretrain_forward,
+            ad_mode=self.ad_mode,
+            **pre_sample,
         )
         self.ft_objective = Objective(
-            self.finetuned, self.finetune_loss, self.ft_params, chunk_size=self.batch_size, **ft_sample
+            self.finetuned,
+            self.finetune_loss,
+            self.ft_params,
+            chunk_size=self.batch_size,
+            forward=self.finetune_forward,
+            ad_mode=self.ad_mode,
+            **ft_sample,
         )
         self.pre_operator = CurvatureOperator(
             self.pre_objective, self.pre_block, self.pretrain_damping, self.gauss_newton
@@ -161,6 +187,9 @@ class MultiStageInfluence(InfluenceEstimator):
             )
             ft_damping[: self.W.numel] += 2 * self.alpha
         self.ft_operator = CurvatureOperator(self.ft_objective, self.ft_block, ft_damping, self.gauss_newton)
+        self._per_example = PerExample(
+            self.pretrained, self.pretrain_loss, self.pre_params, self.pre_block, self.pretrain_forward, self.ad_mode
+        )
         self._fitted_on(pre)
         return self
 
@@ -169,7 +198,7 @@ class MultiStageInfluence(InfluenceEstimator):
         return self.num_scored
 
     def _scored_losses(self) -> PerExample:
-        return PerExample(self.pretrained, self.pretrain_loss, self.pre_params, self.pre_block)
+        return self._per_example
 
     # -- the chain ------------------------------------------------------------------
     # query_vectors runs the three steps below; they are public so that solver
@@ -181,7 +210,14 @@ class MultiStageInfluence(InfluenceEstimator):
         test = as_dataset(test_data, "test data")
         with eval_mode(self.pretrained, self.finetuned):
             g = loss_gradients(
-                PerExample(self.finetuned, self.finetune_loss, self.ft_params, self.W + self.Theta),
+                PerExample(
+                    self.finetuned,
+                    self.finetune_loss,
+                    self.ft_params,
+                    self.W + self.Theta,
+                    self.finetune_forward,
+                    self.ad_mode,
+                ),
                 test,
                 self.batch_size,
                 mean,

@@ -8,7 +8,7 @@ and in what order, so that flat vectors from different operators line up.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -100,9 +100,27 @@ def prefix_matcher(prefix: str) -> Callable[[str], bool]:
     return lambda n: n == prefix or n.startswith(prefix + ".")
 
 
-def check_finite(what: str, tensors: Mapping[str, torch.Tensor] | torch.Tensor) -> None:
+NameSelector = str | Sequence[str] | Callable[[str], bool]
+"""Which parameters: a module-path prefix, a list of prefixes, or a predicate on names."""
+
+
+def name_matcher(select: NameSelector) -> Callable[[str], bool]:
+    """A predicate on parameter names from a prefix (``"embedding"``), a list of prefixes
+    (``["conv1", "bn1", "layer1"]``) or a predicate itself."""
+    if isinstance(select, str):
+        return prefix_matcher(select)
+    if callable(select):
+        return select
+    prefixes = list(select)
+    if not prefixes or not all(isinstance(p, str) for p in prefixes):
+        raise TypeError(f"expected a prefix, a non-empty list of prefixes or a predicate on names, got {select!r}")
+    matchers = [prefix_matcher(p) for p in prefixes]
+    return lambda n: any(m(n) for m in matchers)
+
+
+def check_finite(what: str, tensors: Mapping[str, torch.Tensor] | torch.Tensor | Sequence[torch.Tensor]) -> None:
     """Raise a clear error naming the first non-finite tensor."""
-    items = tensors.items() if isinstance(tensors, Mapping) else [("", tensors)]
+    items = tensors.items() if isinstance(tensors, Mapping) else [("", t) for t in _as_list(tensors)]
     for name, t in items:
         if t.is_floating_point() and not torch.isfinite(t).all():
             where = f" '{name}'" if name else ""
@@ -110,3 +128,7 @@ def check_finite(what: str, tensors: Mapping[str, torch.Tensor] | torch.Tensor) 
                 f"{what}{where} contains NaN or inf; influence needs a finite model and data "
                 "(check the training run for divergence, or the inputs for missing values)"
             )
+
+
+def _as_list(tensors: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    return [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)

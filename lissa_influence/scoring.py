@@ -15,41 +15,75 @@ the measured cross-over) and ``grad`` beyond.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Literal
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, jvp, vmap
+from torch.func import grad, jvp, vmap
 
 from .batching import Batch, SizedDataset, iter_batches
-from .curvature import LossFn, load_forward_ad
+from .curvature import _NO_FORWARD_AD, ADMode, load_forward_ad
 from .params import ParamBlock, Params
 from .progress import progress_bar
+from .task import Forward, LossFn, check_batch, mean_loss, outputs
 
 ScoringMethod = Literal["auto", "jvp", "grad"]
+
+# what vmap raises for a model it cannot batch (data-dependent control flow, an op without a batching rule)
+_NOT_BATCHABLE = (RuntimeError, NotImplementedError, ValueError)
 
 
 @dataclass(frozen=True)
 class PerExample:
-    """Per-example losses of ``model`` at ``params`` as a function of one block."""
+    """Per-example losses of ``model`` at ``params`` as a function of one block: the
+    loss of :mod:`lissa_influence.task` on one-example batches, ``vmap``-ed over a batch.
+
+    A model that ``vmap`` cannot batch (data-dependent control flow) is run example by
+    example instead, and with ``ad_mode="auto"`` a loss without a forward-mode derivative
+    is scored from per-example gradients; both with the same results, up to rounding.
+    ``fallbacks`` records which of them happened and why.
+    """
 
     model: nn.Module
     loss_fn: LossFn
     params: Params
     block: ParamBlock
+    forward: Forward | None = None
+    ad_mode: ADMode = "auto"
+    fallbacks: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
-    def _loss_one(self, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        out = functional_call(self.model, {**self.params, **self.block.unflatten(flat)}, (x[None],))
-        return self.loss_fn(out, y[None])
+    def _loss_one(self, flat: torch.Tensor, example: Any, pair: bool) -> torch.Tensor:
+        """The loss of one example (its tensors without the batch dimension, as ``vmap`` passes them)."""
+        one = Batch(*example) if pair else Batch(example)
+        return self._loss_of(flat, one.map(lambda t: t.unsqueeze(0)))
+
+    def _loss_of(self, flat: torch.Tensor, batch: Batch) -> torch.Tensor:
+        out = outputs(self.model, {**self.params, **self.block.unflatten(flat)}, batch, self.forward)
+        return mean_loss(self.loss_fn, out, batch, self.forward)
+
+    def _fallback(self, kind: str, error: BaseException) -> None:
+        self.fallbacks[kind] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
 
     def losses(self, flat: torch.Tensor, batch: Batch) -> torch.Tensor:
-        return vmap(self._loss_one, in_dims=(None, 0, 0))(flat, batch.x, batch.y)
+        """``[B]``: each example's loss."""
+        if "loop" not in self.fallbacks:
+            try:
+                return vmap(partial(self._loss_one, pair=batch.pair), in_dims=(None, 0))(flat, batch.tree)
+            except _NOT_BATCHABLE as e:
+                self._fallback("loop", e)
+        return torch.stack([self._loss_of(flat, batch.select(slice(i, i + 1))) for i in range(len(batch))])
 
     def gradients(self, batch: Batch) -> torch.Tensor:
         """``[B, P]``: the gradient of each example's loss."""
         theta = self.block.flatten(self.params)
-        return vmap(grad(self._loss_one), in_dims=(None, 0, 0))(theta, batch.x, batch.y)
+        if "loop" not in self.fallbacks:
+            try:
+                return vmap(grad(partial(self._loss_one, pair=batch.pair)), in_dims=(None, 0))(theta, batch.tree)
+            except _NOT_BATCHABLE as e:
+                self._fallback("loop", e)
+        return torch.stack([grad(self._loss_of)(theta, batch.select(slice(i, i + 1))) for i in range(len(batch))])
 
     def directional(
         self, batch: Batch, S: torch.Tensor, method: ScoringMethod = "auto", jvp_max_queries: int = 3
@@ -57,20 +91,28 @@ class PerExample:
         """``[k, B]``: ``S[i]ᵀ ∇loss(example j)``."""
         if method == "auto":
             method = "jvp" if S.shape[0] <= jvp_max_queries else "grad"
-        if method == "grad":
-            return S @ self.gradients(batch).T
-        if method != "jvp":
+        if method not in ("jvp", "grad"):
             raise ValueError(f"unknown scoring method {method!r}; use 'auto', 'jvp' or 'grad'")
-        load_forward_ad()
-        theta = self.block.flatten(self.params)
-        along = lambda s: jvp(lambda f: self.losses(f, batch), (theta,), (s,))[1]  # noqa: E731
-        return vmap(along)(S)
+        if method == "jvp" and self.ad_mode != "reverse" and "reverse" not in self.fallbacks:
+            load_forward_ad()
+            theta = self.block.flatten(self.params)
+            along = lambda s: jvp(lambda f: self.losses(f, batch), (theta,), (s,))[1]  # noqa: E731
+            try:
+                return vmap(along)(S)
+            except _NO_FORWARD_AD as e:
+                if self.ad_mode == "forward":
+                    raise
+                self._fallback("reverse", e)  # the same numbers from per-example gradients
+        return S @ self.gradients(batch).T
 
 
 def loss_gradients(per_example: PerExample, data: SizedDataset, batch_size: int, mean: bool) -> torch.Tensor:
     """Gradients of the test losses ``[n_test, P]``, or ``[1, P]`` of their mean."""
     dtype, device = _dtype_device(per_example.params)
-    rows = [per_example.gradients(b) for b in iter_batches(data, batch_size, dtype, device)]
+    rows = []
+    for b in iter_batches(data, batch_size, dtype, device):
+        check_batch(b, per_example.forward, "test data")
+        rows.append(per_example.gradients(b))
     g = torch.cat(rows)
     if not torch.isfinite(g).all():
         bad = (~torch.isfinite(g).all(1)).nonzero().squeeze(1).tolist()
@@ -101,6 +143,7 @@ def score_dataset(
     for lo, b in zip(
         range(start, stop, batch_size), iter_batches(data, batch_size, dtype, device, start, stop), strict=True
     ):
+        check_batch(b, per_example.forward, "scored data")
         d = per_example.directional(b, S, method, jvp_max_queries).detach()
         if not torch.isfinite(d).all():
             bad = (~torch.isfinite(d).all(0)).nonzero().squeeze(1)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from hydra import compose
 
@@ -284,6 +285,7 @@ def test_default_config_composes():
         (["solver=lissa", "solver.scale=big"], "solver.scale='big'"),
         (["pretrain.hessian_samples=0"], "pretrain.hessian_samples=0 must be a number >= 1 or 'all'"),
         (["finetune.hessian_samples=most"], "finetune.hessian_samples='most' must be a number >= 1 or 'all'"),
+        (["device=tpu"], "device='tpu' is not one of auto, cpu, cuda, cuda:N"),
     ],
 )
 def test_check_rejects_bad_values(overrides, message):
@@ -518,3 +520,11 @@ def _walk_yaml(node, prefix: str = ""):
             yield from _walk_yaml(child, f"{prefix}{child.name}/")
         elif child.name.endswith(".yaml"):
             yield f"{prefix}{child.name}"
+
+
+def test_device_setting_resolves_or_says_why_not():
+    assert config.resolve_device("cpu").type == "cpu"
+    assert config.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device.*device=cpu or device=auto"):
+            config.resolve_device("cuda")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 
@@ -42,3 +43,29 @@ def test_solver_accuracy_suite_script_parses_and_its_overrides_compose():
                     cfg = compose(config_name="accuracy", overrides=chosen)
                     config.check(cfg)
                     config.build_solver(cfg.solver)
+
+
+def test_models_benchmark_runs_and_reports_the_mode_it_used(tmp_path):
+    cmd = [
+        sys.executable,
+        str(BENCH / "bench_models.py"),
+        "--models",
+        "mlp_mse,digits_cnn",
+        "--examples",
+        "8",
+        "--repeats",
+        "1",
+        "--cg-iters",
+        "2",
+        "--threads",
+        "1",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {r["model"]: r for r in json.loads((tmp_path / "models_cpu.json").read_text())["rows"]}
+    assert rows["mlp_mse"]["ad_used"] == "reverse" and "unsupported" in rows["mlp_mse"]["forward_mode"]
+    assert rows["digits_cnn"]["ad_used"] == "forward" and rows["digits_cnn"]["hvp_forward_over_gradient"] > 1

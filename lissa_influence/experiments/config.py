@@ -16,6 +16,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional, cast
 
+import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
@@ -153,6 +154,7 @@ class RunSchema:
     threads: int | None = None  # torch.set_num_threads; null keeps torch's default
     shard_size: int = 4096  # pretraining examples per score shard (scores/shard_*.npy; a rerun resumes)
     progress: bool = True
+    device: str = "auto"  # auto (CUDA when available) | cpu | cuda | cuda:N
 
 
 def register() -> None:
@@ -206,6 +208,19 @@ def build_solver(node: Any):
     raise ValueError(f"unknown solver.name={name!r}; use one of {SOLVERS}")
 
 
+def resolve_device(name: str) -> torch.device:
+    """``auto``: CUDA when available, else the CPU; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device={name} but this machine has no CUDA device (torch.cuda.is_available() is False); "
+            "use device=cpu or device=auto"
+        )
+    return device
+
+
 def check(cfg: Any) -> None:
     """Value checks the schema's types cannot express; fail before any training starts."""
     choices = {"mode": ("fixed", "updated"), "query": ("each", "mean"), "scoring": ("auto", "jvp", "grad")}
@@ -229,5 +244,7 @@ def check(cfg: Any) -> None:
         raise ValueError(f"test_points={cfg.test_points} must be >= 1")
     if cfg.mode == "updated" and not cfg.alpha > 0:  # else it fails only after both stages trained
         raise ValueError(f"mode=updated needs alpha > 0 (the weight of alpha*||W - W*||^2), got alpha={cfg.alpha}")
+    if not (cfg.device in ("auto", "cpu") or str(cfg.device).startswith("cuda")):
+        raise ValueError(f"device={cfg.device!r} is not one of auto, cpu, cuda, cuda:N")
     if cfg.shard_size < 1:
         raise ValueError(f"shard_size={cfg.shard_size} must be >= 1")

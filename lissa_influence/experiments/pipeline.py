@@ -79,6 +79,7 @@ def train(cfg: Any) -> tuple[TwoStageData, TwoStageNet, TwoStageNet, TwoStageInf
         cfg.alpha,
         Path(cfg.cache_dir).expanduser(),
         progress=cfg.progress and distributed.is_main(),
+        device=config.resolve_device(cfg.device),
     )
     return data, pretrained, finetuned, info
 

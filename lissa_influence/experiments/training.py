@@ -445,18 +445,23 @@ def train_two_stage(
     alpha: float = 0.01,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = False,
+    device: torch.device | str = "cpu",
 ) -> tuple[TwoStageNet, TwoStageNet, TwoStageInfo]:
     """Pretrain, then finetune; each stage is loaded from ``cache_dir/<key>.pt`` when the
     same settings were trained before (None: no cache). ``progress``: a bar per stage
-    that trains."""
+    that trains. ``device``: where the models train and live (weights trained on another
+    kind of device are cached apart: their last bits differ)."""
     _check_mode(mode, alpha)
+    device = torch.device(device)
     pre_settings = pretrain_settings(data, model_cfg, pre_cfg)
+    if device.type != "cpu":  # CPU keys stay as they were, so existing caches still hit
+        pre_settings["device"] = device.type
     pre_key = settings_key(pre_settings)
     ft_settings = finetune_settings(data, pre_key, model_cfg, ft_cfg, mode, alpha)
     ft_key = settings_key(ft_settings)
     cache = Path(cache_dir) if cache_dir is not None else None
 
-    fresh = build_from_config(model_cfg, len(data.pretrain_classes))
+    fresh = build_from_config(model_cfg, len(data.pretrain_classes)).to(device)
     hit = _load_cached(cache / f"{pre_key}.pt", fresh) if cache else None
     pre_cached = hit is not None
     if hit is not None:

@@ -1,0 +1,411 @@
+"""Any model, any batch, any loss: regression losses, dict batches, DataLoaders, lists,
+a torchvision ResNet with BatchNorm and a small transformer, each against a dense reference."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+
+import dense
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from lissa_influence import CG, Influence, MultiStageInfluence, SolverWarning
+from lissa_influence.params import make_block, name_matcher, named_params
+
+from conftest import TinyCNN, make_data, rel, train_full_batch
+
+
+# --- regression losses -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def regression():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(30, 3, generator=g, dtype=torch.float64)
+    y = torch.sin(x[:, :2]) + 0.1 * torch.randn(30, 2, generator=g, dtype=torch.float64)
+    opt = torch.optim.LBFGS(model.parameters(), max_iter=300, line_search_fn="strong_wolfe")
+
+    def closure():  # near a minimum, where the damped Hessian is positive definite
+        opt.zero_grad()
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return model, x, y
+
+
+@pytest.mark.parametrize("loss", [F.mse_loss, F.huber_loss], ids=["mse", "huber"])
+@pytest.mark.parametrize("ad_mode", ["auto", "reverse"])
+def test_regression_losses_equal_the_dense_formula(regression, loss, ad_mode):
+    """torch has no forward-mode second derivative of these losses: "auto" falls back to
+    reverse-over-reverse products, with the same numbers."""
+    model, x, y = regression
+    inf = Influence(model, loss=loss, damping=0.5, hessian_samples="all", ad_mode=ad_mode, solver=CG(tol=1e-12))
+    got = inf.fit((x, y)).scores((x[:3], y[:3]))
+    params = named_params(model)
+
+    def mean_loss(rows):
+        return lambda p: loss(functional_call(model, p, (x[rows],)), y[rows])
+
+    expected = dense.single_stage(
+        params,
+        inf.block,
+        mean_loss(slice(None)),
+        [mean_loss(slice(j, j + 1)) for j in range(3)],
+        [mean_loss(slice(i, i + 1)) for i in range(30)],
+        0.5,
+    )
+    assert rel(got, expected) <= 1e-9
+    assert inf.operator.objective.ad_used == "reverse"
+    ggn = Influence(model, loss=loss, damping=0.5, hessian_samples="all", gauss_newton=True, solver=CG(tol=1e-12))
+    assert torch.isfinite(ggn.fit((x, y)).scores((x[:3], y[:3]))).all()  # Gauss-Newton products run too
+
+
+def test_forward_mode_only_says_what_failed(regression):
+    model, x, y = regression
+    inf = Influence(model, loss=F.huber_loss, damping=0.5, hessian_samples="all", ad_mode="forward")
+    with pytest.raises(NotImplementedError, match="forward AD"):
+        inf.fit((x, y)).scores((x[:1], y[:1]))
+
+
+# --- data in every shape --------------------------------------------------------------------
+class Dicts(Dataset):
+    """Items as a HuggingFace dataset gives them: a dict per example."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"pixels": self.x[i], "label": self.y[i]}
+
+
+class DictLabelPairs(Dicts):
+    def __getitem__(self, i):
+        return {"pixels": self.x[i]}, self.y[i]
+
+
+@pytest.fixture(scope="module")
+def cnn_data():
+    torch.manual_seed(0)
+    model = TinyCNN().double()
+    train = make_data(40, (1, 6, 6), 3, seed=5, noise=2.0)
+    train_full_batch(model, train, steps=100, weight_decay=0.1)
+    return model, train
+
+
+def test_dict_batches_loaders_and_lists_give_the_same_scores(cnn_data):
+    model, train = cnn_data
+    x, y = train.x, train.y
+    settings = dict(damping=0.3, hessian_samples=25, solver=CG(tol=1e-12), batch_size=16)
+    reference = Influence(model, **settings).fit((x, y)).scores((x[:3], y[:3]))
+
+    def dict_forward(m, batch):
+        return m(batch["pixels"])
+
+    def dict_loss(out, batch):
+        return F.cross_entropy(out, batch["label"])
+
+    as_dicts = Influence(model, loss=dict_loss, forward=dict_forward, **settings)
+    assert rel(as_dicts.fit(Dicts(x, y)).scores(Dicts(x[:3], y[:3])), reference) <= 1e-10
+
+    pair_forward = lambda m, batch: m(batch[0]["pixels"])  # noqa: E731
+    pair_loss = lambda out, batch: F.cross_entropy(out, batch[1])  # noqa: E731
+    as_pairs = Influence(model, loss=pair_loss, forward=pair_forward, **settings)
+    assert rel(as_pairs.fit(DictLabelPairs(x, y)).scores(DictLabelPairs(x[:3], y[:3])), reference) <= 1e-10
+
+    loader = DataLoader(TensorDataset(x, y), batch_size=7, shuffle=True)  # the library indexes it: order is ours
+    assert rel(Influence(model, **settings).fit(loader).scores((x[:3], y[:3])), reference) <= 1e-10
+    items = [(x[i], y[i]) for i in range(len(x))]
+    assert rel(Influence(model, **settings).fit(items).scores(items[:3]), reference) <= 1e-10
+    dict_loader = DataLoader(Dicts(x, y), batch_size=5)
+    assert rel(as_dicts.fit(dict_loader).scores(Dicts(x[:3], y[:3])), reference) <= 1e-10
+
+
+def test_a_batch_that_does_not_fit_is_refused_by_name(cnn_data):
+    model, train = cnn_data
+    x, y = train.x, train.y
+    mask = torch.ones(len(x), 3)
+    with pytest.raises(TypeError, match=r"a list of 3 .*not \(x, y\) pairs.*forward="):
+        Influence(model, hessian_samples=10).fit(TensorDataset(x, mask, y))  # never the mask as the target
+    with pytest.raises(TypeError, match=r"a dict with keys \['label', 'pixels'\].*forward="):
+        Influence(model, hessian_samples=10).fit(Dicts(x, y))
+    with pytest.raises(TypeError, match="map-style Dataset.*got generator"):
+        Influence(model).fit(p for p in zip(x, y, strict=True))
+    fitted = Influence(model, hessian_samples=10).fit((x, y))
+    with pytest.raises(TypeError, match="test data: the items batch to a dict"):
+        fitted.scores(Dicts(x[:2], y[:2]))
+
+
+def test_shared_by_prefix_list_or_predicate():
+    torch.manual_seed(0)
+    pre, ft = TinyCNN(3).double(), TinyCNN(2).double()
+    ft.embedding.load_state_dict(pre.embedding.state_dict())
+    pre_data, ft_data = make_data(30, (1, 6, 6), 3, seed=1), make_data(20, (1, 6, 6), 2, seed=2)
+    data = ((pre_data.x, pre_data.y), (ft_data.x, ft_data.y))
+    test = (ft_data.x[:2], ft_data.y[:2])
+    scores = []
+    for shared in ("embedding", ["embedding.0"], lambda n: n.startswith("embedding.")):
+        msi = MultiStageInfluence(
+            pre,
+            ft,
+            shared=shared,
+            pretrain_damping=2.0,
+            finetune_damping=2.0,
+            hessian_samples="all",
+            solver=CG(tol=1e-12),
+        )
+        scores.append(msi.fit(*data).scores(test))
+    assert torch.equal(scores[0], scores[1]) and torch.equal(scores[0], scores[2])
+    assert name_matcher(["conv1", "layer1"])("layer1.0.conv1.weight") and not name_matcher("conv1")("conv10.weight")
+    with pytest.raises(TypeError, match="list of prefixes"):
+        name_matcher([1, 2])
+
+
+# --- BatchNorm and dropout: eval mode, buffers untouched -------------------------------------
+def test_batchnorm_and_dropout_are_taken_in_eval_mode():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Dropout(0.5), nn.Linear(6, 3)).double()
+    x = torch.randn(40, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (40,))
+    model.train()
+    for _ in range(5):  # running statistics that differ from the defaults
+        model(x)
+    buffers = {k: v.clone() for k, v in model.state_dict().items()}
+    inf = Influence(model, damping=1.0, hessian_samples="all", solver=CG(tol=1e-12))
+    got = inf.fit((x, y)).scores((x[:2], y[:2]))
+    assert model.training  # restored
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in buffers.items())  # statistics not updated
+    model.eval()
+    params = named_params(model)
+
+    def mean_loss(rows):
+        return lambda p: F.cross_entropy(functional_call(model, p, (x[rows],)), y[rows])
+
+    expected = dense.single_stage(
+        params,
+        inf.block,
+        mean_loss(slice(None)),
+        [mean_loss(slice(j, j + 1)) for j in range(2)],
+        [mean_loss(slice(i, i + 1)) for i in range(40)],
+        1.0,
+    )
+    assert rel(got, expected) <= 1e-9
+
+
+# --- a torchvision ResNet-18 as a two-stage model ---------------------------------------------
+BODY = ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4"]
+
+
+@pytest.mark.slow
+def test_resnet18_two_stage_equals_the_dense_formula():
+    """Random-init ResNet-18s on 16x16 images: the body (a list of prefixes, BatchNorm in eval
+    mode) shared, a new ``fc`` for the finetuning task. The dense reference needs a small
+    parameter set, so only the shift of ``bn1`` in the body and the ``fc`` biases train; the rest of the
+    network (11M parameters) runs through every product unchanged."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    pre = torchvision.models.resnet18(num_classes=3).double().eval()
+    ft = torchvision.models.resnet18(num_classes=2).double().eval()
+    ft.load_state_dict({k: v for k, v in pre.state_dict().items() if not k.startswith("fc.")}, strict=False)
+    for model in (pre, ft):
+        for name, p in model.named_parameters():
+            p.requires_grad_(name in ("bn1.bias", "fc.bias"))
+    g = torch.Generator().manual_seed(0)
+    xp, yp = torch.randn(6, 3, 16, 16, generator=g, dtype=torch.float64), torch.randint(0, 3, (6,), generator=g)
+    xf, yf = torch.randn(8, 3, 16, 16, generator=g, dtype=torch.float64), torch.randint(0, 2, (8,), generator=g)
+    msi = MultiStageInfluence(
+        pre,
+        ft,
+        shared=BODY,
+        pretrain_damping=0.5,
+        finetune_damping=0.5,
+        hessian_samples="all",
+        solver=CG(tol=1e-12, max_iter=500),
+        batch_size=4,
+    )
+    got = msi.fit((xp, yp), DataLoader(TensorDataset(xf, yf), batch_size=4)).scores((xf[:2], yf[:2]))
+    assert msi.W.names == ("bn1.bias",) and msi.Theta.names == ("fc.bias",)
+    pre_p, ft_p = named_params(pre), named_params(ft)
+
+    def ce(model, x, y):
+        return lambda p: F.cross_entropy(functional_call(model, p, (x,)), y)
+
+    expected = dense.multistage_fixed(
+        pre_p,
+        ft_p,
+        msi.W,
+        msi.U,
+        msi.Theta,
+        ce(pre, xp, yp),
+        ce(ft, xf, yf),
+        [ce(ft, xf[j : j + 1], yf[j : j + 1]) for j in range(2)],
+        [ce(pre, xp[i : i + 1], yp[i : i + 1]) for i in range(6)],
+        0.5,
+        0.5,
+    )
+    assert rel(got, expected) <= 1e-7
+    assert msi.diagnostics["pretrain"]["converged"] and msi.diagnostics["finetune"]["converged"]
+
+
+# --- a small transformer with dict batches -----------------------------------------------------
+VOCAB, LENGTH, PAD = 11, 6, 0
+
+
+class TinyTransformer(nn.Module):
+    """Token embedding, learned positions, one encoder layer; ``head`` predicts the next
+    token (language model) or the class of the sequence (classifier)."""
+
+    def __init__(self, outputs: int, d: int = 8):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, d)
+        self.pos = nn.Parameter(0.1 * torch.randn(LENGTH, d))
+        layer = nn.TransformerEncoderLayer(d, nhead=2, dim_feedforward=16, dropout=0.1, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers=1, enable_nested_tensor=False)
+        self.head = nn.Linear(d, outputs)
+
+    def body(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.encoder(self.embed(ids) + self.pos[: ids.shape[1]], src_key_padding_mask=mask == 0)
+
+
+def lm_forward(model, batch):
+    return model.head(model.body(batch["input_ids"], batch["attention_mask"]))
+
+
+def lm_loss(logits, batch):
+    """Next-token cross-entropy, mean over each sequence's tokens (padding ignored), then
+    over the sequences: the mean over the batch's examples that the contract asks for."""
+    labels = batch["labels"]
+    tokens = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+    return (tokens.sum(1) / (labels != -100).sum(1)).mean()
+
+
+def classifier_forward(model, batch):
+    h, mask = model.body(batch["input_ids"], batch["attention_mask"]), batch["attention_mask"].unsqueeze(-1)
+    return model.head((h * mask).sum(1) / mask.sum(1))
+
+
+def classifier_loss(logits, batch):
+    return F.cross_entropy(logits, batch["labels"])
+
+
+def sequences(n: int, seed: int, classify: bool) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        length = int(torch.randint(3, LENGTH + 1, (1,), generator=g))
+        ids = torch.full((LENGTH,), PAD)
+        ids[:length] = torch.randint(1, VOCAB, (length,), generator=g)
+        mask = (ids != PAD).long()
+        if classify:
+            labels = (ids[:length].sum() % 2).reshape(())
+        else:
+            labels = torch.full((LENGTH,), -100)
+            labels[: length - 1] = ids[1:length]
+        out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return out
+
+
+def test_transformer_lm_pretraining_then_classifier_finetuning():
+    torch.manual_seed(0)
+    pre, ft = TinyTransformer(VOCAB).double().eval(), TinyTransformer(2).double().eval()
+    ft.load_state_dict({k: v for k, v in pre.state_dict().items() if not k.startswith("head.")}, strict=False)
+    lm_data, cls_data = sequences(12, 1, classify=False), sequences(10, 2, classify=True)
+    tests = cls_data[:2]
+    msi = MultiStageInfluence(
+        pre,
+        ft,
+        shared=["embed", "pos", "encoder"],
+        pretrain_loss=lm_loss,
+        finetune_loss=classifier_loss,
+        pretrain_forward=lm_forward,
+        finetune_forward=classifier_forward,
+        pretrain_damping=2.0,  # the untrained LM's Hessian has eigenvalues down to -1.5
+        finetune_damping=2.0,
+        hessian_samples="all",
+        solver=CG(tol=1e-10, max_iter=500),
+        batch_size=8,
+    )
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SolverWarning)  # both solves converge
+        got = msi.fit(lm_data, DataLoader(cls_data, batch_size=4)).scores(tests)
+    seconds = time.perf_counter() - t0
+    print(
+        f"transformer: {msi.W.numel} shared, {msi.U.numel} LM head, {msi.Theta.numel} classifier parameters; "
+        f"{seconds:.2f} s; finetune {msi.diagnostics['finetune']['iterations']} / pretrain "
+        f"{msi.diagnostics['pretrain']['iterations']} CG iterations; scores {got.tolist()}"
+    )
+    collate = torch.utils.data.default_collate
+
+    def on(model, forward, loss, items):
+        batch = collate(items)
+        return lambda p: loss(_call(model, forward, p, batch), batch)
+
+    # attention in its twice-differentiable form (torch's fused kernels have no second derivative)
+    with sdpa_kernel([SDPBackend.MATH]), mha_fastpath(False):
+        expected = dense.multistage_fixed(
+            named_params(pre),
+            named_params(ft),
+            msi.W,
+            msi.U,
+            msi.Theta,
+            on(pre, lm_forward, lm_loss, lm_data),
+            on(ft, classifier_forward, classifier_loss, cls_data),
+            [on(ft, classifier_forward, classifier_loss, [t]) for t in tests],
+            [on(pre, lm_forward, lm_loss, [e]) for e in lm_data],
+            2.0,
+            2.0,
+        )
+    assert got.shape == (2, 12) and rel(got, expected) <= 1e-7
+
+
+@contextlib.contextmanager
+def mha_fastpath(enabled: bool):
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(enabled)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
+
+
+class _Bound(nn.Module):
+    def __init__(self, model, forward):
+        super().__init__()
+        self.model, self.forward_fn = model, forward
+
+    def forward(self, batch):
+        return self.forward_fn(self.model, batch)
+
+
+def _call(model, forward, params, batch):
+    """``forward(model, batch)`` with ``params``, by plain ``functional_call`` (independent of the library's)."""
+    return functional_call(_Bound(model, forward), {f"model.{k}": v for k, v in params.items()}, (batch,))
+
+
+# --- CUDA ------------------------------------------------------------------------------------
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_scores_equal_cpu_scores(cnn_data):
+    model, train = cnn_data
+    settings = dict(damping=0.3, hessian_samples=25, solver=CG(tol=1e-12))
+    cpu = Influence(model, **settings).fit((train.x, train.y)).scores((train.x[:3], train.y[:3]))
+    gpu_model = TinyCNN().double().cuda()
+    gpu_model.load_state_dict(model.state_dict())
+    gpu = Influence(gpu_model, **settings).fit((train.x, train.y)).scores((train.x[:3], train.y[:3]))
+    assert gpu.device.type == "cuda" and rel(gpu.cpu(), cpu) <= 1e-8
+
+
+def test_make_block_still_takes_a_predicate():
+    params = named_params(TinyCNN())
+    assert make_block(params, name_matcher(["head"])).names == ("head.weight", "head.bias")
