@@ -19,7 +19,7 @@ theirs.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence, Sized
+from collections.abc import Callable, Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -99,7 +99,6 @@ class Source:
 
     dataset: SizedDataset
     collate: Collate = default_collate
-    pair: bool = True  # items are (x, y) pairs
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -129,10 +128,16 @@ def as_dataset(data: DataLike | Source, what: str = "data") -> Source:
         return data
     collate: Collate = default_collate
     if isinstance(data, DataLoader):
-        # a loader with batch_size=None converts items one by one; batching is ours to do
-        collate = data.collate_fn if data.batch_size is not None else default_collate
+        if data.batch_sampler is None:
+            raise TypeError(
+                f"{what}: a DataLoader with batch_size=None hands out its dataset's items as they are (often "
+                "ready-made batches); the library batches single examples itself. Pass a DataLoader with a "
+                "batch_size or batch_sampler, or the dataset of single examples"
+            )
+        collate = data.collate_fn
         data = data.dataset
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+    # only a tuple means (X, Y): a list of two tensors is a list of two items
+    if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
         x, y = data
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"{what}: inputs have {x.shape[0]} rows but targets {y.shape[0]}")
@@ -145,9 +150,7 @@ def as_dataset(data: DataLike | Source, what: str = "data") -> Source:
     if len(data) == 0:
         raise ValueError(f"{what} is empty; influence needs at least one example")
     dataset: SizedDataset = data
-    if isinstance(data, TensorDataset):
-        return Source(dataset, collate, len(data.tensors) == 2)
-    return Source(dataset, collate, _is_pair(dataset[0]))
+    return Source(dataset, collate)
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -168,12 +171,17 @@ def gather(
     if len(idx) == 0:  # an empty shard: the structure of one example, zero rows
         return gather(source, [0], dtype, device).select(slice(0, 0))
     collated = source.collate([base[int(i)] for i in idx])
-    if source.pair:
-        if not _is_pair(collated):
-            raise TypeError(f"the collate function turned (x, y) items into {describe(collated)}; expected a pair")
-        batch = Batch(collated[0], collated[1])
-    else:
-        batch = Batch(collated)
+    if isinstance(collated, Mapping) and not isinstance(collated, dict):
+        collated = dict(collated)  # a UserDict (transformers' BatchEncoding) is a pytree leaf otherwise
+    # (x, y) pairs take the default forward; any other structure takes a custom one
+    batch = Batch(collated[0], collated[1]) if _is_pair(collated) else Batch(collated)
+    strays = [type(leaf).__name__ for leaf in tree_flatten(batch.tree)[0] if not isinstance(leaf, torch.Tensor)]
+    if strays:
+        raise TypeError(
+            f"a batch holds {sorted(set(strays))} values besides tensors ({describe(collated)}); they cannot be "
+            "split into examples or moved to the device: keep only tensors in the items (tokenize text in the "
+            "dataset, turn numbers into tensors)"
+        )
     return batch.map(lambda t: _cast(t, dtype, device))
 
 

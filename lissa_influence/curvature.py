@@ -61,6 +61,12 @@ model has no forward-mode derivative (``F.mse_loss``, ``F.huber_loss`` in torch 
 _NO_FORWARD_AD = (RuntimeError, NotImplementedError)
 
 
+def no_forward_ad(error: BaseException) -> bool:
+    """Whether ``error`` can mean "this op has no forward-mode derivative" (and is not an
+    out-of-memory error, which a retry in another mode would not cure)."""
+    return isinstance(error, _NO_FORWARD_AD) and not isinstance(error, torch.OutOfMemoryError)
+
+
 def _tree_dot(a: Any, b: Any) -> torch.Tensor:
     """``Σ ⟨a_i, b_i⟩`` over the tensor leaves of two pytrees of the same structure."""
     return cast(torch.Tensor, sum((x * y).sum() for x, y in zip(tree_leaves(a), tree_leaves(b), strict=True)))
@@ -166,16 +172,17 @@ class Objective:
         return self._reduced(total, batch)
 
     # -- second order --------------------------------------------------------------
-    def _batched(
+    def _local(
         self, fn: Callable[[torch.Tensor, Batch], torch.Tensor], v: torch.Tensor, batch: Batch | None, out_size: int
     ) -> torch.Tensor:
+        """This process's share of a product, before the cross-rank sum."""
         total = None
         for c, w in self._chunks(batch):
             out = fn(v, c) if v.dim() == 1 else vmap(lambda vv: fn(vv, c))(v)  # noqa: B023 (called at once)
             total = w * out if total is None else total + w * out
         if total is None:  # an empty shard (more ranks than examples): contributes zero
             total = v.new_zeros(*v.shape[:-1], out_size)
-        return self._reduced(total.detach(), batch)
+        return total.detach()
 
     def _second_order(
         self,
@@ -189,20 +196,25 @@ class Objective:
         moves to reverse mode for good when the loss or the model does not support it."""
         if v.dim() not in (1, 2):
             raise ValueError(f"expected a vector [P] or a stack [k, P], got shape {tuple(v.shape)}")
-        if self.ad_mode == "reverse" or self._ad.get("mode") == "reverse":
-            self._ad["mode"] = "reverse"
-            return self._batched(reverse_mode, v, batch, out_size)
-        load_forward_ad()
-        try:
-            result = self._batched(forward_mode, v, batch, out_size)
-        except _NO_FORWARD_AD as e:
-            if self.ad_mode == "forward":
-                raise
-            self._ad.update(mode="reverse", reason=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
-            log.info("forward-mode AD failed (%s); reverse-over-reverse products from now on", self._ad["reason"])
-            return self._batched(reverse_mode, v, batch, out_size)
-        self._ad["mode"] = "forward"
-        return result
+        mode = "reverse" if self.ad_mode == "reverse" else self._ad.get("mode")
+        if mode is not None:  # decided: errors from now on are errors
+            local = self._local(reverse_mode if mode == "reverse" else forward_mode, v, batch, out_size)
+            self._ad["mode"] = mode
+        else:  # the first product decides, once: forward mode, or reverse where forward fails
+            load_forward_ad()
+            try:
+                local = self._local(forward_mode, v, batch, out_size)
+                self._ad["mode"] = "forward"
+            except Exception as e:
+                if self.ad_mode == "forward" or not no_forward_ad(e):
+                    raise
+                try:
+                    local = self._local(reverse_mode, v, batch, out_size)
+                except Exception as reverse_error:
+                    raise reverse_error from e
+                self._ad.update(mode="reverse", reason=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                log.info("forward-mode AD failed (%s); reverse-over-reverse products from now on", self._ad["reason"])
+        return self._reduced(local, batch)  # every rank reaches the collective once, whatever happened above
 
     def hvp(self, block: ParamBlock, v: torch.Tensor, batch: Batch | None = None) -> torch.Tensor:
         """``∇²_{block} L · v``."""

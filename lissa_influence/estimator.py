@@ -265,6 +265,12 @@ class InfluenceEstimator(ABC):
         """``[n_test, n]`` (``[1, n]`` with ``mean=True``: the mean test loss as one
         query): ``I(z)`` of every scored example (or of ``data``) for each test query."""
         data = self._renamed(data, renamed, "scores")
+        if data is not None:  # a scored dataset the model cannot take fails before the solves, not after
+            self._check_fitted()
+            per_example = self._scored_losses()
+            t = next(iter(per_example.params.values()))
+            first = gather(as_dataset(data, "scored data"), [0], t.dtype, t.device)
+            check_batch(first, per_example.forward, "scored data")
         return self.scores_from(self.query_vectors(test_data, mean), data)
 
     def removal_effects(

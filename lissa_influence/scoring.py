@@ -15,6 +15,7 @@ the measured cross-over) and ``grad`` beyond.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Literal
@@ -24,7 +25,7 @@ from torch import nn
 from torch.func import grad, jvp, vmap
 
 from .batching import Batch, SizedDataset, iter_batches
-from .curvature import _NO_FORWARD_AD, ADMode, load_forward_ad
+from .curvature import ADMode, load_forward_ad, no_forward_ad
 from .params import ParamBlock, Params
 from .progress import progress_bar
 from .task import Forward, LossFn, check_batch, mean_loss, outputs
@@ -53,6 +54,7 @@ class PerExample:
     forward: Forward | None = None
     ad_mode: ADMode = "auto"
     fallbacks: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+    _jvp_works: list[bool] = field(default_factory=list, compare=False, repr=False)  # decided once
 
     def _loss_one(self, flat: torch.Tensor, example: Any, pair: bool) -> torch.Tensor:
         """The loss of one example (its tensors without the batch dimension, as ``vmap`` passes them)."""
@@ -66,24 +68,42 @@ class PerExample:
     def _fallback(self, kind: str, error: BaseException) -> None:
         self.fallbacks[kind] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
 
+    def _per_example(
+        self, batched: Callable[[], torch.Tensor], looped: Callable[[int], torch.Tensor], n: int
+    ) -> torch.Tensor:
+        """``batched()`` (vmap over the examples), or example by example where vmap cannot
+        batch the model. The loop is adopted only once it succeeded, so that an error of
+        another kind (no forward-mode derivative, under a jvp) is raised as it is."""
+        if "loop" in self.fallbacks:
+            return torch.stack([looped(i) for i in range(n)])
+        try:
+            return batched()
+        except _NOT_BATCHABLE as e:
+            if isinstance(e, torch.OutOfMemoryError):
+                raise
+            try:
+                result = torch.stack([looped(i) for i in range(n)])
+            except Exception:
+                raise e from None
+            self._fallback("loop", e)
+            return result
+
     def losses(self, flat: torch.Tensor, batch: Batch) -> torch.Tensor:
         """``[B]``: each example's loss."""
-        if "loop" not in self.fallbacks:
-            try:
-                return vmap(partial(self._loss_one, pair=batch.pair), in_dims=(None, 0))(flat, batch.tree)
-            except _NOT_BATCHABLE as e:
-                self._fallback("loop", e)
-        return torch.stack([self._loss_of(flat, batch.select(slice(i, i + 1))) for i in range(len(batch))])
+        return self._per_example(
+            lambda: vmap(partial(self._loss_one, pair=batch.pair), in_dims=(None, 0))(flat, batch.tree),
+            lambda i: self._loss_of(flat, batch.select(slice(i, i + 1))),
+            len(batch),
+        )
 
     def gradients(self, batch: Batch) -> torch.Tensor:
         """``[B, P]``: the gradient of each example's loss."""
         theta = self.block.flatten(self.params)
-        if "loop" not in self.fallbacks:
-            try:
-                return vmap(grad(partial(self._loss_one, pair=batch.pair)), in_dims=(None, 0))(theta, batch.tree)
-            except _NOT_BATCHABLE as e:
-                self._fallback("loop", e)
-        return torch.stack([grad(self._loss_of)(theta, batch.select(slice(i, i + 1))) for i in range(len(batch))])
+        return self._per_example(
+            lambda: vmap(grad(partial(self._loss_one, pair=batch.pair)), in_dims=(None, 0))(theta, batch.tree),
+            lambda i: grad(self._loss_of)(theta, batch.select(slice(i, i + 1))),
+            len(batch),
+        )
 
     def directional(
         self, batch: Batch, S: torch.Tensor, method: ScoringMethod = "auto", jvp_max_queries: int = 3
@@ -97,12 +117,17 @@ class PerExample:
             load_forward_ad()
             theta = self.block.flatten(self.params)
             along = lambda s: jvp(lambda f: self.losses(f, batch), (theta,), (s,))[1]  # noqa: E731
-            try:
+            if self._jvp_works:  # worked before: an error now is an error
                 return vmap(along)(S)
-            except _NO_FORWARD_AD as e:
-                if self.ad_mode == "forward":
+            try:
+                result = vmap(along)(S)
+            except Exception as e:
+                if self.ad_mode == "forward" or not no_forward_ad(e):
                     raise
                 self._fallback("reverse", e)  # the same numbers from per-example gradients
+            else:
+                self._jvp_works.append(True)
+                return result
         return S @ self.gradients(batch).T
 
 

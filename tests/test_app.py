@@ -286,6 +286,7 @@ def test_default_config_composes():
         (["pretrain.hessian_samples=0"], "pretrain.hessian_samples=0 must be a number >= 1 or 'all'"),
         (["finetune.hessian_samples=most"], "finetune.hessian_samples='most' must be a number >= 1 or 'all'"),
         (["device=tpu"], "device='tpu' is not one of auto, cpu, cuda, cuda:N"),
+        (["device=cudax"], "device='cudax' is not one of auto, cpu, cuda, cuda:N"),
     ],
 )
 def test_check_rejects_bad_values(overrides, message):

@@ -3,6 +3,7 @@ a torchvision ResNet with BatchNorm and a small transformer, each against a dens
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import time
 import warnings
@@ -17,6 +18,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lissa_influence import CG, Influence, MultiStageInfluence, SolverWarning
+from lissa_influence.batching import Batch
+from lissa_influence.curvature import Objective
 from lissa_influence.params import make_block, name_matcher, named_params
 
 from conftest import TinyCNN, make_data, rel, train_full_batch
@@ -145,6 +148,8 @@ def test_a_batch_that_does_not_fit_is_refused_by_name(cnn_data):
     fitted = Influence(model, hessian_samples=10).fit((x, y))
     with pytest.raises(TypeError, match="test data: the items batch to a dict"):
         fitted.scores(Dicts(x[:2], y[:2]))
+    with pytest.raises(TypeError, match="scored data: the items batch to a dict"):
+        fitted.scores((x[:2], y[:2]), Dicts(x, y))  # before any solve
 
 
 def test_shared_by_prefix_list_or_predicate():
@@ -409,3 +414,137 @@ def test_cuda_scores_equal_cpu_scores(cnn_data):
 def test_make_block_still_takes_a_predicate():
     params = named_params(TinyCNN())
     assert make_block(params, name_matcher(["head"])).names == ("head.weight", "head.bias")
+
+
+def test_regression_finetuning_runs_the_mixed_product_in_reverse_mode():
+    """A classifier pretrained with cross-entropy, finetuned as a regressor with MSE: the
+    finetune Hessian and the mixed block ∇²_WΘ F have no forward mode, the chain still
+    equals the dense formula."""
+    torch.manual_seed(0)
+    pre = nn.Sequential(nn.Sequential(nn.Linear(4, 5), nn.Tanh()), nn.Linear(5, 3)).double()
+    ft = nn.Sequential(nn.Sequential(nn.Linear(4, 5), nn.Tanh()), nn.Linear(5, 2)).double()
+    ft[0].load_state_dict(pre[0].state_dict())
+    g = torch.Generator().manual_seed(3)
+    xp, yp = torch.randn(25, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (25,), generator=g)
+    xf, yf = torch.randn(20, 4, generator=g, dtype=torch.float64), torch.randn(20, 2, generator=g, dtype=torch.float64)
+    msi = MultiStageInfluence(
+        pre,
+        ft,
+        shared="0",
+        finetune_loss=F.mse_loss,
+        pretrain_damping=1.0,
+        finetune_damping=1.0,
+        hessian_samples="all",
+        solver=CG(tol=1e-12),
+    )
+    got = msi.fit((xp, yp), (xf, yf)).scores((xf[:2], yf[:2]))
+    assert msi.ft_objective.ad_used == "reverse" and msi.pre_objective.ad_used == "forward"
+
+    def on(model, loss, x, y):
+        return lambda p: loss(functional_call(model, p, (x,)), y)
+
+    expected = dense.multistage_fixed(
+        named_params(pre),
+        named_params(ft),
+        msi.W,
+        msi.U,
+        msi.Theta,
+        on(pre, F.cross_entropy, xp, yp),
+        on(ft, F.mse_loss, xf, yf),
+        [on(ft, F.mse_loss, xf[j : j + 1], yf[j : j + 1]) for j in range(2)],
+        [on(pre, F.cross_entropy, xp[i : i + 1], yp[i : i + 1]) for i in range(25)],
+        1.0,
+        1.0,
+    )
+    assert rel(got, expected) <= 1e-9
+
+
+def test_gauss_newton_products_in_both_modes_equal_the_dense_ggn(regression):
+    """``Jᵀ (∇²_out loss) J v`` from the dense Jacobian and output Hessian; cross-entropy
+    runs forward mode, MSE falls back to reverse mode."""
+    model, x, y = regression
+    params = named_params(model)
+    block = make_block(params, lambda n: True)
+    theta = block.flatten(params)
+    v = torch.randn(2, block.numel, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    labels = (y[:, 0] > 0).long()
+    for loss, target, mode in ((F.cross_entropy, labels, "forward"), (F.mse_loss, y, "reverse")):
+
+        def net(f):
+            return functional_call(model, {**params, **block.unflatten(f)}, (x,))
+
+        out = net(theta)
+        J = torch.func.jacrev(net)(theta).reshape(out.numel(), -1)
+        H_out = torch.func.hessian(lambda o: loss(o.reshape(out.shape), target))(out.reshape(-1))  # noqa: B023
+        expected = v @ (J.T @ H_out @ J).T
+        for ad_mode in ("auto", "reverse"):
+            obj = Objective(model, loss, params, Batch(x, target), chunk_size=7, ad_mode=ad_mode)
+            assert rel(obj.ggn_vp(block, v), expected) <= 1e-10
+            assert obj.ad_used == (mode if ad_mode == "auto" else "reverse")
+
+
+class Branchy(nn.Module):
+    """A model with data-dependent control flow, which vmap cannot batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.lin(x) if float(x.sum()) > 0 else self.lin(-x)
+
+
+def test_a_model_vmap_cannot_batch_is_scored_example_by_example():
+    torch.manual_seed(0)
+    model = Branchy().double()
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(12, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (12,), generator=g)
+    inf = Influence(model, damping=1.0, hessian_samples="all", batch_size=1, solver=CG(tol=1e-12))
+    got = inf.fit((x, y)).scores((x[:2], y[:2]))
+    assert "loop" in inf._per_example.fallbacks and "reverse" not in inf._per_example.fallbacks
+    params = named_params(model)
+
+    def ce(rows):  # one example at a time: the branch is per example
+        return lambda p: (
+            sum(F.cross_entropy(functional_call(model, p, (x[i : i + 1],)), y[i : i + 1]) for i in range(12)[rows])
+            / len(range(12)[rows])
+        )
+
+    expected = dense.single_stage(
+        params,
+        inf.block,
+        ce(slice(None)),
+        [ce(slice(j, j + 1)) for j in range(2)],
+        [ce(slice(i, i + 1)) for i in range(12)],
+        1.0,
+    )
+    assert rel(got, expected) <= 1e-9
+
+
+def test_a_loaders_batch_sampler_and_collate_fn_are_used(cnn_data):
+    """Length-bucketed loaders hand their batching to a batch_sampler, with a collate_fn of
+    their own: here one that turns (x, y) items into a dict batch."""
+    model, train = cnn_data
+    x, y = train.x, train.y
+    settings = dict(damping=0.3, hessian_samples=25, solver=CG(tol=1e-12), batch_size=16)
+    reference = Influence(model, **settings).fit((x, y)).scores((x[:3], y[:3]))
+
+    def to_dict(items):
+        xs, ys = zip(*items, strict=True)
+        return collections.UserDict({"pixels": torch.stack(xs), "label": torch.stack(ys)})
+
+    sampler = torch.utils.data.BatchSampler(torch.utils.data.SequentialSampler(range(40)), 6, drop_last=False)
+    loader = DataLoader(TensorDataset(x, y), batch_sampler=sampler, collate_fn=to_dict)
+    inf = Influence(
+        model, loss=lambda out, b: F.cross_entropy(out, b["label"]), forward=lambda m, b: m(b["pixels"]), **settings
+    )
+    assert (
+        rel(
+            inf.fit(loader).scores(DataLoader(TensorDataset(x[:3], y[:3]), batch_size=2, collate_fn=to_dict)), reference
+        )
+        <= 1e-10
+    )
+    with pytest.raises(TypeError, match="batch_size=None"):
+        Influence(model, **settings).fit(DataLoader(TensorDataset(x, y), batch_size=None))
+    with pytest.raises(TypeError, match=r"\['str'\] values besides tensors"):
+        Influence(model, **settings).fit([(x[i], y[i], "a caption") for i in range(40)])

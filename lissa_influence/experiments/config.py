@@ -244,7 +244,11 @@ def check(cfg: Any) -> None:
         raise ValueError(f"test_points={cfg.test_points} must be >= 1")
     if cfg.mode == "updated" and not cfg.alpha > 0:  # else it fails only after both stages trained
         raise ValueError(f"mode=updated needs alpha > 0 (the weight of alpha*||W - W*||^2), got alpha={cfg.alpha}")
-    if not (cfg.device in ("auto", "cpu") or str(cfg.device).startswith("cuda")):
+    try:
+        valid = cfg.device == "auto" or torch.device(cfg.device).type in ("cpu", "cuda")
+    except RuntimeError:
+        valid = False
+    if not valid:
         raise ValueError(f"device={cfg.device!r} is not one of auto, cpu, cuda, cuda:N")
     if cfg.shard_size < 1:
         raise ValueError(f"shard_size={cfg.shard_size} must be >= 1")
