@@ -293,6 +293,13 @@ class CurvatureOperator(LinearOperator):
     gauss_newton: bool = False
     num_products: int = field(default=0, init=False)
 
+    def __post_init__(self) -> None:
+        d = torch.as_tensor(self.damping, dtype=torch.float64)
+        if not bool(torch.isfinite(d).all()) or bool((d < 0).any()):
+            raise ValueError(f"damping must be finite and >= 0, got {self.damping!r}")
+        if d.dim() > 0 and d.shape != (self.block.numel,):
+            raise ValueError(f"a damping vector needs {self.block.numel} entries, got shape {tuple(d.shape)}")
+
     @property
     def size(self) -> int:
         return self.block.numel

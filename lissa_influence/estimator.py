@@ -36,13 +36,13 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import distributed as _dist
-from .batching import DataLike, SizedDataset, as_dataset, gather, subsample_indices
+from .batching import Batch, DataLike, SizedDataset, as_dataset, gather, subsample_indices
 from .curvature import ADMode
 from .params import Params, check_finite, named_params
 from .scoring import PerExample, ScoringMethod, score_dataset
 from .solvers import SolveInfo, Solver, SolverError
 from .solvers.base import reworded
-from .task import Forward, check_batch
+from .task import Forward, LossFn, check_batch, probe
 
 HessianSamples = int | Literal["all"]
 """How many examples estimate a Hessian: a count (seeded subsample) or ``"all"``."""
@@ -96,6 +96,8 @@ def hessian_sample(
     what: str,
     distributed: bool,
     forward: Forward | None = None,
+    model: nn.Module | None = None,
+    loss_fn: LossFn | None = None,
 ) -> dict[str, Any]:
     """The seeded Hessian sample as :class:`~lissa_influence.curvature.Objective` keyword
     arguments: all of it, or under torch.distributed this rank's contiguous shard of the
@@ -122,14 +124,24 @@ def hessian_sample(
     rank, world = rank_world(distributed)
     if world == 1:
         batch = gather(data, indices, t.dtype, t.device)
-        check_batch(batch, forward, f"{what} data")
-        check_finite(f"{what} data (Hessian sample)", batch.tensors())
+        _check_sample(batch, params, forward, model, loss_fn, f"{what} data")
         return {"batch": batch}
     lo, hi = _dist.shard_range(len(indices), rank, world)
     batch = gather(data, indices[lo:hi], t.dtype, t.device)
-    check_batch(batch, forward, f"{what} data")
-    check_finite(f"{what} data (Hessian sample, rank {rank})", batch.tensors())
+    _check_sample(batch, params, forward, model, loss_fn, f"{what} data (rank {rank})")
     return {"batch": batch, "sample_size": len(indices), "sample_offset": lo, "reduce": _dist.all_reduce_sum}
+
+
+def _check_sample(
+    batch: Batch, params: Params, forward: Forward | None, model: nn.Module | None, loss_fn: LossFn | None, what: str
+) -> None:
+    """The Hessian sample: the structure the forward needs, finite values, and one example
+    through the model and the loss (labels against the classes, for cross-entropy)."""
+    check_batch(batch, forward, what)
+    check_finite(f"{what} (Hessian sample)", batch.tensors())
+    if model is not None and loss_fn is not None and len(batch) > 0:
+        with eval_mode(model):
+            probe(model, params, batch, forward, loss_fn, what)
 
 
 def check_rows(what: str, t: torch.Tensor, size: int) -> None:

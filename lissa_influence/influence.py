@@ -14,6 +14,7 @@ from .estimator import HessianSamples, InfluenceEstimator, eval_mode, hessian_sa
 from .params import make_block
 from .scoring import PerExample, loss_gradients
 from .solvers import CG, Solver
+from .solvers.base import non_negative
 from .task import Forward, LossFn, cross_entropy
 
 __all__ = ["Influence", "MultiStageInfluence"]
@@ -39,12 +40,24 @@ class Influence(InfluenceEstimator):
 
     _old_data_keyword: ClassVar[str] = "train_data"
 
+    def __post_init__(self) -> None:
+        non_negative("damping", self.damping)
+        super().__post_init__()
+
     def fit(self, train_data: DataLike) -> Influence:
         train = as_dataset(train_data, "training data")
         self.params = trainable_params(self.model, self.dtype, "model")
         self.block = make_block(self.params, lambda n: True)
         sample = hessian_sample(
-            train, self.hessian_samples, self.seed, self.params, "training", self.distributed, self.forward
+            train,
+            self.hessian_samples,
+            self.seed,
+            self.params,
+            "training",
+            self.distributed,
+            self.forward,
+            self.model,
+            self.loss,
         )
         self.operator = CurvatureOperator(
             Objective(

@@ -40,6 +40,7 @@ from .estimator import (
 from .params import NameSelector, make_block, name_matcher
 from .scoring import PerExample, loss_gradients
 from .solvers import CG, SolveInfo, Solver
+from .solvers.base import non_negative
 from .task import Forward, LossFn, cross_entropy
 
 Mode = Literal["fixed", "updated"]
@@ -88,6 +89,9 @@ class MultiStageInfluence(InfluenceEstimator):
             raise ValueError(f"unknown mode {self.mode!r}; use 'fixed' (embedding frozen in finetuning) or 'updated'")
         if self.mode == "updated" and not self.alpha > 0:
             raise ValueError(f"mode='updated' needs alpha > 0 (the proximity weight α of α‖W − W*‖²), got {self.alpha}")
+        non_negative("pretrain_damping", self.pretrain_damping)
+        non_negative("finetune_damping", self.finetune_damping)
+        non_negative("alpha", self.alpha)
         super().__post_init__()
         self._setup_blocks()
 
@@ -150,10 +154,20 @@ class MultiStageInfluence(InfluenceEstimator):
             "pretraining",
             self.distributed,
             self.pretrain_forward,
+            self.pretrained,
+            self.pretrain_loss,
         )
         ft_n = self.finetune_hessian_samples or self.hessian_samples
         ft_sample = hessian_sample(
-            ft, ft_n, self.seed + 1, self.ft_params, "finetuning", self.distributed, self.finetune_forward
+            ft,
+            ft_n,
+            self.seed + 1,
+            self.ft_params,
+            "finetuning",
+            self.distributed,
+            self.finetune_forward,
+            self.finetuned,
+            self.finetune_loss,
         )
         self.pre_objective = Objective(
             self.pretrained,

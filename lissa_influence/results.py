@@ -5,6 +5,7 @@ that no part of this package is needed to read it::
 
     manifest.json          config hash (and the hashed config), n, k, shard_size, dtype,
                            per-shard [start, stop) and shape, the list of complete shards
+                           and their sha256 checksums
     shard_00000.npy        float64 [k, stop - start]: scores of examples [start, stop)
     shard_00001.npy        ...
     query_vectors.npy      the solved s [k, P] (a resumed run does not solve again)
@@ -12,8 +13,9 @@ that no part of this package is needed to read it::
 
 Every file is written to a temporary name and renamed, and a shard counts as complete
 only once the manifest lists it, so a run killed at any point leaves a consistent folder;
-a rerun of the same configuration computes only the missing shards. A folder written
-under another configuration is refused (:class:`ResultsMismatchError`).
+a rerun of the same configuration computes only the missing shards, and those that fail
+verification (checksum, shape, finite values), with a warning naming them. A folder
+written under another configuration is refused (:class:`ResultsMismatchError`).
 
 Reading without this package::
 
@@ -28,6 +30,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -86,6 +89,10 @@ def _write_atomic(path: Path, write: Callable[[Any], None], mode: str = "wb") ->
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -223,9 +230,39 @@ class ShardStore:
         return sorted(self.manifest["complete"])
 
     def pending(self) -> list[int]:
-        """Shards still to compute: not listed as complete, or whose file is gone."""
-        done = {i for i in self.manifest["complete"] if self.shard_file(i).exists()}
+        """Shards still to compute: not listed as complete, or whose file fails
+        :meth:`verify` (then dropped from the manifest, with a warning naming the file)."""
+        done = set()
+        for i in self.manifest["complete"]:
+            problem = self.verify(i)
+            if problem is None:
+                done.add(i)
+            else:
+                warnings.warn(f"score shard {self.shard_file(i)} {problem}; computing it again", stacklevel=2)
+        if done != set(self.manifest["complete"]):
+            self.manifest["complete"] = sorted(done)
+            self._save_manifest()
         return [i for i in range(self.num_shards) if i not in done]
+
+    def verify(self, i: int) -> str | None:
+        """None for a shard file that is there, whole (the checksum written with it), of
+        the shape the manifest gives and finite; else what is wrong with it."""
+        path = self.shard_file(i)
+        if not path.is_file():
+            return "is missing"
+        expected = self.manifest.get("checksums", {}).get(str(i))
+        if expected is not None and _sha256(path) != expected:
+            return "does not match the checksum written with it (changed or damaged)"
+        try:
+            a = np.load(path)
+        except (ValueError, OSError, EOFError) as e:
+            return f"cannot be read ({type(e).__name__}: {e})"
+        lo, hi = self.bounds(i)
+        if a.shape != (self.k, hi - lo):
+            return f"has shape {a.shape}, the manifest {(self.k, hi - lo)}"
+        if not np.isfinite(a).all():
+            return "holds NaN or inf"
+        return None
 
     def write(self, i: int, scores: np.ndarray | torch.Tensor) -> None:
         lo, hi = self.bounds(i)
@@ -234,6 +271,7 @@ class ShardStore:
         if a.shape != (self.k, hi - lo):
             raise ValueError(f"shard {i} must have shape {(self.k, hi - lo)}, got {a.shape}")
         _save_npy(self.shard_file(i), a)
+        self.manifest.setdefault("checksums", {})[str(i)] = _sha256(self.shard_file(i))
         self.manifest["complete"] = sorted(set(self.manifest["complete"]) | {i})
         self._save_manifest()
 
@@ -280,6 +318,7 @@ def resumable_scores(
     data: Any = None,
     config: Mapping[str, Any] | None = None,
     on_shard: Callable[[int, int, int], None] | None = None,
+    on_solved: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """Query vectors and scores of a fitted estimator (:class:`~lissa_influence.MultiStageInfluence`
     or :class:`~lissa_influence.Influence`), kept in a :class:`ShardStore` at ``root``.
@@ -291,7 +330,8 @@ def resumable_scores(
     ``(s, scores [k, n], info)`` with ``info`` holding the solve diagnostics and what was
     resumed. Under torch.distributed every rank must call it (the solves and the scoring
     are collective); only rank 0 touches the files. ``on_shard(index, start, stop)`` is
-    called after each shard is written.
+    called after each shard is written; ``on_solved(diagnostics)`` after the solve (or
+    its reload) and before any scoring, to refuse a solve that is not good enough.
     """
     if not estimator.is_fitted:
         raise RuntimeError("call fit(...) on the estimator before resumable_scores")
@@ -316,6 +356,8 @@ def resumable_scores(
         s = estimator.query_vectors(test_data, mean)
         solve_info = dict(estimator.diagnostics)
         on_store(lambda store: store.save_query_vectors(s, solve_info))
+    if on_solved is not None:
+        on_solved(solve_info)
 
     pending = on_store(lambda store: store.pending())
     total_shards = -(-n // shard_size)

@@ -28,7 +28,7 @@ from .batching import Batch, SizedDataset, iter_batches
 from .curvature import ADMode, load_forward_ad, no_forward_ad
 from .params import ParamBlock, Params
 from .progress import progress_bar
-from .task import Forward, LossFn, check_batch, mean_loss, outputs
+from .task import Forward, LossFn, check_batch, mean_loss, outputs, probe
 
 ScoringMethod = Literal["auto", "jvp", "grad"]
 
@@ -137,6 +137,7 @@ def loss_gradients(per_example: PerExample, data: SizedDataset, batch_size: int,
     rows = []
     for b in iter_batches(data, batch_size, dtype, device):
         check_batch(b, per_example.forward, "test data")
+        probe(per_example.model, per_example.params, b, per_example.forward, per_example.loss_fn, "test data")
         rows.append(per_example.gradients(b))
     g = torch.cat(rows)
     if not torch.isfinite(g).all():
@@ -169,6 +170,8 @@ def score_dataset(
         range(start, stop, batch_size), iter_batches(data, batch_size, dtype, device, start, stop), strict=True
     ):
         check_batch(b, per_example.forward, "scored data")
+        if len(b):
+            probe(per_example.model, per_example.params, b, per_example.forward, per_example.loss_fn, "scored data")
         d = per_example.directional(b, S, method, jvp_max_queries).detach()
         if not torch.isfinite(d).all():
             bad = (~torch.isfinite(d).all(0)).nonzero().squeeze(1)

@@ -71,3 +71,63 @@ def outputs(model: nn.Module, params: Mapping[str, torch.Tensor], batch: Batch, 
 def mean_loss(loss_fn: LossFn, out: Any, batch: Batch, forward: Forward | None) -> torch.Tensor:
     """``loss(outputs, y)`` for pairs with the default forward, ``loss(outputs, batch)`` otherwise."""
     return loss_fn(out, batch.y if forward is None else batch.tree)
+
+
+def probe(
+    model: nn.Module,
+    params: Mapping[str, torch.Tensor],
+    batch: Batch,
+    forward: Forward | None,
+    loss_fn: LossFn,
+    what: str,
+) -> Any:
+    """One forward pass and loss on the first example of ``batch``, so that data the model or
+    the loss cannot take fails by name here, not deep inside torch; the outputs."""
+    one = batch.select(slice(0, 1))
+    try:
+        out = outputs(model, params, one, forward)
+    except (RuntimeError, IndexError, TypeError, ValueError, KeyError) as e:
+        raise ValueError(
+            f"{what}: the model cannot take its examples ({describe(one.tree)} for one example): "
+            f"{type(e).__name__}: {str(e).splitlines()[0]}"
+        ) from e
+    if forward is None and loss_fn is cross_entropy:
+        check_labels(batch, out, what)
+    try:
+        mean_loss(loss_fn, out, one, forward)
+    except (RuntimeError, IndexError, TypeError, ValueError, KeyError) as e:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(
+            f"{what}: the loss cannot take the model's outputs ({shape}) and "
+            f"{'the targets ' + describe(one.y) if forward is None else 'the batch'}: "
+            f"{type(e).__name__}: {str(e).splitlines()[0]}"
+        ) from e
+    return out
+
+
+def check_labels(batch: Batch, out: Any, what: str) -> None:
+    """Class labels for the default cross-entropy: integers in ``[0, classes)``."""
+    y = batch.y
+    if not isinstance(y, torch.Tensor) or not isinstance(out, torch.Tensor) or out.dim() != 2:
+        return
+    if y.is_floating_point():
+        if y.shape == out.shape:
+            return  # class probabilities: cross-entropy takes those too
+        raise ValueError(
+            f"{what}: the targets are {y.dtype} of shape {tuple(y.shape)}; cross-entropy takes class indices "
+            "(an integer tensor, e.g. y.long()) or class probabilities of the outputs' shape. For regression pass "
+            "loss=torch.nn.functional.mse_loss"
+        )
+    classes = out.shape[1]
+    if bool((y == -100).any()):
+        raise ValueError(
+            f"{what}: label -100 (cross-entropy's ignore_index) at examples "
+            f"{(y == -100).nonzero().squeeze(1).tolist()[:10]}: such an example has no loss and no influence; "
+            "drop those examples, or pass a loss of your own"
+        )
+    bad = ((y < 0) | (y >= classes)).nonzero().squeeze(1)
+    if len(bad):
+        raise ValueError(
+            f"{what}: labels {sorted(set(y[bad].tolist()))[:10]} at examples {bad.tolist()[:10]} are outside the "
+            f"model's {classes} classes [0, {classes})"
+        )

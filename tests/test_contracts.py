@@ -233,11 +233,14 @@ def test_hessian_samples_all_counts_and_bad_values(two_stage):
 
 
 def test_solver_errors_name_the_stage_and_its_damping(two_stage):
-    pre, ft, pre_data, ft_data = two_stage
+    _, _, pre_data, ft_data = two_stage
+    torch.manual_seed(5)
+    pre, ft = TinyCNN(3).double(), TinyCNN(2).double()  # untrained: an indefinite Hessian
+    ft.embedding.load_state_dict(pre.embedding.state_dict())
     est = MultiStageInfluence(
-        pre, ft, solver=CG(), pretrain_damping=-50.0, finetune_damping=0.5, hessian_samples="all"
+        pre, ft, solver=CG(), pretrain_damping=0.0, finetune_damping=0.5, hessian_samples="all"
     ).fit((pre_data.x, pre_data.y), (ft_data.x, ft_data.y))
-    with pytest.raises(NegativeCurvatureError, match=r"^pretrain solve \(pretrain_damping=-50\): CG met negative"):
+    with pytest.raises(NegativeCurvatureError, match=r"^pretrain solve \(pretrain_damping=0\): CG met negative"):
         est.scores((ft_data.x[:1], ft_data.y[:1]))
 
     class Refused(SolverError):  # a user's error with a constructor of its own

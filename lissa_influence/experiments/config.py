@@ -12,6 +12,7 @@ them, made here field by field so the two never drift apart.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional, cast
@@ -155,6 +156,7 @@ class RunSchema:
     shard_size: int = 4096  # pretraining examples per score shard (scores/shard_*.npy; a rerun resumes)
     progress: bool = True
     device: str = "auto"  # auto (CUDA when available) | cpu | cuda | cuda:N
+    allow_unconverged: bool = False  # score even from a solve whose relative residual is above 1
 
 
 def register() -> None:
@@ -235,13 +237,15 @@ def check(cfg: Any) -> None:
         except ValueError:
             raise ValueError(f"solver.scale={cfg.solver.scale!r}: use 'auto' or a positive number") from None
     for stage in ("pretrain", "finetune"):
-        if cfg[stage].damping < 0:
-            raise ValueError(f"{stage}.damping={cfg[stage].damping} must be >= 0")
+        if not (math.isfinite(cfg[stage].damping) and cfg[stage].damping >= 0):  # NaN passes "< 0"
+            raise ValueError(f"{stage}.damping={cfg[stage].damping} must be >= 0 and finite")
         n = cfg[stage].hessian_samples
         if n != "all" and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise ValueError(f"{stage}.hessian_samples={n!r} must be a number >= 1 or 'all'")
     if cfg.test_points < 1:
         raise ValueError(f"test_points={cfg.test_points} must be >= 1")
+    if not math.isfinite(cfg.alpha):
+        raise ValueError(f"alpha={cfg.alpha} must be finite")
     if cfg.mode == "updated" and not cfg.alpha > 0:  # else it fails only after both stages trained
         raise ValueError(f"mode=updated needs alpha > 0 (the weight of alpha*||W - W*||^2), got alpha={cfg.alpha}")
     try:

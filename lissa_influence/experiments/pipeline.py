@@ -34,7 +34,8 @@ from omegaconf import OmegaConf
 
 from .. import __version__, distributed, results
 from ..multistage import MultiStageInfluence
-from . import config, plots
+from ..solvers import NotConvergedError
+from . import config, plots, rundir
 from .data import DataConfig, TwoStageData, load_two_stage
 from .models import ModelConfig, TwoStageNet
 from .training import TrainConfig, TwoStageInfo, train_two_stage
@@ -111,7 +112,21 @@ def build_influence(cfg: Any, pretrained, finetuned, data: TwoStageData) -> Mult
 
 
 # Keys that do not change the scores; a results folder is reused across changes to them.
-NOT_HASHED = ("progress", "threads", "top_k", "validate", "cache_dir", "shard_size")
+NOT_HASHED = ("progress", "threads", "top_k", "validate", "cache_dir", "shard_size", "allow_unconverged")
+
+
+def check_solves(info: dict[str, Any], allow_unconverged: bool) -> None:
+    """Refuse to score from a solve that did worse than the zero vector (relative residual
+    above 1), unless ``allow_unconverged``."""
+    for stage in ("finetune", "pretrain", "solve"):
+        d = info.get(stage) or {}
+        worst = max([*d.get("relative_residuals", []), d.get("relative_residual") or 0.0], default=0.0)
+        if (worst > 1 or worst != worst) and not allow_unconverged:
+            raise NotConvergedError(
+                f"the {stage} solve ended at a relative residual of {worst:.3g}, worse than no solve at all; its "
+                f"scores would be noise. Raise {stage}.damping or solver.max_iter, compute in float64 "
+                "(model.dtype=float64), or set allow_unconverged=true to score anyway"
+            )
 
 
 def scored_config(cfg: Any) -> dict[str, Any]:
@@ -138,8 +153,19 @@ def top_examples(scores: torch.Tensor, k: int) -> list[dict[str, list]]:
 
 
 def run(cfg: Any, out_dir: str | Path) -> dict[str, Any]:
+    """The main job into ``out_dir``, which it owns meanwhile (:mod:`.rundir`: one run per folder)."""
     config.check(cfg)
     distributed.init_from_env()
+    if not distributed.is_main():
+        return _run(cfg, out_dir)
+    rundir.acquire(out_dir)
+    try:
+        return _run(cfg, out_dir)
+    finally:
+        rundir.release(out_dir)
+
+
+def _run(cfg: Any, out_dir: str | Path) -> dict[str, Any]:
     main = distributed.is_main()
     out = Path(out_dir)
     if main:
@@ -170,7 +196,14 @@ def run(cfg: Any, out_dir: str | Path) -> dict[str, Any]:
     x_test, y_test = (t[idx] for t in data.finetune_test.tensors)
     msi = build_influence(cfg, pretrained, finetuned, data)
     s, scores, resumed = results.resumable_scores(
-        msi, (x_test, y_test), out / "scores", key, cfg.shard_size, mean=cfg.query == "mean", config=hashed
+        msi,
+        (x_test, y_test),
+        out / "scores",
+        key,
+        cfg.shard_size,
+        mean=cfg.query == "mean",
+        config=hashed,
+        on_solved=lambda info: check_solves(info, cfg.allow_unconverged),
     )
     solve_diagnostics = dict(resumed["solve"])
     solve_diagnostics["time"] = {**solve_diagnostics.get("time", {}), "scoring": resumed["scoring_time"]}

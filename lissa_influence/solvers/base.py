@@ -17,6 +17,7 @@ docs/architecture.md for an example.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -107,6 +108,24 @@ def check_rhs(b: torch.Tensor) -> None:
         raise TypeError(f"right-hand side must be a floating tensor, got {b.dtype}")
     if not torch.isfinite(b).all():
         raise FloatingPointError("right-hand side contains NaN or inf (check the gradients it came from)")
+
+
+def positive(key: str, value: float) -> None:
+    """A solver setting that must be a finite number > 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{key}={value!r}: use a finite number > 0")
+
+
+def non_negative(key: str, value: float) -> None:
+    """A solver setting that must be a finite number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{key}={value!r}: use a finite number >= 0")
+
+
+def at_least_one(key: str, value: int) -> None:
+    """A count that must be an integer >= 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{key}={value!r}: use an integer >= 1")
 
 
 def rownorm(x: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ import torch
 from ..operators import LinearOperator, OperatorLike, aslinearoperator
 from .base import (
     Callback,
+    DivergenceError,
     NegativeCurvatureError,
     NotConvergedError,
     SolveInfo,
@@ -21,6 +22,9 @@ from .base import (
     check_rhs,
     rownorm,
 )
+from .base import at_least_one as _at_least_one
+from .base import non_negative as _non_negative
+from .base import positive as _positive
 
 
 @dataclass
@@ -54,8 +58,26 @@ class CG:
     seed: int = 0
     on_negative_curvature: Literal["raise", "warn"] = "raise"
     on_not_converged: Literal["raise", "warn"] = "warn"
+    restart_growth: float = 10.0
+    max_restarts: int = 5
 
     name = "cg"
+
+    def __post_init__(self) -> None:
+        _non_negative("tol", self.tol)  # 0: run every iteration
+        _positive("restart_growth", self.restart_growth)
+        for key in ("max_iter", "jacobi_samples"):
+            _at_least_one(key, getattr(self, key))
+        if isinstance(self.stall_iters, bool) or not isinstance(self.stall_iters, int) or self.stall_iters < 0:
+            raise ValueError(f"stall_iters={self.stall_iters!r}: use an integer >= 0 (0 leaves all to row CG)")
+        if self.max_restarts < 0:
+            raise ValueError(f"CG(max_restarts={self.max_restarts}): use a number >= 0")
+        for key in ("on_negative_curvature", "on_not_converged"):
+            if getattr(self, key) not in ("raise", "warn"):
+                raise ValueError(f"CG({key}={getattr(self, key)!r}): use 'raise' or 'warn'")
+        pc = self.preconditioner
+        if not (isinstance(pc, torch.Tensor) or pc is None or pc == "jacobi"):
+            raise ValueError(f"unknown preconditioner {pc!r}; use None, 'jacobi' or a diagonal tensor")
 
     def _inverse_diagonal(self, op: LinearOperator, size: int, like: torch.Tensor) -> torch.Tensor | None:
         pc = self.preconditioner
@@ -102,8 +124,10 @@ class CG:
         minv = self._inverse_diagonal(op, size, B)
         if minv is not None and not torch.is_tensor(self.preconditioner):
             products += self.jacobi_samples
-        X, R, products, it, negative = self._rows(op, X, R, minv, safe_bnorm, products, it, history, report)
-        extra = {
+        X, R, products, it, negative, restarts = self._rows(
+            op, B, X, R, minv, safe_bnorm, products, it, history, report
+        )
+        extra: dict[str, Any] = {
             "block": block,
             "preconditioner": None
             if self.preconditioner is None
@@ -111,12 +135,14 @@ class CG:
         }
         if block:
             extra["block_stopped"] = stop or "residual above tol"
+        extra["restarts"] = restarts
         info = self._finish(rownorm(R) / safe_bnorm, history, it, products, start, negative, extra)
         return (X[0] if single else X), info
 
     def _rows(
         self,
         op: LinearOperator,
+        B: torch.Tensor,
         X: torch.Tensor,
         R: torch.Tensor,
         minv: torch.Tensor | None,
@@ -125,15 +151,45 @@ class CG:
         it: int,
         history: list[float],
         report: Callback | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, int, int, list[int]]:
-        """Separate (stacked) CG recursions from ``X`` with residuals ``R``, up to ``max_iter`` iterations in all."""
+    ) -> tuple[torch.Tensor, torch.Tensor, int, int, list[int], int]:
+        """Separate (stacked) CG recursions from ``X`` with residuals ``R``, up to ``max_iter``
+        iterations in all. Each row keeps its best iterate. A row whose residual climbs
+        ``restart_growth`` times above its best (rounding has cost the search directions
+        their conjugacy: float32, an ill-conditioned operator) restarts from its best
+        iterate with the true residual; after ``max_restarts`` it stops with an error."""
         Z = R * minv if minv is not None else R.clone()
         D = Z.clone()
         rz = (R * Z).sum(-1)
         active = rownorm(R) > 0  # a zero residual (e.g. a zero right-hand side) is solved
         negative: list[int] = []
+        best, X_best, restarts = rownorm(R) / safe_bnorm, X.clone(), 0
         while it < self.max_iter:
             rel = rownorm(R) / safe_bnorm
+            better = rel < best
+            if better.any():
+                best = torch.where(better, rel, best)
+                X_best[better] = X[better]
+            lost = active & (rel > self.restart_growth * best) & (rel > self.tol)
+            if lost.any():
+                restarts += 1
+                if restarts > self.max_restarts:
+                    raise DivergenceError(
+                        f"CG's residual grew from {float(best[lost].max()):.3g} to {float(rel[lost].max()):.3g} "
+                        f"again after {self.max_restarts} restarts ({X.dtype}, {X.shape[1]} unknowns): the "
+                        "operator is too ill-conditioned for CG "
+                        + (
+                            "in this precision; compute in float64 (dtype=torch.float64) or add damping"
+                            if X.dtype in (torch.float32, torch.float16, torch.bfloat16)
+                            else "at this damping; add damping, or use preconditioner='jacobi'"
+                        )
+                    )
+                rows = lost.nonzero().squeeze(1)
+                X[rows] = X_best[rows]
+                R[rows] = B[rows] - op(X[rows])
+                products += len(rows)
+                Zr = R[rows] * minv if minv is not None else R[rows].clone()
+                D[rows], rz[rows] = Zr.clone(), (R[rows] * Zr).sum(-1)
+                rel = rownorm(R) / safe_bnorm
             active &= rel > self.tol
             history.append(float(rel.max()))
             if not active.any():
@@ -142,6 +198,11 @@ class CG:
             rows = active.nonzero().squeeze(1)
             AD = op(D[rows])
             products += len(rows)
+            if not torch.isfinite(AD).all():
+                raise DivergenceError(
+                    f"CG: an operator product is NaN or inf at iteration {it} ({AD.dtype}); check the damping "
+                    "(finite, >= 0) and the model's parameters and data"
+                )
             dad = (D[rows] * AD).sum(-1)
             bad = dad <= 0
             if bad.any():
@@ -170,7 +231,11 @@ class CG:
             rz[rows] = rz_new
             if report is not None:
                 report(X, products)
-        return X, R, products, it, negative
+        final = rownorm(R) / safe_bnorm
+        worse = final > best  # hand back each row's best iterate, with its residual
+        if worse.any():
+            X[worse], R[worse] = X_best[worse], R[worse] * (best[worse] / final[worse])[:, None]
+        return X, R, products, it, negative, restarts
 
     def _finish(
         self,

@@ -12,6 +12,9 @@ import torch
 
 from ..operators import LinearOperator, Matvec, OperatorLike, aslinearoperator
 from .base import Callback, DivergenceError, SolveInfo, SolverWarning, as_stack, check_rhs, rownorm
+from .base import at_least_one as _at_least_one
+from .base import non_negative as _non_negative
+from .base import positive as _positive
 
 
 def power_iteration(
@@ -73,6 +76,25 @@ class LiSSA:
 
     name = "lissa"
 
+    def __post_init__(self) -> None:
+        if self.scale != "auto":
+            _positive("scale", self.scale)
+        _non_negative("damping", self.damping)
+        if self.damping >= 2:
+            raise ValueError(f"LiSSA(damping={self.damping}): the recursion converges only for damping < 2")
+        _non_negative("tol", self.tol)  # 0: run every iteration
+        _positive("safety", self.safety)
+        if self.safety <= 1 / (2 - self.damping):
+            raise ValueError(
+                f"LiSSA(safety={self.safety}): scale='auto' takes safety × the top eigenvalue, and the recursion "
+                f"diverges unless scale > top eigenvalue / (2 − damping); use safety > {1 / (2 - self.damping):.3g} "
+                "(1.2 by default)"
+            )
+        for key in ("depth", "repeats", "power_iters", "check_every"):
+            _at_least_one(key, getattr(self, key))
+        if self.batch_size is not None:
+            _at_least_one("batch_size", self.batch_size)
+
     def _top_eigenvalue(self, op: LinearOperator, size: int, like: torch.Tensor) -> float:
         return power_iteration(lambda v: op(v[None])[0], size, like.dtype, like.device, self.power_iters, self.seed)
 
@@ -131,7 +153,15 @@ class LiSSA:
             total += h / scale
         X = total / repeats
         final = history[-1] if history else math.nan
-        converged = stochastic or final <= self.tol
+        # what the recursion solved, (A + damping·scale·I) X = B, checked with full products: a
+        # stochastic run has no other measure of its error, and a diverging one shows here
+        residual = float(
+            (rownorm(B - full(X) - self.damping * scale * X) / rownorm(B).clamp_min(torch.finfo(B.dtype).tiny)).max()
+        )
+        products += B.shape[0]
+        if not math.isfinite(residual) or residual > 1:
+            raise self._divergence(full, size, B, scale, steps, residual)
+        converged = residual <= self.tol if stochastic else final <= self.tol
         info = SolveInfo(
             "lissa",
             converged,
@@ -145,25 +175,32 @@ class LiSSA:
                 "effective_damping": self.damping * scale,
                 "repeats": repeats,
                 "stochastic": stochastic,
+                "relative_residual": residual,
             },
         )
         if not converged:
+            measure = (
+                f"relative residual {residual:.3g} (stochastic: measured with full products)"
+                if stochastic
+                else f"relative update {final:.3g} (the error is about update/(1 − rate))"
+            )
             warnings.warn(
-                f"LiSSA stopped at depth {self.depth} with relative update {final:.3g} > tol={self.tol:g}: "
-                "the error is about update/(1 − rate); raise depth, lower scale towards the top eigenvalue, or add "
-                "damping",
+                f"LiSSA stopped at depth {self.depth} with {measure} > tol={self.tol:g}: raise depth (or repeats, "
+                "or batch_size, for a stochastic run), or add damping; a scale far above the top eigenvalue also "
+                "slows it (scale='auto' takes safety × the top eigenvalue)",
                 SolverWarning,
                 stacklevel=2,
             )
         return (X[0] if single else X), info
 
     def _divergence(
-        self, op: LinearOperator, size: int, like: torch.Tensor, scale: float, step: int
+        self, op: LinearOperator, size: int, like: torch.Tensor, scale: float, step: int, residual: float | None = None
     ) -> DivergenceError:
         lam = self._top_eigenvalue(op, size, like)
         need = lam / (2.0 - self.damping) if self.damping < 2 else math.inf
+        where = f"at step {step}" if residual is None else f"(relative residual {residual:.3g} after {step} steps)"
         return DivergenceError(
-            f"LiSSA diverged at step {step} with scale={scale:.4g}: the top eigenvalue of the damped Hessian is about "
+            f"LiSSA diverged {where} with scale={scale:.4g}: the top eigenvalue of the damped Hessian is about "
             f"{lam:.4g} (power iteration), and the recursion converges only for scale > {need:.4g}; use "
             f"scale ≥ {self.safety * lam:.4g} or scale='auto'. If the Hessian has negative eigenvalues, add damping "
             "or use the Gauss-Newton operator."
