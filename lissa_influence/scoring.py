@@ -28,7 +28,7 @@ from .batching import Batch, SizedDataset, iter_batches
 from .curvature import ADMode, load_forward_ad, no_forward_ad
 from .params import ParamBlock, Params
 from .progress import progress_bar
-from .task import Forward, LossFn, check_batch, mean_loss, outputs, probe
+from .task import Forward, LossFn, check_batch, check_labels, cross_entropy, mean_loss, outputs, probe
 
 ScoringMethod = Literal["auto", "jvp", "grad"]
 
@@ -55,6 +55,7 @@ class PerExample:
     ad_mode: ADMode = "auto"
     fallbacks: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
     _jvp_works: list[bool] = field(default_factory=list, compare=False, repr=False)  # decided once
+    _seen: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)  # a probe's outputs, per dataset
 
     def _loss_one(self, flat: torch.Tensor, example: Any, pair: bool) -> torch.Tensor:
         """The loss of one example (its tensors without the batch dimension, as ``vmap`` passes them)."""
@@ -134,10 +135,9 @@ class PerExample:
 def loss_gradients(per_example: PerExample, data: SizedDataset, batch_size: int, mean: bool) -> torch.Tensor:
     """Gradients of the test losses ``[n_test, P]``, or ``[1, P]`` of their mean."""
     dtype, device = _dtype_device(per_example.params)
-    rows = []
+    rows: list[torch.Tensor] = []
     for b in iter_batches(data, batch_size, dtype, device):
-        check_batch(b, per_example.forward, "test data")
-        probe(per_example.model, per_example.params, b, per_example.forward, per_example.loss_fn, "test data")
+        _check(per_example, b, "test data", first=not rows)
         rows.append(per_example.gradients(b))
     g = torch.cat(rows)
     if not torch.isfinite(g).all():
@@ -169,9 +169,8 @@ def score_dataset(
     for lo, b in zip(
         range(start, stop, batch_size), iter_batches(data, batch_size, dtype, device, start, stop), strict=True
     ):
-        check_batch(b, per_example.forward, "scored data")
         if len(b):
-            probe(per_example.model, per_example.params, b, per_example.forward, per_example.loss_fn, "scored data")
+            _check(per_example, b, "scored data", first=lo == start)
         d = per_example.directional(b, S, method, jvp_max_queries).detach()
         if not torch.isfinite(d).all():
             bad = (~torch.isfinite(d).all(0)).nonzero().squeeze(1)
@@ -185,6 +184,19 @@ def score_dataset(
     if not out:  # an empty range (e.g. a rank's share of fewer examples than ranks)
         return S.new_zeros(S.shape[0], 0)
     return torch.cat(out, dim=1)
+
+
+def _check(per_example: PerExample, batch: Batch, what: str, first: bool) -> None:
+    """The structure of every batch; the first one also through the model and the loss
+    (the shapes do not change between batches); the labels of every batch, for the
+    default cross-entropy, against the classes the first one showed."""
+    check_batch(batch, per_example.forward, what)
+    if first:
+        per_example._seen[what] = probe(
+            per_example.model, per_example.params, batch, per_example.forward, per_example.loss_fn, what
+        )
+    elif per_example.forward is None and per_example.loss_fn is cross_entropy and what in per_example._seen:
+        check_labels(batch, per_example._seen[what], what)
 
 
 def _dtype_device(params: Params) -> tuple[torch.dtype, torch.device]:

@@ -111,7 +111,7 @@ def check_labels(batch: Batch, out: Any, what: str) -> None:
     if not isinstance(y, torch.Tensor) or not isinstance(out, torch.Tensor) or out.dim() != 2:
         return
     if y.is_floating_point():
-        if y.shape == out.shape:
+        if y.shape[1:] == out.shape[1:]:
             return  # class probabilities: cross-entropy takes those too
         raise ValueError(
             f"{what}: the targets are {y.dtype} of shape {tuple(y.shape)}; cross-entropy takes class indices "

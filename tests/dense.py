@@ -74,3 +74,31 @@ def multistage_fixed(
         s = torch.linalg.solve(H_pre, torch.cat([u, torch.zeros(U.numel, dtype=wu.dtype)]))
         rows.append(-(G @ s))
     return torch.stack(rows)
+
+
+def single_stage_of(
+    model: torch.nn.Module,
+    loss: Callable,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    tests: int,
+    damping: float,
+    block: ParamBlock,
+) -> torch.Tensor:
+    """:func:`single_stage` for ``(x, y)`` tensors: the first ``tests`` examples as test
+    points, every example scored, ``loss(model(x), y)`` as the mean loss."""
+    from torch.func import functional_call
+
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+    def mean_loss(rows: slice) -> Loss:
+        return lambda p: loss(functional_call(model, p, (x[rows],)), y[rows])
+
+    return single_stage(
+        params,
+        block,
+        mean_loss(slice(None)),
+        [mean_loss(slice(j, j + 1)) for j in range(tests)],
+        [mean_loss(slice(i, i + 1)) for i in range(len(x))],
+        damping,
+    )

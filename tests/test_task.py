@@ -53,20 +53,7 @@ def test_regression_losses_equal_the_dense_formula(regression, loss, ad_mode):
     model, x, y = regression
     inf = Influence(model, loss=loss, damping=0.5, hessian_samples="all", ad_mode=ad_mode, solver=CG(tol=1e-12))
     got = inf.fit((x, y)).scores((x[:3], y[:3]))
-    params = named_params(model)
-
-    def mean_loss(rows):
-        return lambda p: loss(functional_call(model, p, (x[rows],)), y[rows])
-
-    expected = dense.single_stage(
-        params,
-        inf.block,
-        mean_loss(slice(None)),
-        [mean_loss(slice(j, j + 1)) for j in range(3)],
-        [mean_loss(slice(i, i + 1)) for i in range(30)],
-        0.5,
-    )
-    assert rel(got, expected) <= 1e-9
+    assert rel(got, dense.single_stage_of(model, loss, x, y, 3, 0.5, inf.block)) <= 1e-9
     assert inf.operator.objective.ad_used == "reverse"
     ggn = Influence(model, loss=loss, damping=0.5, hessian_samples="all", gauss_newton=True, solver=CG(tol=1e-12))
     assert torch.isfinite(ggn.fit((x, y)).scores((x[:3], y[:3]))).all()  # Gauss-Newton products run too
@@ -192,20 +179,7 @@ def test_batchnorm_and_dropout_are_taken_in_eval_mode():
     assert model.training  # restored
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in buffers.items())  # statistics not updated
     model.eval()
-    params = named_params(model)
-
-    def mean_loss(rows):
-        return lambda p: F.cross_entropy(functional_call(model, p, (x[rows],)), y[rows])
-
-    expected = dense.single_stage(
-        params,
-        inf.block,
-        mean_loss(slice(None)),
-        [mean_loss(slice(j, j + 1)) for j in range(2)],
-        [mean_loss(slice(i, i + 1)) for i in range(40)],
-        1.0,
-    )
-    assert rel(got, expected) <= 1e-9
+    assert rel(got, dense.single_stage_of(model, F.cross_entropy, x, y, 2, 1.0, inf.block)) <= 1e-9
 
 
 # --- a torchvision ResNet-18 as a two-stage model ---------------------------------------------

@@ -156,7 +156,7 @@ class RunSchema:
     shard_size: int = 4096  # pretraining examples per score shard (scores/shard_*.npy; a rerun resumes)
     progress: bool = True
     device: str = "auto"  # auto (CUDA when available) | cpu | cuda | cuda:N
-    allow_unconverged: bool = False  # score even from a solve whose relative residual is above 1
+    allow_unconverged: bool = False  # score even from a solve that made no progress (relative residual >= 1)
 
 
 def register() -> None:

@@ -116,14 +116,15 @@ NOT_HASHED = ("progress", "threads", "top_k", "validate", "cache_dir", "shard_si
 
 
 def check_solves(info: dict[str, Any], allow_unconverged: bool) -> None:
-    """Refuse to score from a solve that did worse than the zero vector (relative residual
-    above 1), unless ``allow_unconverged``."""
+    """Refuse to score from a solve that did no better than the zero vector (relative
+    residual 1 or above: CG hands back its best iterate, so no progress at all), unless
+    ``allow_unconverged``."""
     for stage in ("finetune", "pretrain", "solve"):
         d = info.get(stage) or {}
         worst = max([*d.get("relative_residuals", []), d.get("relative_residual") or 0.0], default=0.0)
-        if (worst > 1 or worst != worst) and not allow_unconverged:
+        if (worst >= 1 or worst != worst) and not allow_unconverged:
             raise NotConvergedError(
-                f"the {stage} solve ended at a relative residual of {worst:.3g}, worse than no solve at all; its "
+                f"the {stage} solve ended at a relative residual of {worst:.3g}, no better than no solve at all; its "
                 f"scores would be noise. Raise {stage}.damping or solver.max_iter, compute in float64 "
                 "(model.dtype=float64), or set allow_unconverged=true to score anyway"
             )

@@ -24,7 +24,6 @@ from .base import (
 )
 from .base import at_least_one as _at_least_one
 from .base import non_negative as _non_negative
-from .base import positive as _positive
 
 
 @dataclass
@@ -58,20 +57,15 @@ class CG:
     seed: int = 0
     on_negative_curvature: Literal["raise", "warn"] = "raise"
     on_not_converged: Literal["raise", "warn"] = "warn"
-    restart_growth: float = 10.0
-    max_restarts: int = 5
 
     name = "cg"
 
     def __post_init__(self) -> None:
         _non_negative("tol", self.tol)  # 0: run every iteration
-        _positive("restart_growth", self.restart_growth)
         for key in ("max_iter", "jacobi_samples"):
             _at_least_one(key, getattr(self, key))
         if isinstance(self.stall_iters, bool) or not isinstance(self.stall_iters, int) or self.stall_iters < 0:
             raise ValueError(f"stall_iters={self.stall_iters!r}: use an integer >= 0 (0 leaves all to row CG)")
-        if self.max_restarts < 0:
-            raise ValueError(f"CG(max_restarts={self.max_restarts}): use a number >= 0")
         for key in ("on_negative_curvature", "on_not_converged"):
             if getattr(self, key) not in ("raise", "warn"):
                 raise ValueError(f"CG({key}={getattr(self, key)!r}): use 'raise' or 'warn'")
@@ -108,14 +102,17 @@ class CG:
         report = (lambda X, n: callback((X[0] if single else X).clone(), n)) if callback is not None else None
         X, R, products, it = torch.zeros_like(B), B.clone(), 0, 0
         history: list[float] = []
+        best = _Best(B, safe_bnorm)
         block = self.block and k > 1 and self.preconditioner is None
         if block:
-            X, products, it, history, stop = self._block(op, B, safe_bnorm, report)
+            X, products, it, history, stop = self._block(op, B, safe_bnorm, report, best)
             # The block recurrence's residual can drift from B − AX (float32, ill-conditioned
             # blocks): check the true residual, and let row CG finish from X where needed.
             R = B - op(X)
             products += k
+            _finite(R, "the residual after the block iterations")
             true_rel = rownorm(R) / safe_bnorm
+            best.offer(X, true_rel)
             if stop is None and bool((true_rel <= self.tol).all()):
                 return (X[0] if single else X), self._finish(
                     true_rel, history, it, products, start, [], {"block": True, "preconditioner": None}
@@ -124,9 +121,8 @@ class CG:
         minv = self._inverse_diagonal(op, size, B)
         if minv is not None and not torch.is_tensor(self.preconditioner):
             products += self.jacobi_samples
-        X, R, products, it, negative, restarts = self._rows(
-            op, B, X, R, minv, safe_bnorm, products, it, history, report
-        )
+        X, R, products, it, negative = self._rows(op, X, R, minv, safe_bnorm, products, it, history, report, best)
+        X, R, products = best.settle(op, X, R, products)
         extra: dict[str, Any] = {
             "block": block,
             "preconditioner": None
@@ -135,14 +131,13 @@ class CG:
         }
         if block:
             extra["block_stopped"] = stop or "residual above tol"
-        extra["restarts"] = restarts
+        extra["residual_growth"] = best.growth
         info = self._finish(rownorm(R) / safe_bnorm, history, it, products, start, negative, extra)
         return (X[0] if single else X), info
 
     def _rows(
         self,
         op: LinearOperator,
-        B: torch.Tensor,
         X: torch.Tensor,
         R: torch.Tensor,
         minv: torch.Tensor | None,
@@ -151,45 +146,18 @@ class CG:
         it: int,
         history: list[float],
         report: Callback | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, int, int, list[int], int]:
+        best: _Best,
+    ) -> tuple[torch.Tensor, torch.Tensor, int, int, list[int]]:
         """Separate (stacked) CG recursions from ``X`` with residuals ``R``, up to ``max_iter``
-        iterations in all. Each row keeps its best iterate. A row whose residual climbs
-        ``restart_growth`` times above its best (rounding has cost the search directions
-        their conjugacy: float32, an ill-conditioned operator) restarts from its best
-        iterate with the true residual; after ``max_restarts`` it stops with an error."""
+        iterations in all; ``best`` keeps each row's best iterate."""
         Z = R * minv if minv is not None else R.clone()
         D = Z.clone()
         rz = (R * Z).sum(-1)
         active = rownorm(R) > 0  # a zero residual (e.g. a zero right-hand side) is solved
         negative: list[int] = []
-        best, X_best, restarts = rownorm(R) / safe_bnorm, X.clone(), 0
         while it < self.max_iter:
             rel = rownorm(R) / safe_bnorm
-            better = rel < best
-            if better.any():
-                best = torch.where(better, rel, best)
-                X_best[better] = X[better]
-            lost = active & (rel > self.restart_growth * best) & (rel > self.tol)
-            if lost.any():
-                restarts += 1
-                if restarts > self.max_restarts:
-                    raise DivergenceError(
-                        f"CG's residual grew from {float(best[lost].max()):.3g} to {float(rel[lost].max()):.3g} "
-                        f"again after {self.max_restarts} restarts ({X.dtype}, {X.shape[1]} unknowns): the "
-                        "operator is too ill-conditioned for CG "
-                        + (
-                            "in this precision; compute in float64 (dtype=torch.float64) or add damping"
-                            if X.dtype in (torch.float32, torch.float16, torch.bfloat16)
-                            else "at this damping; add damping, or use preconditioner='jacobi'"
-                        )
-                    )
-                rows = lost.nonzero().squeeze(1)
-                X[rows] = X_best[rows]
-                R[rows] = B[rows] - op(X[rows])
-                products += len(rows)
-                Zr = R[rows] * minv if minv is not None else R[rows].clone()
-                D[rows], rz[rows] = Zr.clone(), (R[rows] * Zr).sum(-1)
-                rel = rownorm(R) / safe_bnorm
+            best.offer(X, rel)
             active &= rel > self.tol
             history.append(float(rel.max()))
             if not active.any():
@@ -198,11 +166,7 @@ class CG:
             rows = active.nonzero().squeeze(1)
             AD = op(D[rows])
             products += len(rows)
-            if not torch.isfinite(AD).all():
-                raise DivergenceError(
-                    f"CG: an operator product is NaN or inf at iteration {it} ({AD.dtype}); check the damping "
-                    "(finite, >= 0) and the model's parameters and data"
-                )
+            _finite(AD, f"an operator product at iteration {it}")
             dad = (D[rows] * AD).sum(-1)
             bad = dad <= 0
             if bad.any():
@@ -215,7 +179,7 @@ class CG:
                 )
                 if self.on_negative_curvature == "raise":
                     raise NegativeCurvatureError(msg)
-                warnings.warn(msg + " Those rows keep the last iterate (truncated CG).", SolverWarning, stacklevel=3)
+                warnings.warn(msg + " Those rows keep their best iterate (truncated CG).", SolverWarning, stacklevel=3)
                 active[rows[bad]] = False
                 keep = ~bad
                 rows, AD, dad = rows[keep], AD[keep], dad[keep]
@@ -231,11 +195,8 @@ class CG:
             rz[rows] = rz_new
             if report is not None:
                 report(X, products)
-        final = rownorm(R) / safe_bnorm
-        worse = final > best  # hand back each row's best iterate, with its residual
-        if worse.any():
-            X[worse], R[worse] = X_best[worse], R[worse] * (best[worse] / final[worse])[:, None]
-        return X, R, products, it, negative, restarts
+        best.offer(X, rownorm(R) / safe_bnorm)
+        return X, R, products, it, negative
 
     def _finish(
         self,
@@ -265,13 +226,20 @@ class CG:
                 f"CG did not reach tol={self.tol:g} in {self.max_iter} iterations (worst relative residual "
                 f"{float(final.max()):.3g}); raise max_iter, add damping, or use preconditioner='jacobi'"
             )
+            growth = extra.get("residual_growth", 1.0)
+            if growth > 10:
+                msg += (
+                    f". Its residual climbed {growth:.3g} times above its best on the way ({final.dtype}): the best "
+                    "iterate was kept"
+                    + ("; float32 loses conjugacy here, compute in float64" if final.dtype == torch.float32 else "")
+                )
             if self.on_not_converged == "raise":
                 raise NotConvergedError(msg)
             warnings.warn(msg, SolverWarning, stacklevel=3)
         return info
 
     def _block(
-        self, op: LinearOperator, B: torch.Tensor, safe_bnorm: torch.Tensor, report: Callback | None
+        self, op: LinearOperator, B: torch.Tensor, safe_bnorm: torch.Tensor, report: Callback | None, tracker: _Best
     ) -> tuple[torch.Tensor, int, int, list[float], str | None]:
         """Dubrulle's DR-BCG on the columns ``B.T``: ``R = Q C`` with ``Q`` orthonormal, so the
         residual norms are the column norms of the small ``C``; ``S`` are the search blocks.
@@ -288,6 +256,7 @@ class CG:
         products, it, best, best_at = 0, 0, math.inf, 0
         while True:
             rel = torch.linalg.vector_norm(C, dim=0) / safe_bnorm
+            tracker.offer(X.T, rel)
             worst = float(rel.max())
             history.append(worst)
             if worst <= self.tol:
@@ -300,6 +269,7 @@ class CG:
                 return X.T.contiguous(), products, it, history, "max_iter"
             AS = op(S.T).T
             products += S.shape[1]
+            _finite(AS, f"an operator product at block iteration {it + 1}")
             it += 1
             M = 0.5 * (S.T @ AS + AS.T @ S)
             chol, bad = torch.linalg.cholesky_ex(M)
@@ -312,3 +282,50 @@ class CG:
             C = psi @ C
             if report is not None:
                 report(X.T, products)
+
+
+def _finite(t: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(t).all():
+        raise DivergenceError(
+            f"CG: {what} is NaN or inf ({t.dtype}); check the damping (finite, >= 0), the model's parameters and the "
+            "data"
+        )
+
+
+class _Best:
+    """Each right-hand side's best iterate over a solve (the zero vector to begin with),
+    by the residual the recurrence reports, and how far a residual climbed above its best."""
+
+    def __init__(self, B: torch.Tensor, safe_bnorm: torch.Tensor):
+        self.B, self.safe_bnorm = B, safe_bnorm
+        self.rel = rownorm(B) / safe_bnorm  # of X = 0
+        self.X = torch.zeros_like(B)
+        self.growth = 1.0
+
+    def offer(self, X: torch.Tensor, rel: torch.Tensor) -> None:
+        better = rel < self.rel
+        if better.any():
+            self.rel = torch.where(better, rel, self.rel)
+            self.X[better] = X[better]
+        ratio = rel / self.rel.clamp_min(torch.finfo(rel.dtype).tiny)
+        self.growth = max(self.growth, float(ratio.max()))
+
+    def settle(
+        self, op: LinearOperator, X: torch.Tensor, R: torch.Tensor, products: int
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """``X`` with each row that ended worse than its best replaced by the better of the
+        two by the true residual ``B − AX`` (two products a row; none when CG ended at its best)."""
+        final = rownorm(R) / self.safe_bnorm
+        rows = (self.rel < final).nonzero().squeeze(1)
+        if len(rows) == 0:
+            return X, R, products
+        ends = self.B[rows] - op(X[rows])
+        bests = self.B[rows] - op(self.X[rows])
+        products += 2 * len(rows)
+        _finite(ends, "the residual of the final iterate")
+        _finite(bests, "the residual of the best iterate")
+        take = rownorm(bests) < rownorm(ends)
+        X, R = X.clone(), R.clone()
+        R[rows] = torch.where(take[:, None], bests, ends)
+        X[rows] = torch.where(take[:, None], self.X[rows], X[rows])
+        return X, R, products

@@ -10,7 +10,16 @@ from typing import Any, Literal
 import torch
 
 from ..operators import DenseOperator, OperatorLike, aslinearoperator
-from .base import Callback, NegativeCurvatureError, SolveInfo, SolverWarning, as_stack, check_rhs, rownorm
+from .base import (
+    Callback,
+    DivergenceError,
+    NegativeCurvatureError,
+    SolveInfo,
+    SolverWarning,
+    as_stack,
+    check_rhs,
+    rownorm,
+)
 from .base import at_least_one as _at_least_one
 
 
@@ -61,6 +70,8 @@ class Explicit:
         size = B.shape[1]
         op = aslinearoperator(matvec, B)
         a = self.matrix(op, size, B)
+        if not torch.isfinite(a).all():
+            raise DivergenceError("Explicit: the matrix holds NaN or inf; check the damping and the model's parameters")
         extra: dict[str, Any] = {"method": self.method}
         method = self.method
         if method in ("auto", "cholesky"):
@@ -90,6 +101,8 @@ class Explicit:
             extra["method"] = "lu"
         elif method not in ("auto", "cholesky"):
             raise ValueError(f"unknown method {self.method!r}; use 'auto', 'cholesky', 'eigh' or 'lu'")
+        if not torch.isfinite(X).all():
+            raise DivergenceError(f"Explicit ({extra['method']}): the solution holds NaN or inf (a singular matrix?)")
         resid = float((rownorm(X @ a - B) / rownorm(B).clamp_min(torch.finfo(B.dtype).tiny)).max())
         products = 0 if isinstance(op, DenseOperator) else size
         info = SolveInfo("explicit", True, 1, products, time.perf_counter() - start, [resid], extra)

@@ -199,6 +199,12 @@ class LiSSA:
         lam = self._top_eigenvalue(op, size, like)
         need = lam / (2.0 - self.damping) if self.damping < 2 else math.inf
         where = f"at step {step}" if residual is None else f"(relative residual {residual:.3g} after {step} steps)"
+        if scale > need and self.batch_size is not None:  # the full operator converges: minibatches are the cause
+            return DivergenceError(
+                f"LiSSA diverged {where} with scale={scale:.4g}, although that scale suits the full Hessian (top "
+                f"eigenvalue about {lam:.4g}): the minibatches of batch_size={self.batch_size} are too noisy, or "
+                "their curvature exceeds the full one. Raise batch_size (or repeats), or raise safety"
+            )
         return DivergenceError(
             f"LiSSA diverged {where} with scale={scale:.4g}: the top eigenvalue of the damped Hessian is about "
             f"{lam:.4g} (power iteration), and the recursion converges only for scale > {need:.4g}; use "
