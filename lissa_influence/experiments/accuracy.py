@@ -86,7 +86,7 @@ class DenseInverse:
 
 # -- the exact reference --------------------------------------------------------------
 def _reference_key(cfg: Any) -> tuple[str, dict]:
-    hashed = {k: v for k, v in pipeline.scored_config(cfg).items() if k not in NOT_IN_REFERENCE}
+    hashed = {k: v for k, v in config.scored_config(cfg).items() if k not in NOT_IN_REFERENCE}
     hashed["reference_version"] = REFERENCE_VERSION
     return results.config_hash(hashed), hashed
 

@@ -210,6 +210,16 @@ def build_solver(node: Any):
     raise ValueError(f"unknown solver.name={name!r}; use one of {SOLVERS}")
 
 
+# Keys that do not change the scores; a results folder is reused across changes to them.
+NOT_HASHED = ("progress", "threads", "top_k", "validate", "cache_dir", "shard_size", "allow_unconverged")
+
+
+def scored_config(cfg: Any) -> dict[str, Any]:
+    """The part of the config that determines the scores (hashed into the results manifest)."""
+    plain = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True)) if OmegaConf.is_config(cfg) else dict(cfg)
+    return {k: v for k, v in plain.items() if k not in NOT_HASHED}
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto``: CUDA when available, else the CPU; ``cuda`` without a GPU is an error."""
     if name == "auto":

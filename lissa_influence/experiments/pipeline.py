@@ -26,7 +26,7 @@ import logging
 import platform
 import subprocess
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
@@ -111,15 +111,11 @@ def build_influence(cfg: Any, pretrained, finetuned, data: TwoStageData) -> Mult
     return msi.fit(data.pretrain_train, data.finetune_train)
 
 
-# Keys that do not change the scores; a results folder is reused across changes to them.
-NOT_HASHED = ("progress", "threads", "top_k", "validate", "cache_dir", "shard_size", "allow_unconverged")
-
-
 def check_solves(info: dict[str, Any], allow_unconverged: bool) -> None:
     """Refuse to score from a solve that did no better than the zero vector (relative
     residual 1 or above: CG hands back its best iterate, so no progress at all), unless
     ``allow_unconverged``."""
-    for stage in ("finetune", "pretrain", "solve"):
+    for stage in ("finetune", "pretrain"):
         d = info.get(stage) or {}
         worst = max([*d.get("relative_residuals", []), d.get("relative_residual") or 0.0], default=0.0)
         if (worst >= 1 or worst != worst) and not allow_unconverged:
@@ -128,12 +124,6 @@ def check_solves(info: dict[str, Any], allow_unconverged: bool) -> None:
                 f"scores would be noise. Raise {stage}.damping or solver.max_iter, compute in float64 "
                 "(model.dtype=float64), or set allow_unconverged=true to score anyway"
             )
-
-
-def scored_config(cfg: Any) -> dict[str, Any]:
-    """The part of the config that determines the scores (hashed into the results manifest)."""
-    plain = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True)) if OmegaConf.is_config(cfg) else dict(cfg)
-    return {k: v for k, v in plain.items() if k not in NOT_HASHED}
 
 
 def top_examples(scores: torch.Tensor, k: int) -> list[dict[str, list]]:
@@ -174,7 +164,7 @@ def _run(cfg: Any, out_dir: str | Path) -> dict[str, Any]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    hashed = scored_config(cfg)
+    hashed = config.scored_config(cfg)
     key = results.config_hash(hashed)
     # before any training: a results folder of another config is refused at once
     distributed.on_rank0(lambda: results.ShardStore.check_folder(out / "scores", key, hashed))

@@ -152,8 +152,8 @@ class RunFolderGuard(Callback):
 def check_results(cfg: Any, folder: Path) -> None:
     """Refuse a folder that holds scores of another configuration (before any work)."""
     from .. import results
-    from . import config, pipeline
+    from . import config
 
     config.check(cfg)
-    hashed = pipeline.scored_config(cfg)
+    hashed = config.scored_config(cfg)
     results.ShardStore.check_folder(folder / "scores", results.config_hash(hashed), hashed)
