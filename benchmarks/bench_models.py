@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,7 @@ from torch.utils.data import TensorDataset
 from lissa_influence import CG, Influence, SolverWarning
 from lissa_influence.batching import Batch
 from lissa_influence.curvature import Objective
+from lissa_influence.estimator import eval_mode
 from lissa_influence.experiments.models import build_model
 from lissa_influence.params import make_block, named_params
 
@@ -95,8 +97,6 @@ def cases(n: int, device: torch.device) -> dict:
 
 
 def bench(name: str, model, loss, forward, batch: Batch, args, device: torch.device) -> dict:
-    from lissa_influence.estimator import eval_mode  # attention in its differentiable form, eval mode
-
     params = named_params(model)
     block = make_block(params, lambda n: True)
     v = torch.randn(block.numel, generator=torch.Generator().manual_seed(1)).to(device)
@@ -128,8 +128,9 @@ def bench(name: str, model, loss, forward, batch: Batch, args, device: torch.dev
     row["hvp_forward_over_gradient"] = row.get("hvp_forward_s", float("nan")) / row["gradient_s"]
     row["hvp_reverse_over_gradient"] = row["hvp_reverse_s"] / row["gradient_s"]
     # a solve and scoring through the estimator, as a user runs them
-    data = batch.tree if not batch.pair else TensorDataset(batch.x.cpu(), batch.y.cpu())
-    if not batch.pair:  # dict batch -> list of dict items
+    if batch.pair:
+        data = TensorDataset(batch.x.cpu(), batch.y.cpu())
+    else:  # a dict batch: a list of dict items
         data = [{k: t[i].cpu() for k, t in batch.x.items()} for i in range(len(batch))]
     inf = Influence(
         model,
@@ -140,8 +141,6 @@ def bench(name: str, model, loss, forward, batch: Batch, args, device: torch.dev
         batch_size=args.chunk,
         solver=CG(tol=1e-30, max_iter=args.cg_iters, on_not_converged="warn", on_negative_curvature="warn"),
     )
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SolverWarning)  # a fixed number of iterations, not convergence
         inf.fit(data)

@@ -54,7 +54,7 @@ class PerExample:
     forward: Forward | None = None
     ad_mode: ADMode = "auto"
     fallbacks: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
-    _jvp_works: list[bool] = field(default_factory=list, compare=False, repr=False)  # decided once
+    _worked: set[str] = field(default_factory=set, compare=False, repr=False)  # paths that ran once: no fallback
     _seen: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)  # a probe's outputs, per dataset
 
     def _loss_one(self, flat: torch.Tensor, example: Any, pair: bool) -> torch.Tensor:
@@ -118,16 +118,14 @@ class PerExample:
             load_forward_ad()
             theta = self.block.flatten(self.params)
             along = lambda s: jvp(lambda f: self.losses(f, batch), (theta,), (s,))[1]  # noqa: E731
-            if self._jvp_works:  # worked before: an error now is an error
-                return vmap(along)(S)
             try:
                 result = vmap(along)(S)
-            except Exception as e:
-                if self.ad_mode == "forward" or not no_forward_ad(e):
+            except Exception as e:  # decided once: after jvp has run, an error is an error
+                if "jvp" in self._worked or self.ad_mode == "forward" or not no_forward_ad(e):
                     raise
                 self._fallback("reverse", e)  # the same numbers from per-example gradients
             else:
-                self._jvp_works.append(True)
+                self._worked.add("jvp")
                 return result
         return S @ self.gradients(batch).T
 

@@ -19,11 +19,11 @@ from .base import (
     SolveInfo,
     SolverWarning,
     as_stack,
+    at_least_one,
     check_rhs,
+    non_negative,
     rownorm,
 )
-from .base import at_least_one as _at_least_one
-from .base import non_negative as _non_negative
 
 
 @dataclass
@@ -61,9 +61,9 @@ class CG:
     name = "cg"
 
     def __post_init__(self) -> None:
-        _non_negative("tol", self.tol)  # 0: run every iteration
+        non_negative("tol", self.tol)  # 0: run every iteration
         for key in ("max_iter", "jacobi_samples"):
-            _at_least_one(key, getattr(self, key))
+            at_least_one(key, getattr(self, key))
         if isinstance(self.stall_iters, bool) or not isinstance(self.stall_iters, int) or self.stall_iters < 0:
             raise ValueError(f"stall_iters={self.stall_iters!r}: use an integer >= 0 (0 leaves all to row CG)")
         for key in ("on_negative_curvature", "on_not_converged"):

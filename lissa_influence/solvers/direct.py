@@ -17,10 +17,10 @@ from .base import (
     SolveInfo,
     SolverWarning,
     as_stack,
+    at_least_one,
     check_rhs,
     rownorm,
 )
-from .base import at_least_one as _at_least_one
 
 
 @dataclass
@@ -42,8 +42,8 @@ class Explicit:
     def __post_init__(self) -> None:
         if self.method not in ("auto", "cholesky", "eigh", "lu"):
             raise ValueError(f"unknown method {self.method!r}; use 'auto', 'cholesky', 'eigh' or 'lu'")
-        _at_least_one("max_params", self.max_params)
-        _at_least_one("block_size", self.block_size)
+        at_least_one("max_params", self.max_params)
+        at_least_one("block_size", self.block_size)
 
     def matrix(self, matvec: OperatorLike, size: int, like: torch.Tensor) -> torch.Tensor:
         """The dense ``[size, size]`` matrix of the operator, in ``like``'s dtype and device."""

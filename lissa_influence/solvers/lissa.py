@@ -11,10 +11,18 @@ from typing import Literal
 import torch
 
 from ..operators import LinearOperator, Matvec, OperatorLike, aslinearoperator
-from .base import Callback, DivergenceError, SolveInfo, SolverWarning, as_stack, check_rhs, rownorm
-from .base import at_least_one as _at_least_one
-from .base import non_negative as _non_negative
-from .base import positive as _positive
+from .base import (
+    Callback,
+    DivergenceError,
+    SolveInfo,
+    SolverWarning,
+    as_stack,
+    at_least_one,
+    check_rhs,
+    non_negative,
+    positive,
+    rownorm,
+)
 
 
 def power_iteration(
@@ -78,12 +86,12 @@ class LiSSA:
 
     def __post_init__(self) -> None:
         if self.scale != "auto":
-            _positive("scale", self.scale)
-        _non_negative("damping", self.damping)
+            positive("scale", self.scale)
+        non_negative("damping", self.damping)
         if self.damping >= 2:
             raise ValueError(f"LiSSA(damping={self.damping}): the recursion converges only for damping < 2")
-        _non_negative("tol", self.tol)  # 0: run every iteration
-        _positive("safety", self.safety)
+        non_negative("tol", self.tol)  # 0: run every iteration
+        positive("safety", self.safety)
         if self.safety <= 1 / (2 - self.damping):
             raise ValueError(
                 f"LiSSA(safety={self.safety}): scale='auto' takes safety × the top eigenvalue, and the recursion "
@@ -91,9 +99,9 @@ class LiSSA:
                 "(1.2 by default)"
             )
         for key in ("depth", "repeats", "power_iters", "check_every"):
-            _at_least_one(key, getattr(self, key))
+            at_least_one(key, getattr(self, key))
         if self.batch_size is not None:
-            _at_least_one("batch_size", self.batch_size)
+            at_least_one("batch_size", self.batch_size)
 
     def _top_eigenvalue(self, op: LinearOperator, size: int, like: torch.Tensor) -> float:
         return power_iteration(lambda v: op(v[None])[0], size, like.dtype, like.device, self.power_iters, self.seed)
