@@ -280,6 +280,11 @@ def test_solver_errors_name_the_stage_and_its_damping(two_stage):
             "for that)",
         ),
         ("polish_tol=1e-8 and mode='updated'", "polish_tol=1e-8 and mode=updated"),
+        (
+            "minibatches of batch_size=64 are too noisy. Raise batch_size (or repeats), or raise safety",
+            "minibatches of solver.batch_size=64 are too noisy. Raise solver.batch_size (or solver.repeats), or raise "
+            "solver.safety",
+        ),
     ],
 )
 def test_library_terms_become_config_keys(library, config):
