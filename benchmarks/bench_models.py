@@ -5,7 +5,7 @@ Models (random init, float32):
 
 - ``mlp_mse``: a small MLP with ``F.mse_loss`` (torch has no forward-mode second
   derivative of it: ``ad_mode="auto"`` falls back to reverse-over-reverse);
-- ``digits_cnn``: the paper's digits CNN with cross-entropy;
+- ``digits_cnn`` and ``mnist_cnn``: the paper's digits and MNIST CNNs with cross-entropy;
 - ``resnet18``: torchvision's ResNet-18 (11.2M parameters, BatchNorm in eval mode) on
   32x32 images;
 - ``transformer``: a one-layer ``nn.TransformerEncoder`` language model on dict batches
@@ -58,6 +58,13 @@ def cases(n: int, device: torch.device) -> dict:
         None,
         Batch(torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 4, (n,), generator=g)),
     )
+    mnist = build_model("mnist", 6, seed=0)
+    out["mnist_cnn"] = (
+        mnist,
+        F.cross_entropy,
+        None,
+        Batch(torch.randn(n, 1, 28, 28, generator=g), torch.randint(0, 6, (n,), generator=g)),
+    )
     try:
         import torchvision
 
@@ -103,12 +110,39 @@ def bench(name: str, model, loss, forward, batch: Batch, args, device: torch.dev
     objectives = {
         m: Objective(model, loss, params, batch, args.chunk, forward=forward, ad_mode=m) for m in ("forward", "reverse")
     }
+    objectives["retained"] = Objective(
+        model, loss, params, batch, args.chunk, forward=forward, hvp_mode="retained", graph_budget=2**40
+    )
     fns = {
         "gradient": lambda: objectives["reverse"].gradient(block),
         "hvp_reverse": lambda: objectives["reverse"].hvp(block, v),
+        "hvp_retained": lambda: objectives["retained"].hvp(block, v),
     }
     row = {"model": name, "params": block.numel, "examples": len(batch), "device": str(device)}
+    if forward is None:  # raw torch.func on the parameter dict, one chunk: the library's overhead is above this
+        x, y = batch.x, batch.y
+        p = {n: t.detach() for n, t in params.items()}
+        tangent = block.unflatten(v)
+
+        def raw_grad(q):
+            return torch.func.grad(lambda r: loss(torch.func.functional_call(model, r, (x,)), y))(q)
+
+        def raw_hvp():
+            return torch.func.jvp(raw_grad, (p,), (tangent,))[1]
+
+        try:
+            with eval_mode(model):
+                raw_hvp()
+            fns["raw_gradient"] = lambda: raw_grad(p)
+            fns["raw_hvp_forward"] = raw_hvp
+        except (RuntimeError, NotImplementedError):  # no forward-mode derivative (MSE): nothing to compare
+            pass
     with eval_mode(model):
+        t0 = time.perf_counter()
+        objectives["retained"].hvp(block, v)  # builds and keeps the gradient graphs
+        _sync(device)
+        row["retained_build_s"] = time.perf_counter() - t0
+        row["retained_graph_mib"] = int(objectives["retained"]._ad.get("graph_bytes", 0)) / 2**20
         try:
             objectives["forward"].hvp(block, v)
             fns["hvp_forward"] = lambda: objectives["forward"].hvp(block, v)
@@ -127,6 +161,10 @@ def bench(name: str, model, loss, forward, batch: Batch, args, device: torch.dev
         row[f"{k}_s"] = r["median"]
     row["hvp_forward_over_gradient"] = row.get("hvp_forward_s", float("nan")) / row["gradient_s"]
     row["hvp_reverse_over_gradient"] = row["hvp_reverse_s"] / row["gradient_s"]
+    row["hvp_retained_over_gradient"] = row["hvp_retained_s"] / row["gradient_s"]
+    if "raw_gradient_s" in row:
+        row["raw_hvp_forward_over_raw_gradient"] = row["raw_hvp_forward_s"] / row["raw_gradient_s"]
+        row["hvp_forward_over_raw"] = row.get("hvp_forward_s", float("nan")) / row["raw_hvp_forward_s"]
     # a solve and scoring through the estimator, as a user runs them
     if batch.pair:
         data = TensorDataset(batch.x.cpu(), batch.y.cpu())
@@ -150,6 +188,9 @@ def bench(name: str, model, loss, forward, batch: Batch, args, device: torch.dev
         s = inf.query_vectors(test)
         _sync(device)
         row["cg_solve_s"] = time.perf_counter() - t0
+        row["cg_products"] = inf.diagnostics["solve"]["num_products"]
+        # per product of the solve (stacked products of 2 queries, CG's vector algebra, the test gradients)
+        row["cg_product_over_gradient"] = row["cg_solve_s"] / row["cg_products"] / row["gradient_s"]
         row["ad_used"] = inf.operator.objective.ad_used
         t0 = time.perf_counter()
         inf.scores_from(s)
@@ -166,7 +207,7 @@ def main() -> None:
     ap.add_argument("--cg-iters", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--models", default="mlp_mse,digits_cnn,resnet18,transformer")
+    ap.add_argument("--models", default="mlp_mse,digits_cnn,mnist_cnn,resnet18,transformer")
     ap.add_argument("--out", help="folder for models_<device>.json")
     args = ap.parse_args()
     env = setup_threads(args.threads)
@@ -187,9 +228,16 @@ def main() -> None:
         "gradient_s",
         "hvp_forward_s",
         "hvp_reverse_s",
+        "hvp_retained_s",
         "hvp_forward_over_gradient",
         "hvp_reverse_over_gradient",
+        "hvp_retained_over_gradient",
+        "retained_build_s",
+        "retained_graph_mib",
+        "raw_hvp_forward_over_raw_gradient",
+        "hvp_forward_over_raw",
         "ad_used",
+        "cg_product_over_gradient",
         "cg_solve_s",
         "scoring_s",
     ]

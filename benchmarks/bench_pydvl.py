@@ -49,7 +49,7 @@ from lissa_influence.experiments.data import DataConfig, load_two_stage
 from lissa_influence.experiments.models import build_model
 from lissa_influence.experiments.training import TrainConfig, pretrain
 from lissa_influence.scoring import PerExample, loss_gradients
-from lissa_influence.solvers import CG, Explicit, LiSSA, SolverWarning
+from lissa_influence.solvers import CG, EKFAC, Explicit, LiSSA, SolverWarning
 
 from _common import interleaved, markdown, pyplot, save_figure, setup_threads, table, write_json
 
@@ -99,14 +99,41 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--literal-max-iter", type=int, default=500, help="its maxiter (pyDVL's default is 10 × parameters)"
     )
+    ap.add_argument(
+        "--nystrom-ranks",
+        default="64",
+        help="comma-separated Nyström sketch ranks, run in both libraries (the first is the one --retained uses)",
+    )
+    ap.add_argument(
+        "--retained",
+        choices=["none", "plain", "nystrom", "ekfac"],
+        default="nystrom",
+        help="which of our CG rows to repeat with hvp_mode='retained'",
+    )
+    ap.add_argument(
+        "--arnoldi-ranks", default="64", help="comma-separated ranks of pyDVL's ArnoldiInfluence (none: '')"
+    )
+    ap.add_argument(
+        "--arnoldi-woodbury",
+        action="store_true",
+        help="pyDVL Arnoldi use_woodbury=True ((VΣVᵀ + λI)⁻¹ exactly; default: the low-rank part only, its default)",
+    )
+    ap.add_argument("--one-per-query", action="store_true", help="also time CG(block=False) (slow)")
+    ap.add_argument(
+        "--equal-error",
+        type=float,
+        default=1e-5,
+        help="exact methods: rel. error vs Explicit at most this to count as 'equal accuracy' in the speed ratio",
+    )
     ap.add_argument("--out", default=None, help="directory for pydvl.json and pydvl_scatter.png")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)  # pyDVL's deprecation chatter on import
     try:
         import pydvl
         from pydvl.influence import InfluenceMode
-        from pydvl.influence.torch import CgInfluence, LissaInfluence
+        from pydvl.influence.torch import ArnoldiInfluence, CgInfluence, EkfacInfluence, LissaInfluence
         from pydvl.influence.torch.operator import HessianOperator
+        from pydvl.influence.torch.preconditioner import NystroemPreconditioner
     except ImportError as e:  # plain `pip install pydvl` lacks dask/distributed, which pydvl.influence imports
         print(f"pyDVL is not installed ({e}); skipping the side-by-side. pip install 'pydvl[influence]' to run it.")
         return 0
@@ -138,8 +165,8 @@ def main(argv=None) -> int:
         f"loss {report.loss:.4g}, grad norm {report.grad_norm:.2e}"
     )
 
-    def ours(solver):
-        return Influence(model, solver=solver, damping=lam, hessian_samples=m, batch_size=m, seed=args.seed)
+    def ours(solver, **kw):
+        return Influence(model, solver=solver, damping=lam, hessian_samples=m, batch_size=m, seed=args.seed, **kw)
 
     t0 = time.perf_counter()
     ref_est = ours(Explicit(method="eigh", block_size=args.explicit_block)).fit(train)
@@ -159,63 +186,108 @@ def main(argv=None) -> int:
         f"LiSSA scale {scale:.3g}; pyDVL vs our (H+λI)v rel. diff {same_op:.1e}"
     )
 
-    res: dict = {}  # name -> (scores in our sign, query vectors, products)
+    res: dict = {}  # name -> (scores in our sign, query vectors, products, converged, raw pyDVL scores)
+    failed: dict[str, str] = {}  # name -> why it could not run
 
-    def run_ours(name, solver):
+    def run_ours(name, solver, **kw):
         def f():
-            est = ours(solver).fit(train)
+            est = ours(solver, **kw).fit(train)
             s = est.query_vectors(test)
             d = est.diagnostics["solve"]
             res[name] = (est.scores_from(s), s, d["num_products"], d["converged"] if solver.name == "cg" else None)
 
         return f
 
-    def run_dvl(name, make, cg=True, n=None):
+    def run_dvl(name, make, kind="cg", n=None, extra_products=0):
+        """kind: "cg" (count the solve's products), "lissa" (depth × points), or "approx" (not counted)."""
         n = len(ty) if n is None else n
 
         def f():
-            inf = make().fit(loader)
+            if name in failed:
+                return
+            try:
+                inf = make().fit(loader)
+            except Exception as e:  # noqa: BLE001 (a method that cannot run on this model: reported, not timed)
+                failed[name] = f"{type(e).__name__}: {e}"
+                print(f"{name} does not run: {failed[name]}")
+                return
             counter = [0]
-            if cg:
+            if kind == "cg":
                 count_products(inf, counter)
             with warnings.catch_warnings(record=True) as caught:  # CG warns once per unconverged solve
                 warnings.simplefilter("always", UserWarning)
                 s = inf.influence_factors(tx[:n], ty[:n])
             raw = inf.influences_from_factors(s, x, y, mode=InfluenceMode.Up)
             capped = sum("max number of iterations" in str(w.message) for w in caught)
-            res[name] = (-raw, s, counter[0] if cg else args.lissa_depth * n, not capped if cg else None, raw)
+            prods = {"cg": counter[0] + extra_products, "lissa": args.lissa_depth * n}.get(kind)
+            res[name] = (-raw, s, prods, not capped if kind == "cg" else None, raw)
 
         return f
 
+    def cg_dvl(pc=None):
+        return lambda: CgInfluence(
+            model,
+            F.cross_entropy,
+            regularization=lam,
+            rtol=cg_tol**0.5,
+            atol=0.0,
+            maxiter=args.cg_max_iter,
+            solve_simultaneously=True,
+            preconditioner=pc() if pc is not None else None,
+        )
+
     cg_tol = args.cg_tol
-    fns = {
-        "CG ours": run_ours("CG ours", CG(tol=cg_tol, max_iter=args.cg_max_iter)),  # block CG, the default
-        "CG ours, one per query": run_ours(
-            "CG ours, one per query", CG(tol=cg_tol, max_iter=args.cg_max_iter, block=False)
+    ranks = [int(r) for r in args.nystrom_ranks.split(",") if r.strip()]
+    a_ranks = [int(r) for r in args.arnoldi_ranks.split(",") if r.strip()]
+
+    def cg(**kw):
+        return CG(tol=cg_tol, max_iter=args.cg_max_iter, **kw)
+
+    fns = {"CG ours": run_ours("CG ours", cg())}  # block CG, the default
+    if args.one_per_query:
+        fns["CG ours, one per query"] = run_ours("CG ours, one per query", cg(block=False))
+    for r in ranks:
+        fns[f"CG+Nyström {r} ours"] = run_ours(f"CG+Nyström {r} ours", cg(preconditioner="nystrom", rank=r))
+    fns["CG+EK-FAC ours"] = run_ours("CG+EK-FAC ours", cg(preconditioner="ekfac"))
+    if args.retained != "none":
+        kw = {
+            "plain": {},
+            "nystrom": {"preconditioner": "nystrom", "rank": ranks[0]},
+            "ekfac": {"preconditioner": "ekfac"},
+        }
+        label = {"plain": "CG", "nystrom": f"CG+Nyström {ranks[0]}", "ekfac": "CG+EK-FAC"}[args.retained]
+        fns[f"{label} ours, retained"] = run_ours(
+            f"{label} ours, retained", cg(**kw[args.retained]), hvp_mode="retained"
+        )
+    fns["CG pyDVL"] = run_dvl("CG pyDVL", cg_dvl())
+    for r in ranks:  # the sketch's r products happen in fit(), outside the counted solve: added
+        fns[f"CG+Nyström {r} pyDVL"] = run_dvl(
+            f"CG+Nyström {r} pyDVL", cg_dvl(lambda r=r: NystroemPreconditioner(rank=r)), extra_products=r
+        )
+    fns["LiSSA ours"] = run_ours("LiSSA ours", LiSSA(scale=scale, damping=0.0, depth=args.lissa_depth, tol=0.0))
+    fns["LiSSA pyDVL"] = run_dvl(
+        "LiSSA pyDVL",
+        lambda: LissaInfluence(
+            model, F.cross_entropy, regularization=lam, maxiter=args.lissa_depth, dampen=0.0, scale=scale, rtol=0.0
         ),
-        "CG pyDVL": run_dvl(
-            "CG pyDVL",
-            lambda: CgInfluence(
-                model,
-                F.cross_entropy,
-                regularization=lam,
-                rtol=cg_tol**0.5,
-                atol=0.0,
-                maxiter=args.cg_max_iter,
-                solve_simultaneously=True,
+        kind="lissa",
+    )
+    fns["EK-FAC ours"] = run_ours("EK-FAC ours", EKFAC())
+    fns["K-FAC ours"] = run_ours("K-FAC ours", EKFAC(kind="kfac"))
+    fns["EK-FAC pyDVL"] = run_dvl(
+        "EK-FAC pyDVL", lambda: EkfacInfluence(model, update_diagonal=True, hessian_regularization=lam), kind="approx"
+    )
+    for r in a_ranks:
+        fns[f"Arnoldi {r} pyDVL"] = run_dvl(
+            f"Arnoldi {r} pyDVL",
+            lambda r=r: ArnoldiInfluence(
+                model, F.cross_entropy, regularization=lam, rank=r, use_woodbury=args.arnoldi_woodbury
             ),
-        ),
-        "LiSSA ours": run_ours("LiSSA ours", LiSSA(scale=scale, damping=0.0, depth=args.lissa_depth, tol=0.0)),
-        "LiSSA pyDVL": run_dvl(
-            "LiSSA pyDVL",
-            lambda: LissaInfluence(
-                model, F.cross_entropy, regularization=lam, maxiter=args.lissa_depth, dampen=0.0, scale=scale, rtol=0.0
-            ),
-            cg=False,
-        ),
-    }
+            kind="approx",
+        )
     print(f"timing {list(fns)}, {args.repeats} interleaved repeats ...")
-    times = {k: v["median"] for k, v in interleaved(fns, args.repeats, warmup=0).items()}
+    timed = interleaved(fns, args.repeats, warmup=0)
+    times = {k: v["median"] for k, v in timed.items() if k not in failed}
     if args.literal_points:  # slow (one right-hand side at a time, to ‖r‖ ≲ tol²): one run, first test points only
         print(f"CG pyDVL literal (default mode, rtol={cg_tol:g}), {args.literal_points} test point(s), one run ...")
         t0 = time.perf_counter()
@@ -238,29 +310,42 @@ def main(argv=None) -> int:
         f"Pearson(raw, S*) {sign['raw_pearson']:.4f}"
     )
 
+    def base_of(name: str) -> str:
+        """The row a method is compared with: same solver in ours; approximate ones with our EK-FAC."""
+        if name.endswith("pyDVL") and name.replace("pyDVL", "ours") in res:
+            return name.replace("pyDVL", "ours")
+        if name.startswith("CG"):
+            return "CG ours"
+        return "LiSSA ours" if name.startswith("LiSSA") else "EK-FAC ours"
+
     headers = [
         "method",
         "wall s",
-        "time / ours",
+        "s / query",
+        "time / base",
         "HVPs",
         "converged",
         "residual",
         "rel. err",
         "Pearson",
         "Spearman",
-        "vs ours rel.",
-        "vs ours r",
+        "base",
+        "vs base rel.",
     ]
-    rows, runs = [["Explicit (reference)", t_ref, None, P, True, None, 0.0, 1.0, 1.0, None, None]], []
+    rows = [["Explicit (reference)", t_ref, t_ref / len(ty), None, P, True, None, 0.0, 1.0, 1.0, None, None]]
+    runs = []
     for name in res:
+        if name in failed:
+            continue
         S, s, prods, conv = res[name][:4]
         n = len(S)  # the literal run covers only the first test points: compare those rows
-        base = "CG ours" if name.startswith("CG") else "LiSSA ours"
+        base = base_of(name)
         mine, ours_S, ref = name == base, res[base][0][:n], S_ref[:n]
         resid = float(((op(s) - b[:n]).norm(dim=1) / b[:n].norm(dim=1)).max())
         r = {
             "method": name,
             "wall_s": times[name],
+            "per_query_s": times[name] / n,
             "ratio": None if mine or n < len(ty) else times[name] / times[base],
             "products": prods,
             "converged": conv,
@@ -268,23 +353,52 @@ def main(argv=None) -> int:
             "rel_error": rel(S, ref),
             "pearson": rowwise(S, ref, False),
             "spearman": rowwise(S, ref, True),
-            "vs_ours_rel": None if mine else rel(S, ours_S),
-            "vs_ours_pearson": None if mine else rowwise(S, ours_S, False),
+            "base": None if mine else base,
+            "vs_base_rel": None if mine else rel(S, ours_S),
             "test_points": n,
+            "all_s": timed[name]["all"] if name in timed else [times[name]],
         }
         runs.append(r)
-        rows.append([name + (f" ({n} pts, 1 run)" if n < len(ty) else "")] + list(r.values())[1:-1])
+        rows.append([name + (f" ({n} pts, 1 run)" if n < len(ty) else "")] + list(r.values())[1:-2])
+    exact = [r for r in runs if r["method"].startswith("CG") and r["test_points"] == len(ty)]
+    exact = [r for r in exact if r["rel_error"] <= args.equal_error]
+    best = {
+        who: min((r for r in exact if r["method"].endswith(who)), key=lambda r: r["per_query_s"], default=None)
+        for who in ("ours", "pyDVL")
+    }
+    speed = None
+    if best["ours"] and best["pyDVL"]:
+        speed = {
+            "equal_error": args.equal_error,
+            "ours": best["ours"]["method"],
+            "ours_per_query_s": best["ours"]["per_query_s"],
+            "ours_rel_error": best["ours"]["rel_error"],
+            "pydvl": best["pyDVL"]["method"],
+            "pydvl_per_query_s": best["pyDVL"]["per_query_s"],
+            "pydvl_rel_error": best["pyDVL"]["rel_error"],
+            "ratio": best["pyDVL"]["per_query_s"] / best["ours"]["per_query_s"],
+        }
     title = (
         f"\npyDVL {pydvl.__version__} vs lissa_influence: digits CNN, {P} params, float64, λ={lam:g}, Hessian over "
         f"{m} examples, "
         f"{len(ty)} test points x {m} scored; CG tol {cg_tol:g}, LiSSA depth {args.lissa_depth} scale {scale:.3g}; "
-        f"median of {args.repeats}, {env['threads']} thread(s)"
+        f"median of {args.repeats}, {env['threads']} thread(s); s / query = wall s / test points (fits included)"
     )
     print(table(headers, rows, title))
     print(
         "residual: worst ‖(H+λI)x − b‖/‖b‖ of the query vectors; rel. err / Pearson / Spearman vs Explicit; "
-        "HVPs: single-vector products (LiSSA: depth × test points)"
+        "HVPs: single-vector products (LiSSA: depth × test points; Nyström: with the sketch's r; EK-FAC: "
+        "the residual check), '-' where pyDVL's are not counted"
     )
+    for name, why in failed.items():
+        print(f"{name}: did not run: {why}")
+    if speed:
+        print(
+            f"equal accuracy (rel. err <= {args.equal_error:g}): best ours {speed['ours']} "
+            f"{speed['ours_per_query_s']:.3g} s/query (rel. err {speed['ours_rel_error']:.2g}), best pyDVL "
+            f"{speed['pydvl']} {speed['pydvl_per_query_s']:.3g} s/query (rel. err {speed['pydvl_rel_error']:.2g}): "
+            f"ours {speed['ratio']:.2f}x faster"
+        )
     out = {
         "env": env,
         "config": vars(args),
@@ -301,14 +415,20 @@ def main(argv=None) -> int:
         },
         "sign_check": sign,
         "runs": runs,
+        "failed": failed,
+        "speed_at_equal_accuracy": speed,
         "markdown": markdown(headers, rows),
         "total_seconds": time.perf_counter() - t_start,
     }
     if args.out:
         plt = pyplot()
-        pairs = [(k, "CG ours" if k.startswith("CG") else "LiSSA ours") for k in res if "pyDVL" in k]
-        fig, axes = plt.subplots(1, len(pairs), figsize=(4.2 * len(pairs), 4), squeeze=False)
-        for ax, (k, base) in zip(axes[0], pairs, strict=True):
+        pairs = [(k, base_of(k)) for k in res if "pyDVL" in k and k not in failed]
+        cols = min(4, len(pairs))
+        nrows = -(-len(pairs) // cols)
+        fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 4 * nrows), squeeze=False)
+        for ax in axes.flat[len(pairs) :]:
+            ax.axis("off")
+        for ax, (k, base) in zip(axes.flat, pairs, strict=False):
             a, d = res[base][0][: len(res[k][0])].flatten(), res[k][0].flatten()
             ax.scatter(a, d, s=4, alpha=0.5)
             lo, hi = float(min(a.min(), d.min())), float(max(a.max(), d.max()))

@@ -13,19 +13,24 @@ never imports.
 
 from .curvature import CurvatureOperator, Objective, cross_entropy
 from .estimator import InfluenceEstimator
+from .head import ExactInverse
 from .influence import Influence
+from .kfac import KroneckerCurvature, fit_kronecker
 from .metrics import ErrorTrace, relative_error, score_agreement
 from .multistage import MultiStageInfluence
 from .operators import DenseOperator, FunctionOperator, LinearOperator, aslinearoperator
 from .params import ParamBlock
 from .solvers import (
     CG,
+    EKFAC,
     DivergenceError,
     Explicit,
     Identity,
     LiSSA,
     NegativeCurvatureError,
     NotConvergedError,
+    Nystrom,
+    Preconditioner,
     SolveInfo,
     Solver,
     SolverError,
@@ -41,6 +46,10 @@ __all__ = [
     "LiSSA",
     "Explicit",
     "Identity",
+    "EKFAC",
+    "ExactInverse",
+    "Preconditioner",
+    "Nystrom",
     "SolveInfo",
     "SolverError",
     "NegativeCurvatureError",
@@ -52,6 +61,8 @@ __all__ = [
     "FunctionOperator",
     "aslinearoperator",
     "CurvatureOperator",
+    "KroneckerCurvature",
+    "fit_kronecker",
     "Objective",
     "ParamBlock",
     "cross_entropy",

@@ -34,7 +34,7 @@ from .operators import LinearOperator
 from .params import ParamBlock, Params
 from .task import Forward, LossFn, cross_entropy, mean_loss, outputs
 
-__all__ = ["ADMode", "CurvatureOperator", "Objective", "cross_entropy", "load_forward_ad"]
+__all__ = ["ADMode", "CurvatureOperator", "HVPMode", "Objective", "cross_entropy", "load_forward_ad"]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,13 @@ def load_forward_ad() -> None:
         warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
         jvp(torch.sin, (torch.zeros(1),), (torch.ones(1),))
 
+
+HVPMode = Literal["functional", "retained"]
+"""How Hessian-vector products are formed: ``"functional"`` (``torch.func``, nothing kept
+between products; :data:`ADMode` picks forward- or reverse-mode) or ``"retained"``: the
+gradient's graph is built once per chunk of the sample and kept, and each product is one
+backward pass through it (double backward), as long as the kept graphs fit in
+``graph_budget`` bytes (else functional, with a log line)."""
 
 ADMode = Literal["auto", "forward", "reverse"]
 """How second derivatives are taken: ``"forward"`` (forward-over-reverse, ``jvp`` of
@@ -101,12 +108,20 @@ class Objective:
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
     forward: Forward | None = None
     ad_mode: ADMode = "auto"
+    hvp_mode: HVPMode = "functional"
+    graph_budget: int = 2 * 2**30
+    # the retained gradient graphs, per block: [(θ leaf, ∇L chunk, weight)] (None: over budget)
+    _graphs: dict[tuple[str, ...], list[tuple[torch.Tensor, torch.Tensor, float]] | None] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
     # which mode ran, shared by the copies that restricted() makes (a minibatch learns from its parent)
     _ad: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.ad_mode not in ("auto", "forward", "reverse"):
             raise ValueError(f"ad_mode must be 'auto', 'forward' or 'reverse', got {self.ad_mode!r}")
+        if self.hvp_mode not in ("functional", "retained"):
+            raise ValueError(f"hvp_mode must be 'functional' or 'retained', got {self.hvp_mode!r}")
 
     @property
     def total(self) -> int:
@@ -154,7 +169,10 @@ class Objective:
         lo = self.sample_offset
         local = indices[(indices >= lo) & (indices < lo + len(self.batch))] - lo
         local = local.to(self.device)
-        return dataclasses.replace(self, batch=self.batch.select(local), sample_size=len(indices), sample_offset=0)
+        # a minibatch is used once: a graph kept for it would be built for one product
+        return dataclasses.replace(
+            self, batch=self.batch.select(local), sample_size=len(indices), sample_offset=0, hvp_mode="functional"
+        )
 
     # -- first order ---------------------------------------------------------------
     def value(self, batch: Batch | None = None) -> torch.Tensor:
@@ -216,8 +234,49 @@ class Objective:
                 log.info("forward-mode AD failed (%s); reverse-over-reverse products from now on", self._ad["reason"])
         return self._reduced(local, batch)  # every rank reaches the collective once, whatever happened above
 
+    def _retained(self, block: ParamBlock) -> list[tuple[torch.Tensor, torch.Tensor, float]] | None:
+        """The gradient graph of every chunk, built at the first product and kept; None when
+        they would take more than ``graph_budget`` bytes (counted as autograd saves them)."""
+        key = tuple(block.names)
+        if key in self._graphs:
+            return self._graphs[key]
+        saved = [0]
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            saved[0] += t.numel() * t.element_size()
+            return t
+
+        graphs: list[tuple[torch.Tensor, torch.Tensor, float]] | None = []
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            for c, w in self._chunks(None):
+                theta = self.point(block).detach().requires_grad_(True)
+                g = torch.autograd.grad(self._loss((block,), (theta,), c), theta, create_graph=True)[0]
+                assert graphs is not None
+                graphs.append((theta, g, w))
+                if saved[0] > self.graph_budget:
+                    log.info(
+                        "retained HVP graphs exceed graph_budget=%d bytes after %d chunk(s); functional products",
+                        self.graph_budget,
+                        len(graphs),
+                    )
+                    graphs = None
+                    break
+        self._graphs[key] = graphs
+        self._ad.setdefault("graph_bytes", str(saved[0]))
+        return graphs
+
     def hvp(self, block: ParamBlock, v: torch.Tensor, batch: Batch | None = None) -> torch.Tensor:
         """``∇²_{block} L · v``."""
+        if self.hvp_mode == "retained" and batch is None and (graphs := self._retained(block)) is not None:
+            if v.dim() not in (1, 2):
+                raise ValueError(f"expected a vector [P] or a stack [k, P], got shape {tuple(v.shape)}")
+            total = v.new_zeros(*v.shape[:-1], block.numel)
+            for leaf, grad_l, w in graphs:
+                if v.dim() == 1:
+                    total += w * torch.autograd.grad(grad_l, leaf, v, retain_graph=True)[0]
+                else:  # one backward per row: batched backward (vmap) fails on many models' graphs
+                    total += w * torch.stack([torch.autograd.grad(grad_l, leaf, r, retain_graph=True)[0] for r in v])
+            return self._reduced(total.detach(), None)
         theta = self.point(block)
         g = grad(lambda f, c: self._loss((block,), (f,), c))
 
@@ -345,6 +404,28 @@ class CurvatureOperator(LinearOperator):
         mini = self.objective.restricted(torch.randperm(self.objective.total, generator=generator)[:batch_size])
         return _Minibatch(self, mini)
 
+    # Kronecker factors fitted on this operator's sample, per (kind, fisher, seed): fitted once, reused by every solve
+    _kronecker: dict[tuple[str, str, int], KroneckerCurvature] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
+    def kronecker(
+        self, kind: KroneckerKind = "ekfac", fisher: FisherType = "auto", seed: int = 0
+    ) -> KroneckerCurvature:
+        """K-FAC / EK-FAC factors of this operator's (undamped) Gauss-Newton matrix, fitted on
+        its Hessian sample at the first call (:func:`~lissa_influence.kfac.fit_kronecker`)
+        and cached; :meth:`set_kronecker` installs saved ones."""
+        key = (kind, fisher, seed)
+        if key not in self._kronecker:
+            self._kronecker[key] = fit_kronecker(self.objective, self.block, kind, fisher, seed)
+        return self._kronecker[key]
+
+    def set_kronecker(self, curvature: KroneckerCurvature) -> None:
+        """Install factors fitted earlier (e.g. :meth:`KroneckerCurvature.load`), for the key they were fitted with."""
+        curvature.check_block(self.block)
+        for fisher in {curvature.fisher, curvature.requested_fisher}:
+            self._kronecker[(curvature.kind, fisher, curvature.seed)] = curvature
+
 
 class _Minibatch(LinearOperator):
     """One drawn minibatch of a :class:`CurvatureOperator` (its products are counted there)."""
@@ -369,3 +450,7 @@ class _Minibatch(LinearOperator):
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
         return self.parent._apply(V, self.objective)
+
+
+# kfac builds on Objective for its types only, so it can be imported here, after it
+from .kfac import FisherType, KroneckerCurvature, KroneckerKind, fit_kronecker  # noqa: E402

@@ -37,7 +37,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import distributed as _dist
 from .batching import Batch, DataLike, SizedDataset, as_dataset, gather, subsample_indices
-from .curvature import ADMode
+from .curvature import ADMode, HVPMode
 from .params import Params, check_finite, named_params
 from .scoring import PerExample, ScoringMethod, score_dataset
 from .solvers import SolveInfo, Solver, SolverError
@@ -168,7 +168,9 @@ class InfluenceEstimator(ABC):
     Hessian samples and scoring across the ranks of an initialised torch.distributed
     process group (no effect without one), and ``ad_mode``: forward- or reverse-mode
     second derivatives (``"auto"``: forward, reverse where the loss lacks forward mode;
-    :data:`~lissa_influence.curvature.ADMode`).
+    :data:`~lissa_influence.curvature.ADMode`); ``hvp_mode``: ``"functional"`` or
+    ``"retained"`` Hessian-vector products, the latter keeping each chunk's gradient graph
+    while it takes at most ``graph_budget`` bytes (:data:`~lissa_influence.curvature.HVPMode`).
 
     State after ``fit``: :attr:`is_fitted`, :attr:`scored_data` (the examples that
     :meth:`scores` scores by default), ``diagnostics`` (solver reports and timings of
@@ -183,10 +185,16 @@ class InfluenceEstimator(ABC):
     progress: bool = False
     distributed: bool = True
     ad_mode: ADMode = "auto"
+    hvp_mode: HVPMode = "functional"
+    graph_budget: int = 2 * 2**30
 
     _old_data_keyword: ClassVar[str] = ""  # what ``data=`` was called before 0.2 (still accepted)
 
     def __post_init__(self) -> None:
+        if self.hvp_mode not in ("functional", "retained"):
+            raise ValueError(f"hvp_mode={self.hvp_mode!r}: use 'functional' or 'retained'")
+        if isinstance(self.graph_budget, bool) or not isinstance(self.graph_budget, int) or self.graph_budget < 0:
+            raise ValueError(f"graph_budget={self.graph_budget!r}: use a number of bytes >= 0")
         self.diagnostics: dict[str, Any] = {}
         self._scored: SizedDataset | None = None
 

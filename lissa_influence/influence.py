@@ -67,6 +67,8 @@ class Influence(InfluenceEstimator):
                 chunk_size=self.batch_size,
                 forward=self.forward,
                 ad_mode=self.ad_mode,
+                hvp_mode=self.hvp_mode,
+                graph_budget=self.graph_budget,
                 **sample,
             ),
             self.block,

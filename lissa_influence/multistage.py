@@ -20,6 +20,7 @@ then streams the pretraining set (:class:`~lissa_influence.estimator.InfluenceEs
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -37,13 +38,16 @@ from .estimator import (
     timed,
     trainable_params,
 )
-from .params import NameSelector, make_block, name_matcher
+from .head import ExactInverse, embedding_module, head_objective
+from .params import NameSelector, ParamBlock, make_block, name_matcher
 from .scoring import PerExample, loss_gradients
 from .solvers import CG, SolveInfo, Solver
-from .solvers.base import non_negative
+from .solvers.base import at_least_one, non_negative
 from .task import Forward, LossFn, cross_entropy
 
 Mode = Literal["fixed", "updated"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
@@ -59,6 +63,13 @@ class MultiStageInfluence(InfluenceEstimator):
     ``finetune_solver`` default to ``solver``.
     ``hessian_samples`` examples (seeded, or ``"all"``) estimate each Hessian;
     ``finetune_hessian_samples`` overrides it for the finetuning stage.
+
+    Embedding fixed: when ``shared`` is exactly one submodule's parameters, the finetune
+    products run on the head alone, with that module's outputs on the Hessian sample
+    computed once (``head_only``: ``"auto"`` where the model allows it, checked on the
+    first chunk; :mod:`lissa_influence.head`). Then, unless a ``finetune_solver`` is
+    given, a head of at most ``exact_max_params`` parameters is solved exactly: its
+    damped Hessian formed in float64 and factored once (``exact_finetune``).
 
     The chain (docs/math.md) runs in :meth:`query_vectors`: :meth:`test_gradients`, the
     finetune solve of :meth:`finetune_rhs`, :meth:`pretrain_rhs`, the pretrain solve.
@@ -81,6 +92,9 @@ class MultiStageInfluence(InfluenceEstimator):
     seed: int = 0
     pretrain_forward: Forward | None = None
     finetune_forward: Forward | None = None
+    head_only: bool | Literal["auto"] = "auto"
+    exact_finetune: bool | Literal["auto"] = "auto"
+    exact_max_params: int = 10_000
 
     _old_data_keyword: ClassVar[str] = "pretrain_data"
 
@@ -92,6 +106,10 @@ class MultiStageInfluence(InfluenceEstimator):
         non_negative("pretrain_damping", self.pretrain_damping)
         non_negative("finetune_damping", self.finetune_damping)
         non_negative("alpha", self.alpha)
+        for key in ("head_only", "exact_finetune"):
+            if getattr(self, key) not in (True, False, "auto"):
+                raise ValueError(f"{key}={getattr(self, key)!r}: use True, False or 'auto'")
+        at_least_one("exact_max_params", self.exact_max_params)
         super().__post_init__()
         self._setup_blocks()
 
@@ -176,6 +194,8 @@ class MultiStageInfluence(InfluenceEstimator):
             chunk_size=self.batch_size,
             forward=self.pretrain_forward,
             ad_mode=self.ad_mode,
+            hvp_mode=self.hvp_mode,
+            graph_budget=self.graph_budget,
             **pre_sample,
         )
         self.ft_objective = Objective(
@@ -185,6 +205,8 @@ class MultiStageInfluence(InfluenceEstimator):
             chunk_size=self.batch_size,
             forward=self.finetune_forward,
             ad_mode=self.ad_mode,
+            hvp_mode=self.hvp_mode,
+            graph_budget=self.graph_budget,
             **ft_sample,
         )
         self.pre_operator = CurvatureOperator(
@@ -200,12 +222,47 @@ class MultiStageInfluence(InfluenceEstimator):
                 device=self.ft_objective.device,
             )
             ft_damping[: self.W.numel] += 2 * self.alpha
-        self.ft_operator = CurvatureOperator(self.ft_objective, self.ft_block, ft_damping, self.gauss_newton)
+        self._exact: ExactInverse | None = None
+        self.finetune_path = "full network"
+        ft_objective, ft_block = self.ft_objective, self.ft_block
+        if self.mode == "fixed":
+            head = self._head()
+            if head is not None:
+                ft_objective, ft_block = head
+        self.ft_operator = CurvatureOperator(ft_objective, ft_block, ft_damping, self.gauss_newton)
         self._per_example = PerExample(
             self.pretrained, self.pretrain_loss, self.pre_params, self.pre_block, self.pretrain_forward, self.ad_mode
         )
         self._fitted_on(pre)
         return self
+
+    def _head(self) -> tuple[Objective, ParamBlock] | None:
+        """The head-only finetune objective (fixed mode), in float64 when it will be solved exactly."""
+        exact = self.finetune_solver is None and self.exact_finetune is not False
+        if self.head_only is False:
+            reason = "head_only=False"
+        elif (path := embedding_module(self.finetuned, self.W.names)) is None:
+            reason = f"shared={self.shared!r} is not exactly the parameters of one submodule"
+        else:
+            fits = self.Theta.numel <= self.exact_max_params
+            try:
+                head = head_objective(self.ft_objective, path, self.Theta, torch.float64 if exact and fits else None)
+            except ValueError as e:
+                reason = str(e)
+            else:
+                if exact and fits:
+                    self._exact = ExactInverse(self.exact_max_params)
+                    self.finetune_path = "head only, exact (float64)"
+                else:
+                    self.finetune_path = "head only"
+                return head
+        if self.head_only is True:
+            raise ValueError(f"head_only=True, but the finetune products cannot run on the head alone: {reason}")
+        if self.exact_finetune is True:
+            raise ValueError(f"exact_finetune=True needs the head-only products, which are not available: {reason}")
+        self.finetune_path = f"full network ({reason})"
+        log.info("finetune products on the full network: %s", reason)
+        return None
 
     @property
     def num_pretrain(self) -> int:
@@ -259,7 +316,7 @@ class MultiStageInfluence(InfluenceEstimator):
         """``s = H_G⁻¹ [u; 0]`` per test query, ``[k, |W|+|U|]``: the two solves and the
         mixed product of docs/math.md. Save these to score new pretraining examples later."""
         self._check_fitted()
-        ft_solver = self.finetune_solver or self.solver
+        ft_solver = self.finetune_solver or self._exact or self.solver
         pre_solver = self.pretrain_solver or self.solver
         timings: dict[str, float] = {}
         infos: dict[str, SolveInfo] = {}
@@ -270,10 +327,12 @@ class MultiStageInfluence(InfluenceEstimator):
                 v, infos["finetune"] = self._solve(
                     ft_solver,
                     self.ft_operator,
-                    self.finetune_rhs(g),
+                    self.finetune_rhs(g).to(self.ft_operator.dtype),  # float64 for the exact head
                     "finetune",
                     f"finetune_damping={self.finetune_damping:g}",
                 )
+                v = v.to(g.dtype)
+                infos["finetune"].extra["path"] = self.finetune_path
             with timed(timings, "mixed_product"):
                 b = self.pretrain_rhs(v, g)
             with timed(timings, "pretrain_solve"):

@@ -22,7 +22,7 @@ import torch
 torch.set_num_threads(1)
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # conftest's tiny models; lissa_influence from PYTHONPATH
 
-from lissa_influence import CG, Influence, LiSSA, MultiStageInfluence, distributed, results  # noqa: E402
+from lissa_influence import CG, EKFAC, Influence, LiSSA, MultiStageInfluence, distributed, results  # noqa: E402
 
 from conftest import TinyCNN, make_data  # noqa: E402
 
@@ -76,7 +76,10 @@ def problem():
 def estimators():
     """Fitted estimators covering the products and solvers: HVP + mixed block (fixed, CG),
     GGN with LiSSA minibatches and a power-iteration scale (updated), single stage with a
-    Jacobi-preconditioned CG, and a one-example Hessian sample (an empty shard on rank 1)."""
+    Jacobi-preconditioned CG, and a one-example Hessian sample (an empty shard on rank 1);
+    the fast curvature: EK-FAC in place of both solves (fixed: the head-only exact finetune
+    solve), EK-FAC-preconditioned CG (updated), Nyström-preconditioned CG on retained-graph
+    products (single stage)."""
     pre, ft, ft_updated, d = problem()
     P, F = (d["pre"].x, d["pre"].y), (d["ft"].x, d["ft"].y)
     common = dict(hessian_samples=37, finetune_hessian_samples=29, batch_size=8)
@@ -108,6 +111,28 @@ def estimators():
             damping=0.1,
             hessian_samples=37,
             batch_size=8,
+        ).fit(P),
+        "fixed_ekfac": MultiStageInfluence(
+            pre, ft, mode="fixed", solver=EKFAC(), gauss_newton=True, pretrain_damping=0.1, **common
+        ).fit(P, F),
+        "updated_cg_ekfac": MultiStageInfluence(
+            pre,
+            ft_updated,
+            mode="updated",
+            alpha=0.05,
+            gauss_newton=True,
+            solver=CG(tol=1e-12, max_iter=500, preconditioner="ekfac"),
+            pretrain_damping=0.1,
+            finetune_damping=0.1,
+            **common,
+        ).fit(P, F),
+        "single_nystrom_retained": Influence(
+            pre,
+            solver=CG(tol=1e-12, max_iter=500, preconditioner="nystrom", rank=10),
+            damping=1.0,
+            hessian_samples=37,
+            batch_size=8,
+            hvp_mode="retained",
         ).fit(P),
         "single_one_sample": Influence(
             pre, solver=CG(tol=1e-12, max_iter=500), gauss_newton=True, damping=0.1, hessian_samples=1, batch_size=8

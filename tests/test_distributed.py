@@ -164,6 +164,7 @@ def test_two_ranks_give_the_single_process_scores(torchrun):
     assert r0["hessian_shard"].tolist() == [19, 0, 37] and r1["hessian_shard"].tolist() == [18, 19, 37]
     names = sorted(reference)
     assert {"fixed_cg/scores", "updated_lissa/scores", "single_cg/scores", "single_one_sample/scores"} <= set(names)
+    assert {"fixed_ekfac/scores", "updated_cg_ekfac/scores", "single_nystrom_retained/scores"} <= set(names)
     for key in names:
         assert torch.equal(r0[key], r1[key]), f"{key}: the ranks disagree"  # identical solver iterates
         assert r0[key].shape == reference[key].shape, key

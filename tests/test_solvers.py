@@ -8,6 +8,7 @@ import torch
 
 from lissa_influence import CG, Explicit, Identity, LiSSA
 from lissa_influence.curvature import CurvatureOperator, Objective, cross_entropy
+from lissa_influence.operators import aslinearoperator
 from lissa_influence.params import make_block, named_params
 from lissa_influence.solvers import DivergenceError, NegativeCurvatureError, SolverWarning
 
@@ -106,7 +107,7 @@ def test_block_cg_reports_negative_curvature():
     b = torch.eye(3, dtype=torch.float64)[:2] + 1.0
     with pytest.raises(NegativeCurvatureError, match="damping.*Gauss-Newton"):
         CG(block=True).solve(a, b)
-    with pytest.raises(NegativeCurvatureError):  # with a preconditioner the rows run separately
+    with pytest.raises(NegativeCurvatureError):  # and with a (split) preconditioner
         CG(block=True, preconditioner=torch.ones(3, dtype=torch.float64)).solve(a, b)
 
 
@@ -116,6 +117,58 @@ def test_cg_jacobi_preconditioner_converges(damped_operator, dense):
     assert info.converged and rel(x, torch.linalg.solve(dense, b)) <= 1e-6
     x2, info2 = CG(tol=1e-10, max_iter=2000, preconditioner="jacobi").solve(damped_operator, b)
     assert info2.converged and rel(x2, torch.linalg.solve(dense, b)) <= 1e-6
+
+
+@pytest.mark.parametrize("block", [True, False])
+@pytest.mark.parametrize("preconditioner", ["jacobi", "nystrom", "ekfac", "kfac"])
+def test_preconditioned_cg_reaches_the_dense_solution_in_fewer_products(damped_operator, dense, preconditioner, block):
+    b = rhs(damped_operator, 4)
+    exact = torch.linalg.solve(dense, b.T).T
+    plain_x, plain = CG(tol=1e-10, max_iter=2000, block=block).solve(damped_operator, b)
+    x, info = CG(tol=1e-10, max_iter=2000, block=block, preconditioner=preconditioner, rank=20).solve(
+        damped_operator, b
+    )
+    assert info.converged and rel(x, exact) <= 1e-8 and rel(plain_x, exact) <= 1e-8
+    assert info.extra["preconditioner"] == preconditioner and info.extra["block"] == block
+
+
+@pytest.mark.parametrize("block", [True, False])
+def test_nystrom_cuts_the_products_of_an_ill_conditioned_solve(damped_operator, block):
+    op = CurvatureOperator(damped_operator.objective, damped_operator.block, damping=1e-4)
+    b = rhs(op, 4)
+    _, plain = CG(tol=1e-10, max_iter=2000, block=block).solve(op, b)
+    _, info = CG(tol=1e-10, max_iter=2000, block=block, preconditioner="nystrom", rank=20).solve(op, b)
+    assert info.converged and info.extra["preconditioner_products"] == 20
+    assert info.num_products < 0.7 * plain.num_products, (info.num_products, plain.num_products)
+
+
+def test_nystrom_removes_the_top_of_the_spectrum():
+    from lissa_influence.solvers.preconditioners import Nystrom
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.linalg.qr(torch.randn(30, 30, generator=g, dtype=torch.float64))[0]
+    evals = torch.cat([torch.tensor([100.0, 50.0, 10.0], dtype=torch.float64), torch.full((27,), 0.1)])
+    a = q @ torch.diag(evals) @ q.T
+    pc = Nystrom(aslinearoperator(a, a), rank=6, seed=0, like=a)
+    assert pc.products == 6
+    # M^{-1} A maps the sketched top eigenvalues near λ_r: condition number 1000 -> below 2
+    ev = torch.linalg.eigvals(pc.apply(a)).real
+    assert float(ev.max() / ev.min()) < 2
+    assert (
+        rel(
+            pc.apply_sqrt(pc.apply_sqrt(torch.eye(30, dtype=torch.float64))),
+            pc.apply(torch.eye(30, dtype=torch.float64)),
+        )
+        < 1e-12
+    )
+
+
+def test_kronecker_preconditioner_needs_a_model_backed_operator():
+    a = torch.eye(3, dtype=torch.float64)
+    with pytest.raises(TypeError, match="needs the model behind the operator"):
+        CG(preconditioner="ekfac").solve(a, torch.ones(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="unknown preconditioner 'nystroem'"):
+        CG(preconditioner="nystroem")
 
 
 def test_cg_not_converged_is_reported(damped_operator):

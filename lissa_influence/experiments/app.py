@@ -26,6 +26,11 @@ def _config_path() -> str:
 @hydra.main(version_base="1.3", config_path=_config_path(), config_name="config")
 def _main(cfg: DictConfig) -> float | None:
     with errors.config_terms():  # the library's messages in this app's config keys
+        if cfg.analysis.name == "lds":  # the linear datamodeling score (docs/validation.md)
+            from . import lds
+
+            lds.run(cfg, HydraConfig.get().runtime.output_dir)
+            return None
         if cfg.analysis.name != "none":  # the paper's analyses (docs/analyses.md)
             from . import analyses
 

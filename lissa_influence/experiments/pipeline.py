@@ -25,6 +25,7 @@ import json
 import logging
 import platform
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +108,10 @@ def build_influence(cfg: Any, pretrained, finetuned, data: TwoStageData) -> Mult
         batch_size=cfg.batch_size,
         scoring=cfg.scoring,
         progress=cfg.progress,
+        hvp_mode=cfg.hvp,
+        graph_budget=cfg.graph_budget_mib * 2**20,
+        head_only=config.tristate("head_only", cfg.head_only),
+        exact_finetune=config.tristate("exact_finetune", cfg.exact_finetune),
     )
     return msi.fit(data.pretrain_train, data.finetune_train)
 
@@ -169,8 +174,10 @@ def _run(cfg: Any, out_dir: str | Path) -> dict[str, Any]:
     # before any training: a results folder of another config is refused at once
     distributed.on_rank0(lambda: results.ShardStore.check_folder(out / "scores", key, hashed))
 
+    start = time.perf_counter()
     with distributed.rank0_first():  # rank 0 downloads and trains into the cache, the others read it
         data, pretrained, finetuned, info = train(cfg)
+    timings = training_timings(info, time.perf_counter() - start)
     distributed.broadcast_module(pretrained)  # identical weights on every rank, even without a shared cache
     distributed.broadcast_module(finetuned)
     log.info(
@@ -204,6 +211,7 @@ def _run(cfg: Any, out_dir: str | Path) -> dict[str, Any]:
         "shards_total": resumed["shards_total"],
     }
     solve_diagnostics["world_size"] = distributed.world_size()
+    timings.update(solve_diagnostics["time"])
 
     top = top_examples(scores, cfg.top_k)
     metrics: dict[str, Any] = {
@@ -239,9 +247,22 @@ def _run(cfg: Any, out_dir: str | Path) -> dict[str, Any]:
         from . import validation
 
         metrics["validation"] = validation.run(cfg, data, pretrained, finetuned, scores, (x_test, y_test), out)
+        timings["validation"] = metrics["validation"]["seconds"]["total"]
+    timings["total"] = time.perf_counter() - start
+    metrics["timings"] = timings
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     print(summary(metrics))  # once: under Hydra a log.info would repeat it on the console
     return metrics
+
+
+def training_timings(info: TwoStageInfo, seconds: float) -> dict[str, float]:
+    """Seconds of data loading and of each stage's training; a stage loaded from the cache
+    took no training time in this run (its ``metrics.json`` report keeps the original's)."""
+    trained = {
+        "pretrain_training": 0.0 if info.pretrain_cached else info.pretrain_report.seconds,
+        "finetune_training": 0.0 if info.finetune_cached else info.finetune_report.seconds,
+    }
+    return {"data_and_cache": max(0.0, seconds - sum(trained.values())), **trained}
 
 
 def summary(m: dict[str, Any]) -> str:
@@ -259,7 +280,13 @@ def summary(m: dict[str, Any]) -> str:
                 f"  {stage} solve: {d['iterations']} iterations, {d['num_products']} products, "
                 f"converged={d['converged']}" + (f", residual {res:.2g}" if res is not None else "")
             )
-    lines.append("  time: " + ", ".join(f"{k} {v:.2f}s" for k, v in inf["time"].items()))
+    times = m.get("timings", inf["time"])
+    cached = [s for s in ("pretrain", "finetune") if m.get("training", {}).get(f"{s}_cached")]
+    lines.append(
+        "  time: "
+        + ", ".join(f"{k.replace('_', ' ')} {v:.2f}s" for k, v in times.items())
+        + (f" ({' and '.join(cached)} weights from the cache)" if cached else "")
+    )
     for q, t in enumerate(m["top_examples"][:3]):
         lines.append(
             f"  query {q}: most helpful {t['helpful'][:3]} {[round(v, 4) for v in t['helpful_scores'][:3]]}, "
@@ -268,7 +295,8 @@ def summary(m: dict[str, Any]) -> str:
     if "validation" in m:
         v = m["validation"]
         lines.append(
-            f"  leave-one-out: Pearson {v['pearson']:.3f}, Spearman {v['spearman']:.3f} over {v['num_examples']} "
-            "examples"
+            f"  leave-one-out ({v['query']}): Pearson {v['pearson']:.3f}, Spearman {v['spearman']:.3f} over "
+            f"{v['num_examples']} examples; retraining {v['seconds']['control']:.1f}s for the control, "
+            f"{v['seconds']['per_example']:.1f}s per example"
         )
     return "\n".join(lines)

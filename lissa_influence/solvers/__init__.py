@@ -1,7 +1,8 @@
 """Solvers for ``A x = b`` given only products ``v ↦ A v`` (``A`` = damped curvature).
 
-One module per method family: :mod:`.cg` (conjugate gradient, block CG), :mod:`.lissa`
-(the Neumann series), :mod:`.direct` (the dense solve and the identity), and
+One module per method family: :mod:`.cg` (conjugate gradient, block CG) with its
+:mod:`.preconditioners`, :mod:`.lissa` (the Neumann series), :mod:`.direct` (the dense
+solve and the identity), :mod:`.ekfac` (the Kronecker-factored approximate solve), and
 :mod:`.base` (the :class:`Solver` protocol, :class:`SolveInfo` and the errors every
 solver shares). Any object with a ``solve(A, b, callback=None) -> (x, SolveInfo)``
 method is a solver: see docs/architecture.md.
@@ -19,7 +20,9 @@ from .base import (
 )
 from .cg import CG
 from .direct import Explicit, Identity
+from .ekfac import EKFAC
 from .lissa import LiSSA, power_iteration
+from .preconditioners import Diagonal, Kronecker, Nystrom, Preconditioner
 
 __all__ = [
     "Solver",
@@ -29,7 +32,12 @@ __all__ = [
     "LiSSA",
     "Explicit",
     "Identity",
+    "EKFAC",
     "power_iteration",
+    "Preconditioner",
+    "Diagonal",
+    "Nystrom",
+    "Kronecker",
     "SolverError",
     "NegativeCurvatureError",
     "NotConvergedError",

@@ -1,0 +1,237 @@
+"""The fixed-embedding finetuning stage as a function of the head alone.
+
+With the embedding fixed, the finetuning objective depends on the head ``Θ`` only, and
+every finetune product ran the whole network to recompute the same embedding outputs.
+:func:`head_objective` computes those outputs once for the Hessian sample (a forward
+hook on the embedding module) and returns an :class:`~lissa_influence.curvature.Objective`
+of ``Θ`` alone, in which the embedding module replays them: the model's own forward
+still runs around it, so any head (a Linear, an MLP, a transformer's classifier) and any
+``forward`` / ``loss`` work. It is used only after a check: the head objective's loss
+and gradient on the first chunk must equal the full network's, which fails for a model
+that calls its embedding twice, or transforms the input only on the way to it.
+
+Its products cost a small fraction of the full ones (no convolution runs), and a head
+of up to some thousands of parameters is small enough to factor exactly
+(:class:`ExactInverse`), in float64, which removes the finetune solve's ill-conditioning
+(damping 1e-8 on a softmax head whose Hessian is singular) from the chain.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_map
+
+from .batching import Batch
+from .curvature import CurvatureOperator, Objective
+from .params import ParamBlock, Params, make_block
+from .solvers.base import Callback, DivergenceError, SolveInfo, as_stack, check_rhs, rownorm
+from .task import mean_loss, outputs
+
+__all__ = ["ExactInverse", "head_objective"]
+
+log = logging.getLogger(__name__)
+
+
+class _Replay(nn.Module):
+    """Stands in for the embedding module: returns the features of the current chunk."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features: Any = None
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.features
+
+
+def _replaced(model: nn.Module, path: str, new: nn.Module) -> nn.Module:
+    """A structural copy of ``model`` with the submodule at ``path`` replaced by ``new``:
+    the modules along the path are shallow copies, every other module (and every
+    parameter and buffer) is shared with ``model``, which stays untouched."""
+    root = copy.copy(model)
+    root._modules = dict(model._modules)
+    node, parts = root, path.split(".")
+    for part in parts[:-1]:
+        child = copy.copy(node._modules[part])
+        assert child is not None
+        child._modules = dict(child._modules)
+        node._modules[part] = child
+        node = child
+    node._modules[parts[-1]] = new
+    return root
+
+
+def embedding_module(model: nn.Module, names: Sequence[str]) -> str | None:
+    """The path of the outermost submodule whose trainable parameters are exactly
+    ``names`` (the embedding whose outputs the head reads), or None."""
+    if not names:
+        return None
+    parts = [n.split(".")[:-1] for n in names]
+    common: list[str] = []
+    for level in zip(*parts, strict=False):
+        if len(set(level)) > 1:
+            break
+        common.append(level[0])
+    for depth in range(1, len(common) + 1):  # outermost first
+        path = ".".join(common[:depth])
+        module = model.get_submodule(path)
+        if {f"{path}.{n}" for n, p in module.named_parameters() if p.requires_grad} == set(names):
+            return path
+    return None
+
+
+def head_objective(
+    objective: Objective, embedding: str, theta: ParamBlock, dtype: torch.dtype | None = None
+) -> tuple[Objective, ParamBlock]:
+    """``objective`` restricted to the block ``theta`` with the embedding module at path
+    ``embedding`` replaced by its precomputed outputs on the Hessian sample, in ``dtype``
+    (None: the objective's). Raises ValueError when the head objective does not
+    reproduce the full one (loss and ``∇_Θ`` on the first chunk)."""
+    model, forward = objective.model, objective.forward
+    dtype = dtype or objective.dtype
+    target = model.get_submodule(embedding)
+    captured: list[Any] = []
+    hook = target.register_forward_hook(lambda m, args, out: captured.append(tree_map(torch.Tensor.detach, out)))
+    feats = []
+    try:
+        with torch.no_grad():
+            for chunk in objective.batch.chunks(objective.chunk_size):
+                captured.clear()
+                outputs(model, objective.params, chunk, forward)
+                if len(captured) != 1:
+                    raise ValueError(f"the embedding module {embedding!r} ran {len(captured)} times in one forward")
+                feats.append(captured[0])
+    finally:
+        hook.remove()
+    features = tree_map(lambda *parts: torch.cat(parts), *feats) if len(feats) > 1 else feats[0]
+    for leaf in tree_flatten(features)[0]:
+        if not isinstance(leaf, torch.Tensor) or leaf.dim() == 0 or leaf.shape[0] != len(objective.batch):
+            raise ValueError(f"the embedding module {embedding!r} does not return one output row per example")
+    features = tree_map(lambda t: t.to(dtype) if t.is_floating_point() else t, features)
+
+    replay = _Replay()
+    head_model = _replaced(model, embedding, replay)
+    user_loss = objective.loss_fn
+
+    def head_forward(m: nn.Module, tree: dict[str, Any]) -> Any:
+        replay.features = tree["features"]
+        batch = Batch(tree["x"], tree["y"])
+        # the head model's parameters are substituted by the enclosing functional_call
+        return m(batch.x) if forward is None else forward(m, batch.tree)
+
+    def head_loss(out: Any, tree: dict[str, Any]) -> torch.Tensor:
+        return mean_loss(user_loss, out, Batch(tree["x"], tree["y"]), forward)
+
+    params: Params = {n: objective.params[n].to(dtype) for n in theta.names}
+    # the head's float buffers (BatchNorm statistics) follow the head's dtype
+    params.update(
+        {
+            n: b.to(dtype)
+            for n, b in head_model.named_buffers()
+            if b.is_floating_point() and not n.startswith(embedding + ".")
+        }
+    )
+    head = Objective(
+        head_model,
+        head_loss,
+        params,
+        Batch({"features": features, "x": objective.batch.x, "y": objective.batch.y}),
+        chunk_size=objective.chunk_size,
+        sample_size=objective.sample_size,
+        sample_offset=objective.sample_offset,
+        reduce=objective.reduce,
+        forward=head_forward,
+        ad_mode=objective.ad_mode,
+        hvp_mode=objective.hvp_mode,
+        graph_budget=objective.graph_budget,
+    )
+    block = make_block(params, theta.names)
+    _check_same(objective, theta, head, block)
+    return head, block
+
+
+def _check_same(full: Objective, theta: ParamBlock, head: Objective, block: ParamBlock) -> None:
+    first = next(full.batch.chunks(full.chunk_size))
+    head_first = next(head.batch.chunks(head.chunk_size))
+    loss_full, loss_head = full.value(first), head.value(head_first).to(full.dtype)
+    g_full = full.gradient(theta, first)
+    g_head = head.gradient(block, head_first).to(full.dtype)
+    tol = torch.finfo(full.dtype).eps ** 0.5
+    gap = float((g_full - g_head).norm() / g_full.norm().clamp_min(torch.finfo(full.dtype).tiny))
+    if abs(float(loss_full - loss_head)) > tol * max(1.0, abs(float(loss_full))) or gap > tol:
+        raise ValueError(
+            f"replaying the embedding's outputs changes the loss ({float(loss_full):.6g} vs {float(loss_head):.6g}) "
+            f"or its gradient (relative gap {gap:.2g}): the model does more with its input than pass it to the "
+            "embedding"
+        )
+
+
+class ExactInverse:
+    """``(∇²_ΘΘ F + λI)⁻¹`` of a small head, formed densely from products and factored
+    once (Cholesky; eigenvalues when it is not positive definite), then applied to any
+    number of right-hand sides. The :class:`~lissa_influence.solvers.Solver` the
+    fixed-embedding finetune solve uses by default where the head fits."""
+
+    name = "exact"
+
+    def __init__(self, max_params: int = 10_000, block_size: int = 256):
+        self.max_params, self.block_size = max_params, block_size
+        self._factor: dict[int, tuple[str, torch.Tensor, torch.Tensor | None, float, int]] = {}
+
+    def _factorised(self, op: CurvatureOperator) -> tuple[str, torch.Tensor, torch.Tensor | None, float, int]:
+        key = id(op)
+        if key not in self._factor:
+            t0 = time.perf_counter()
+            n = op.shape[0]
+            if n > self.max_params:
+                raise MemoryError(f"the exact head inverse refuses {n} parameters (limit {self.max_params})")
+            eye = torch.eye(n, dtype=op.dtype, device=op.device)
+            a = torch.cat([op(eye[i : i + self.block_size]) for i in range(0, n, self.block_size)])
+            a = 0.5 * (a + a.T)
+            if not torch.isfinite(a).all():
+                raise DivergenceError("the head's Hessian holds NaN or inf; check the damping and the parameters")
+            chol, info = torch.linalg.cholesky_ex(a)
+            if int(info) == 0:
+                entry = ("cholesky", chol, None, time.perf_counter() - t0, n)
+            else:  # not positive definite (a head far from its minimum): the pseudo-inverse on |λ|
+                evals, evecs = torch.linalg.eigh(a)
+                log.warning("the damped head Hessian has eigenvalue %.3g < 0; solving on |λ|", float(evals[0]))
+                entry = ("eigh", evecs, evals.abs(), time.perf_counter() - t0, n)
+            self._factor = {key: entry}  # one operator at a time: a refit replaces it
+        return self._factor[key]
+
+    def solve(self, matvec: Any, b: torch.Tensor, callback: Callback | None = None) -> tuple[torch.Tensor, SolveInfo]:
+        if not isinstance(matvec, CurvatureOperator):
+            raise TypeError("ExactInverse solves a CurvatureOperator (it caches the factor per operator)")
+        check_rhs(b)
+        start = time.perf_counter()
+        B, single = as_stack(b)
+        built = id(matvec) not in self._factor
+        method, f, evals, factor_s, n = self._factorised(matvec)
+        B64 = B.to(matvec.dtype)
+        if method == "cholesky":
+            X = torch.cholesky_solve(B64.T, f).T
+        else:
+            assert evals is not None
+            X = ((B64 @ f) / evals) @ f.T
+        resid = float((rownorm(matvec(X) - B64) / rownorm(B64).clamp_min(torch.finfo(B64.dtype).tiny)).max())
+        X = X.to(B.dtype)
+        products = (n if built else 0) + B.shape[0]
+        info = SolveInfo(
+            "exact",
+            True,
+            1,
+            products,
+            time.perf_counter() - start,
+            [resid],
+            {"method": method, "dtype": str(matvec.dtype), "factor_seconds": factor_s, "size": n},
+        )
+        if callback is not None:
+            callback(X[0] if single else X, products)
+        return (X[0] if single else X), info

@@ -1,0 +1,621 @@
+"""Kronecker-factored curvature (K-FAC, EK-FAC) of an objective's Gauss-Newton matrix.
+
+:func:`fit_kronecker` approximates the *undamped* generalised Gauss-Newton matrix
+``G = (1/N) Σ_i J_iᵀ H_i J_i`` of an :class:`~lissa_influence.curvature.Objective`'s mean
+loss (docs/math.md, "Gauss-Newton") by a block-diagonal matrix over one
+:class:`~lissa_influence.params.ParamBlock`:
+
+- every ``nn.Linear`` and ``nn.Conv2d`` whose weight (and bias, if it has one) lie in the
+  block and that runs once per forward pass is one Kronecker block ``G_l ≈ Γ ⊗ Ω``. ``Ω``
+  is the second moment of the layer's inputs (with a 1 appended for the bias; im2col
+  patches for a convolution), ``Γ`` that of the gradients at the layer's outputs. Extra
+  dimensions of the input (tokens, spatial positions) are summed over ("K-FAC expand"):
+  ``Ω`` is averaged over them, ``Γ`` summed;
+- every other parameter of the block (normalisation layers, embeddings, a weight whose
+  bias is left out of the block, shared weights) gets the *fallback*: a diagonal block
+  equal to the diagonal of the same Gauss-Newton estimate (the exact GGN diagonal for
+  ``fisher="type-2"``).
+
+``kind="kfac"`` takes the eigenvalues ``λ_Γ ⊗ λ_Ω``; ``kind="ekfac"`` keeps the eigenbasis
+``Q_Γ ⊗ Q_Ω`` and replaces the eigenvalues by the diagonal of ``G_l`` in that basis
+(George et al. 2018): a second pass over the sample, which makes the approximation exact
+on that diagonal. The output-space curvature ``H_i`` enters through gradients at the
+outputs whose outer products average to it (``fisher``):
+
+- ``"type-2"``: the columns of a square root of ``H_i = ∇²_out loss_i`` (exact);
+- ``"mc"``: one label per example sampled from the softmax (cross-entropy only);
+- ``"empirical"``: the gradient of the example's own loss (any loss);
+- ``"auto"``: type-2 when an example's output has at most 256 entries, else mc for
+  cross-entropy, else empirical.
+
+Every inverse is applied in Kronecker form, ``Q (Λ + λ)⁻¹ Qᵀ``, never forming ``P × P``.
+Distributed: the factor sums of every rank's shard are weighted by the whole sample and
+summed with the objective's ``reduce``, so the ranks get the factors of the whole sample.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, cast
+
+import torch
+from torch import nn
+from torch.func import jacrev, vjp, vmap
+from torch.nn import functional as F
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+from .batching import Batch
+from .params import ParamBlock, Params
+from .task import cross_entropy, mean_loss, outputs
+
+if TYPE_CHECKING:
+    from .curvature import Objective
+
+__all__ = ["Damping", "FisherType", "KroneckerCurvature", "KroneckerKind", "fit_kronecker"]
+
+KroneckerKind = Literal["ekfac", "kfac"]
+FisherType = Literal["auto", "type-2", "mc", "empirical"]
+Damping = float | torch.Tensor
+
+TYPE2_MAX_OUTPUTS = 256
+"""``fisher="auto"`` takes the exact type-2 factors up to this many outputs per example
+(one backward pass per output)."""
+
+EIGH_FLOAT64_MAX = 4096
+"""Factors up to this size are eigendecomposed in float64 (cheap, and exact to rounding)."""
+
+_FORMAT = 1
+
+
+@dataclass
+class _Layer:
+    """One Kronecker block: a Linear or Conv2d layer, ``G_l ≈ Q (diag Λ) Qᵀ`` with
+    ``Q = Q_Γ ⊗ Q_Ω``. ``index[o, j]`` is the flat coordinate of output ``o``, input ``j``
+    (the bias is input column ``in``)."""
+
+    module: str
+    weight: str
+    bias: str | None
+    q_a: torch.Tensor  # [in(+1), in(+1)]
+    q_g: torch.Tensor  # [out, out]
+    lam: torch.Tensor  # [out, in(+1)]
+    index: torch.Tensor  # [out, in(+1)] long
+
+
+def _layer_index(block: ParamBlock, weight: str, bias: str | None, shape: torch.Size) -> torch.Tensor:
+    sw = block.slice_of(weight)
+    out = int(shape[0])
+    idx = torch.arange(sw.start, sw.stop).reshape(out, -1)
+    if bias is not None:
+        sb = block.slice_of(bias)
+        idx = torch.cat([idx, torch.arange(sb.start, sb.stop).reshape(out, 1)], dim=1)
+    return idx
+
+
+@dataclass
+class KroneckerCurvature:
+    """A block-diagonal approximation ``G̃`` of the undamped Gauss-Newton matrix of an
+    objective's mean loss over ``block`` (flat coordinates in ``block.flatten`` order).
+
+    Built by :func:`fit_kronecker` (or :meth:`from_state_dict` / :meth:`load` from saved
+    factors). :meth:`matmat` gives ``G̃ v``, :meth:`inverse` ``(G̃ + D)⁻¹ v`` and
+    :meth:`inverse_sqrt` the symmetric ``(G̃ + D)^{-1/2} v``, where the damping ``D`` is a
+    scalar or a ``[P]`` vector constant within each Kronecker block (docs/math.md,
+    "Embedding updated": ``λ + 2α`` on ``W``, ``λ`` on ``Θ``). ``fit_passes`` counts the
+    backward passes over the sample the fit took (each about a gradient's cost).
+    """
+
+    block: ParamBlock
+    layers: list[_Layer]
+    fallback: tuple[str, ...]
+    fallback_index: torch.Tensor
+    fallback_diag: torch.Tensor
+    kind: KroneckerKind
+    fisher: str
+    requested_fisher: str = "auto"
+    seed: int = 0
+    fit_seconds: float = 0.0
+    fit_passes: float = 0.0
+    _cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def size(self) -> int:
+        return self.block.numel
+
+    def describe(self) -> dict[str, Any]:
+        """Which parameters are Kronecker blocks (by module) and which got the diagonal fallback."""
+        return {
+            "kind": self.kind,
+            "fisher": self.fisher,
+            "kronecker": {
+                layer.module: [n for n in (layer.weight, layer.bias) if n is not None] for layer in self.layers
+            },
+            "fallback": list(self.fallback),
+            "fit_seconds": self.fit_seconds,
+            "fit_passes": self.fit_passes,
+        }
+
+    # -- products ----------------------------------------------------------------------
+    def _damping(self, damping: Damping) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Per-layer scalar and fallback per-coordinate damping, checked."""
+        d = torch.as_tensor(damping, dtype=torch.float64)
+        if not bool(torch.isfinite(d).all()) or bool((d < 0).any()):
+            raise ValueError(f"damping must be finite and >= 0, got {damping!r}")
+        if d.dim() == 0:
+            return [d] * len(self.layers), d.expand(len(self.fallback_index))
+        if d.shape != (self.size,):
+            raise ValueError(f"a damping vector needs {self.size} entries, got shape {tuple(d.shape)}")
+        per_layer = []
+        for layer in self.layers:
+            part = d[layer.index.to(d.device)]
+            lo, hi = float(part.min()), float(part.max())
+            if hi - lo > 1e-12 * max(abs(hi), 1.0):
+                raise ValueError(
+                    f"damping varies within the Kronecker block of layer '{layer.module}' (from {lo:g} to {hi:g}); "
+                    "its inverse needs one value per layer. Give every parameter of a layer the same damping "
+                    "(or fit with that layer left out of the block)"
+                )
+            per_layer.append(part.reshape(-1)[0])
+        return per_layer, d[self.fallback_index.to(d.device)]
+
+    def _apply(
+        self, V: torch.Tensor, damping: Damping, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
+        """``Q fn(Λ, d) Qᵀ V`` per block: ``fn`` maps eigenvalues and damping to the factor applied."""
+        if V.dim() not in (1, 2) or V.shape[-1] != self.size:
+            raise ValueError(f"expected a vector [{self.size}] or a stack [k, {self.size}], got shape {tuple(V.shape)}")
+        layer_d, fb_d = self._damping(damping)
+        X = V[None] if V.dim() == 1 else V
+        out = torch.empty_like(X)
+        for layer, d in zip(self.layers, layer_d, strict=True):
+            q_a, q_g = layer.q_a.to(X), layer.q_g.to(X)
+            factor = fn(layer.lam.to(X), d.to(X))
+            R = q_g.T @ X[:, layer.index.to(X.device)] @ q_a  # into the eigenbasis
+            out[:, layer.index.to(X.device)] = q_g @ (R * factor) @ q_a.T
+        if len(self.fallback_index):
+            idx = self.fallback_index.to(X.device)
+            out[:, idx] = X[:, idx] * fn(self.fallback_diag.to(X), fb_d.to(X))
+        return out[0] if V.dim() == 1 else out
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        """``G̃ v`` for ``V`` of shape ``[P]`` or ``[k, P]``."""
+        return self._apply(V, 0.0, lambda lam, d: lam)
+
+    def inverse(self, V: torch.Tensor, damping: Damping) -> torch.Tensor:
+        """``(G̃ + D)⁻¹ v``."""
+        return self._apply(V, damping, lambda lam, d: 1 / _positive(lam + d))
+
+    def inverse_sqrt(self, V: torch.Tensor, damping: Damping) -> torch.Tensor:
+        """The symmetric ``(G̃ + D)^{-1/2} v`` (a split preconditioner: applied twice, :meth:`inverse`)."""
+        return self._apply(V, damping, lambda lam, d: _positive(lam + d).rsqrt())
+
+    # -- persistence -----------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Plain tensors, strings and numbers (``torch.load(..., weights_only=True)`` reads them)."""
+        return {
+            "format": _FORMAT,
+            "names": list(self.block.names),
+            "shapes": [list(s) for s in self.block.shapes],
+            "kind": self.kind,
+            "fisher": self.fisher,
+            "requested_fisher": self.requested_fisher,
+            "seed": self.seed,
+            "fit_seconds": self.fit_seconds,
+            "fit_passes": self.fit_passes,
+            "layers": [
+                {
+                    "module": la.module,
+                    "weight": la.weight,
+                    "bias": la.bias if la.bias is not None else "",
+                    "q_a": la.q_a,
+                    "q_g": la.q_g,
+                    "lam": la.lam,
+                }
+                for la in self.layers
+            ],
+            "fallback": list(self.fallback),
+            "fallback_diag": self.fallback_diag,
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> KroneckerCurvature:
+        if state.get("format") != _FORMAT:
+            raise ValueError(f"unknown Kronecker factor format {state.get('format')!r} (this version reads {_FORMAT})")
+        block = ParamBlock(tuple(state["names"]), tuple(torch.Size(s) for s in state["shapes"]))
+        shapes = dict(zip(block.names, block.shapes, strict=True))
+        layers = []
+        for la in state["layers"]:
+            bias = la["bias"] or None
+            index = _layer_index(block, la["weight"], bias, shapes[la["weight"]])
+            layers.append(_Layer(la["module"], la["weight"], bias, la["q_a"], la["q_g"], la["lam"], index))
+        fallback = tuple(state["fallback"])
+        return cls(
+            block,
+            layers,
+            fallback,
+            _fallback_index(block, fallback),
+            state["fallback_diag"],
+            state["kind"],
+            state["fisher"],
+            state["requested_fisher"],
+            int(state["seed"]),
+            float(state["fit_seconds"]),
+            float(state["fit_passes"]),
+        )
+
+    def save(self, path: str | Path) -> None:
+        torch.save(self.state_dict(), path)
+
+    @classmethod
+    def load(cls, path: str | Path, map_location: str | torch.device | None = None) -> KroneckerCurvature:
+        return cls.from_state_dict(torch.load(path, map_location=map_location, weights_only=True))
+
+    def check_block(self, block: ParamBlock) -> None:
+        """Raise when these factors were fitted for another block of parameters."""
+        if block.names != self.block.names or tuple(block.shapes) != tuple(self.block.shapes):
+            raise ValueError(
+                f"these Kronecker factors were fitted for parameters {list(self.block.names)[:4]}... "
+                f"({self.block.numel} entries), not {list(block.names)[:4]}... ({block.numel} entries)"
+            )
+
+
+def _positive(x: torch.Tensor) -> torch.Tensor:
+    if bool((x <= 0).any()):
+        raise ValueError(
+            "the damped Kronecker curvature is singular (zero curvature along some direction and no damping there); "
+            "use a damping > 0"
+        )
+    return x
+
+
+def _fallback_index(block: ParamBlock, names: tuple[str, ...]) -> torch.Tensor:
+    parts = [torch.arange(s.start, s.stop) for s in map(block.slice_of, names)]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+
+
+# ---------------------------------------------------------------------------- fitting
+@dataclass
+class _Spec:
+    """A supported layer found in the model, and the statistics captured on it."""
+
+    name: str
+    module: nn.Linear | nn.Conv2d
+    weight: str
+    bias: str | None
+    inputs: list[torch.Tensor] = field(default_factory=list)
+    probes: list[torch.Tensor] = field(default_factory=list)
+
+    def patches(self) -> torch.Tensor:
+        """The layer's input as ``[B, T, in(+1)]`` rows (im2col patches for a convolution)."""
+        (x,) = self.inputs
+        m = self.module
+        if isinstance(m, nn.Conv2d):
+            pad = cast(tuple[int, int], (0, 0) if m.padding == "valid" else m.padding)
+            x = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=pad, stride=m.stride).transpose(1, 2)
+        else:
+            x = x.reshape(x.shape[0], -1, x.shape[-1])
+        if self.bias is not None:
+            x = torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
+        return x
+
+    def out_grads(self, g: torch.Tensor | None) -> torch.Tensor:
+        """The gradient at the layer's output as ``[B, T, out]``."""
+        (z,) = self.probes
+        g = torch.zeros_like(z) if g is None else g
+        if isinstance(self.module, nn.Conv2d):
+            return g.flatten(2).transpose(1, 2)
+        return g.reshape(g.shape[0], -1, g.shape[-1])
+
+
+def _supported(m: nn.Module) -> bool:
+    if isinstance(m, nn.Linear):
+        return True
+    if isinstance(m, nn.Conv2d):
+        return m.groups == 1 and m.padding_mode == "zeros" and (m.padding == "valid" or not isinstance(m.padding, str))
+    return False
+
+
+@contextmanager
+def _capture(specs: list[_Spec]) -> Iterator[None]:
+    """Record each layer's input, and add a zero probe to its output whose gradient is the
+    output's gradient (a probe stays valid where later code modifies the output in place)."""
+
+    def hook(spec: _Spec) -> Callable[[nn.Module, tuple[Any, ...], torch.Tensor], torch.Tensor]:
+        def fn(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
+            spec.inputs.append(args[0].detach())
+            z = torch.zeros_like(out, requires_grad=True)
+            spec.probes.append(z)
+            return out + z
+
+        return fn
+
+    for s in specs:
+        s.inputs.clear()
+        s.probes.clear()
+    handles = [s.module.register_forward_hook(hook(s)) for s in specs]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _one(leaves: list[Any], spec: Any, pair: bool) -> Batch:
+    """A one-example batch from one example's leaves (inside ``vmap``)."""
+    tree = tree_unflatten([t.unsqueeze(0) for t in leaves], spec)
+    return Batch(*tree) if pair else Batch(tree)
+
+
+def _is_cross_entropy(loss_fn: Any) -> bool:
+    return loss_fn is cross_entropy or loss_fn is F.cross_entropy
+
+
+class _Fitter:
+    def __init__(self, objective: Objective, block: ParamBlock, fisher: FisherType, seed: int):
+        self.obj, self.block, self.seed = objective, block, seed
+        self.params: Params = {n: t.detach() for n, t in objective.params.items()}
+        self.dtype, self.device = objective.dtype, objective.device
+        model = objective.model
+        in_block = set(block.names)
+        uses: dict[int, int] = {}
+        for _, p in model.named_parameters(remove_duplicate=False):
+            uses[id(p)] = uses.get(id(p), 0) + 1
+        candidates = []
+        for name, m in model.named_modules():
+            if not _supported(m):
+                continue
+            mod = cast(nn.Linear | nn.Conv2d, m)
+            pre = f"{name}." if name else ""
+            weight, bias = pre + "weight", (pre + "bias" if mod.bias is not None else None)
+            if weight not in in_block or (bias is not None and bias not in in_block):
+                continue
+            if any(uses.get(id(p), 0) != 1 for p in mod.parameters(recurse=False)):
+                continue  # shared weights: one Kronecker block cannot hold two layers' statistics
+            candidates.append(_Spec(name, mod, weight, bias))
+        # a probe forward: only layers that run exactly once per pass are Kronecker blocks
+        batch = objective.batch
+        probe = batch.select(slice(0, 1))
+        with torch.no_grad(), _capture(candidates):
+            out = outputs(model, self.params, probe, objective.forward)
+        self.specs = [s for s in candidates if len(s.inputs) == 1]
+        owned = {n for s in self.specs for n in (s.weight, s.bias) if n is not None}
+        self.fallback = tuple(n for n in block.names if n not in owned)
+        self.fb_block = ParamBlock(self.fallback, tuple(block.shapes[block.names.index(n)] for n in self.fallback))
+        self.fisher = self._resolve(fisher, out)
+        self.passes = 0.0
+
+    def _resolve(self, fisher: FisherType, out: Any) -> str:
+        tensor_out = isinstance(out, torch.Tensor) and out.dim() >= 1
+        m = math.prod(out.shape[1:]) if isinstance(out, torch.Tensor) else 0
+        ce = (
+            self.obj.forward is None
+            and _is_cross_entropy(self.obj.loss_fn)
+            and isinstance(out, torch.Tensor)
+            and out.dim() == 2
+        )
+        if fisher == "auto":
+            return "type-2" if tensor_out and m <= TYPE2_MAX_OUTPUTS else "mc" if ce else "empirical"
+        if fisher == "type-2" and not tensor_out:
+            raise ValueError("fisher='type-2' needs the forward to return one tensor [batch, ...]; use 'empirical'")
+        if fisher == "mc" and not ce:
+            raise ValueError(
+                "fisher='mc' samples labels from the softmax: it needs the default forward, the cross-entropy loss "
+                "and logits [batch, classes]; use 'type-2' (small outputs) or 'empirical'"
+            )
+        return fisher
+
+    # -- gradients at the outputs whose outer products average to H_i ----------------
+    def _seeds(self, out: Any, chunk: Batch, start: int) -> list[Any]:
+        """Cotangents at the outputs, ``[K]`` pytrees of the outputs' structure."""
+        if self.fisher == "type-2":
+            o = cast(torch.Tensor, out).detach()
+            B, shape = o.shape[0], o.shape[1:]
+            H = self._output_hessians(o.reshape(B, -1), chunk, shape)
+            evals, evecs = torch.linalg.eigh(H)
+            # eigenvalues at rounding level are zero (cross-entropy's H has one): no backward pass for them
+            tol = evals.abs().amax(dim=-1, keepdim=True) * evals.shape[-1] * torch.finfo(evals.dtype).eps
+            evals = torch.where(evals > tol, evals, torch.zeros_like(evals))
+            S = evecs * evals.sqrt().unsqueeze(1)  # H = S Sᵀ, columns along the last dim
+            keep = (evals > 0).any(dim=0)
+            return [S[:, :, c].reshape(B, *shape) for c in range(S.shape[-1]) if bool(keep[c])]
+        if self.fisher == "mc":
+            o = cast(torch.Tensor, out).detach()
+            p = o.softmax(dim=-1)
+            # one uniform draw per example of the whole sample: shards draw what one process draws
+            g = torch.Generator().manual_seed(self.seed)
+            u = torch.rand(self.obj.total, generator=g, dtype=torch.float64)
+            lo = self.obj.sample_offset + start
+            u = u[lo : lo + o.shape[0]].to(device=o.device, dtype=p.dtype)
+            y = torch.searchsorted(p.cumsum(-1), u[:, None]).clamp_max(p.shape[-1] - 1).squeeze(-1)
+            return [p - F.one_hot(y, p.shape[-1]).to(p)]
+        # empirical: the gradient of each example's own loss (the loss of a batch is its mean)
+        leaves, spec = tree_flatten(out)
+        detached = [t.detach().requires_grad_(True) for t in leaves]
+        loss = mean_loss(self.obj.loss_fn, tree_unflatten(detached, spec), chunk, self.obj.forward)
+        grads = torch.autograd.grad(loss * len(chunk), detached, allow_unused=True)
+        return [
+            tree_unflatten(
+                [torch.zeros_like(t) if g is None else g for t, g in zip(detached, grads, strict=True)], spec
+            )
+        ]
+
+    def _output_hessians(self, o: torch.Tensor, chunk: Batch, shape: torch.Size) -> torch.Tensor:
+        """``∇²_out loss_i`` of each example's loss on its own, ``[B, M, M]``."""
+        leaves, spec = tree_flatten((chunk.x, chunk.y) if chunk.pair else chunk.x)
+
+        def loss(flat: torch.Tensor, ex: list[Any]) -> torch.Tensor:
+            one = _one(ex, spec, chunk.pair)
+            return mean_loss(self.obj.loss_fn, flat.reshape(1, *shape), one, self.obj.forward)
+
+        try:
+            return cast(torch.Tensor, vmap(jacrev(jacrev(loss)))(o, leaves))
+        except (RuntimeError, NotImplementedError, ValueError):  # a loss vmap cannot batch: one example at a time
+            rows = [jacrev(jacrev(loss))(o[i], [t[i] for t in leaves]) for i in range(o.shape[0])]
+            return torch.stack(rows)
+
+    # -- the passes over the sample ------------------------------------------------------
+    def _chunks(self) -> Iterator[tuple[Batch, int]]:
+        start = 0
+        for chunk in self.obj.batch.chunks(self.obj.chunk_size):
+            yield chunk, start
+            start += len(chunk)
+
+    def _reduced(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """All ranks' sums, in one collective."""
+        if self.obj.reduce is None or not tensors:
+            return tensors
+        flat = self.obj.reduce(torch.cat([t.reshape(-1) for t in tensors]))
+        return [
+            p.reshape(t.shape) for p, t in zip(torch.split(flat, [t.numel() for t in tensors]), tensors, strict=True)
+        ]
+
+    def _layer_grads(self, chunk: Batch, start: int) -> Iterator[tuple[list[torch.Tensor], list[torch.Tensor], Any]]:
+        """Per seed column: each layer's output gradients ``[B, T, out]``; with the inputs ``[B, T, in(+1)]``
+        and the seeds."""
+        with _capture(self.specs):
+            out = outputs(self.obj.model, self.params, chunk, self.obj.forward)
+        seeds = self._seeds(out, chunk, start)
+        patches = [s.patches() for s in self.specs]
+        out_leaves = tree_flatten(out)[0]
+        probes = [s.probes[0] for s in self.specs]
+        self.passes += len(seeds) * len(chunk) / max(len(self.obj.batch), 1)
+        for k, seed in enumerate(seeds):
+            if probes:
+                grads = torch.autograd.grad(
+                    out_leaves,
+                    probes,
+                    grad_outputs=tree_flatten(seed)[0],
+                    retain_graph=k < len(seeds) - 1,
+                    allow_unused=True,
+                )
+                yield [s.out_grads(g) for s, g in zip(self.specs, grads, strict=True)], patches, seeds
+            else:
+                yield [], patches, seeds
+
+    def factors(self) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        """First pass: ``Ω`` and ``Γ`` of every layer and the fallback diagonal, over the whole sample."""
+        n = self.obj.total
+        A = [self._square(math.prod(s.module.weight.shape[1:]) + (s.bias is not None)) for s in self.specs]
+        G = [self._square(s.module.weight.shape[0]) for s in self.specs]
+        diag = torch.zeros(self.fb_block.numel, dtype=self.dtype, device=self.device)
+        for chunk, start in self._chunks():
+            seeds: Any = None
+            for column, (gs, patches, chunk_seeds) in enumerate(self._layer_grads(chunk, start)):
+                seeds = chunk_seeds
+                for i, g in enumerate(gs):
+                    g2 = g.reshape(-1, g.shape[-1])
+                    G[i] += g2.T @ g2 / n
+                if column == 0:
+                    for i, a in enumerate(patches):
+                        a2 = a.reshape(-1, a.shape[-1])
+                        A[i] += a2.T @ a2 / (n * a.shape[1])
+            if self.fallback and seeds is not None:
+                diag += self._fallback_grads(chunk, seeds).pow(2).sum(dim=(0, 1)) / n
+        reduced = self._reduced([*A, *G, diag])
+        k = len(self.specs)
+        return reduced[:k], reduced[k : 2 * k], reduced[2 * k]
+
+    def corrections(self, bases: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+        """Second pass (EK-FAC): the mean squared per-example gradient in each layer's eigenbasis."""
+        n = self.obj.total
+        lam = [torch.zeros(q_g.shape[0], q_a.shape[0], dtype=self.dtype, device=self.device) for q_a, q_g in bases]
+        for chunk, start in self._chunks():
+            rotated: list[torch.Tensor] = []
+            for gs, patches, _ in self._layer_grads(chunk, start):
+                if not rotated:  # the inputs are the same for every seed column: rotate them once
+                    rotated = [a @ q_a for a, (q_a, _) in zip(patches, bases, strict=True)]
+                for i, (g, a) in enumerate(zip(gs, rotated, strict=True)):
+                    # rotate before the per-example product: Q_Γᵀ (Σ_t g_t a_tᵀ) Q_Ω = Σ_t (Q_Γᵀ g_t)(Q_Ωᵀ a_t)ᵀ
+                    g = g @ bases[i][1]
+                    if g.shape[1] == 1:  # one position: a rank-one gradient, squared entry by entry
+                        lam[i] += g[:, 0].pow(2).T @ a[:, 0].pow(2) / n
+                    else:
+                        lam[i] += torch.einsum("bto,bti->boi", g, a).pow(2).sum(0) / n
+        return self._reduced(lam)
+
+    def _square(self, size: int) -> torch.Tensor:
+        return torch.zeros(size, size, dtype=self.dtype, device=self.device)
+
+    def _fallback_grads(self, chunk: Batch, seeds: list[Any]) -> torch.Tensor:
+        """Per-example, per-seed gradients of the fallback parameters, ``[B, K, P_fb]``:
+        ``J_iᵀ s`` by a ``vjp`` of each example's outputs."""
+        block, obj = self.fb_block, self.obj
+        theta = block.flatten(self.params)
+        leaves, spec = tree_flatten((chunk.x, chunk.y) if chunk.pair else chunk.x)
+        stacked = tree_map(lambda *xs: torch.stack(xs, dim=1), *seeds)  # [B, K, ...] per leaf
+
+        def per_example(ex: list[Any], s: Any) -> torch.Tensor:
+            one = _one(ex, spec, chunk.pair)
+            net = lambda f: outputs(obj.model, {**self.params, **block.unflatten(f)}, one, obj.forward)
+            pull = vjp(net, theta)[1]
+            return cast(torch.Tensor, vmap(lambda c: pull(tree_map(lambda t: t.unsqueeze(0), c))[0])(s))
+
+        self.passes += len(seeds) * len(chunk) / max(len(obj.batch), 1)
+        try:
+            return vmap(per_example)(leaves, stacked)
+        except (RuntimeError, NotImplementedError, ValueError):  # a model vmap cannot batch: one example at a time
+            rows = [
+                per_example([t[i] for t in leaves], tree_map(lambda t, i=i: t[i], stacked)) for i in range(len(chunk))
+            ]
+            return torch.stack(rows)
+
+
+def _eigh(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (clamped at 0: the factors are PSD up to rounding) and eigenvectors, in ``m``'s dtype."""
+    work = m.double() if m.shape[0] <= EIGH_FLOAT64_MAX else m
+    evals, evecs = torch.linalg.eigh(0.5 * (work + work.T))
+    return evals.clamp_min(0).to(m.dtype), evecs.to(m.dtype)
+
+
+def fit_kronecker(
+    objective: Objective,
+    block: ParamBlock,
+    kind: KroneckerKind = "ekfac",
+    fisher: FisherType = "auto",
+    seed: int = 0,
+) -> KroneckerCurvature:
+    """Fit K-FAC or EK-FAC factors of ``objective``'s Gauss-Newton matrix over ``block``.
+
+    One pass over the objective's sample (``batch``, in chunks of ``chunk_size``) for the
+    factors, a second one for EK-FAC's eigenvalue correction (module docstring; the
+    Gauss-Newton matrix of docs/math.md). The model stays in the mode it is in; ``seed``
+    draws the labels of ``fisher="mc"``.
+    """
+    if kind not in ("ekfac", "kfac"):
+        raise ValueError(f"kind={kind!r}: use 'ekfac' or 'kfac'")
+    if fisher not in ("auto", "type-2", "mc", "empirical"):
+        raise ValueError(f"fisher={fisher!r}: use 'auto', 'type-2', 'mc' or 'empirical'")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed={seed!r}: use an integer")
+    started = time.perf_counter()
+    fitter = _Fitter(objective, block, fisher, seed)
+    A, G, diag = fitter.factors()
+    layers = []
+    bases = []
+    for s, a, g in zip(fitter.specs, A, G, strict=True):
+        lam_a, q_a = _eigh(a)
+        lam_g, q_g = _eigh(g)
+        bases.append((q_a, q_g))
+        index = _layer_index(block, s.weight, s.bias, s.module.weight.shape)
+        layers.append(_Layer(s.name, s.weight, s.bias, q_a, q_g, torch.outer(lam_g, lam_a), index))
+    if kind == "ekfac" and layers:
+        for layer, lam in zip(layers, fitter.corrections(bases), strict=True):
+            layer.lam = lam
+    return KroneckerCurvature(
+        block,
+        layers,
+        fitter.fallback,
+        _fallback_index(block, fitter.fallback),
+        diag,
+        kind,
+        fitter.fisher,
+        fisher,
+        seed,
+        time.perf_counter() - started,
+        fitter.passes,
+    )
