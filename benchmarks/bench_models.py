@@ -108,15 +108,18 @@ def bench(name: str, model, loss, forward, batch: Batch, args, device: torch.dev
     block = make_block(params, lambda n: True)
     v = torch.randn(block.numel, generator=torch.Generator().manual_seed(1)).to(device)
     objectives = {
-        m: Objective(model, loss, params, batch, args.chunk, forward=forward, ad_mode=m) for m in ("forward", "reverse")
+        m: Objective(model, loss, params, batch, args.chunk, forward=forward, ad_mode=m)
+        for m in ("forward", "reverse", "auto")
     }
     objectives["retained"] = Objective(
         model, loss, params, batch, args.chunk, forward=forward, hvp_mode="retained", graph_budget=2**40
     )
+    V2 = torch.stack([v, v.roll(1)])  # a stack of two, as block CG multiplies two queries
     fns = {
         "gradient": lambda: objectives["reverse"].gradient(block),
         "hvp_reverse": lambda: objectives["reverse"].hvp(block, v),
         "hvp_retained": lambda: objectives["retained"].hvp(block, v),
+        "hvp_stack2": lambda: objectives["auto"].hvp(block, V2),
     }
     row = {"model": name, "params": block.numel, "examples": len(batch), "device": str(device)}
     if forward is None:  # raw torch.func on the parameter dict, one chunk: the library's overhead is above this
@@ -162,6 +165,7 @@ def bench(name: str, model, loss, forward, batch: Batch, args, device: torch.dev
     row["hvp_forward_over_gradient"] = row.get("hvp_forward_s", float("nan")) / row["gradient_s"]
     row["hvp_reverse_over_gradient"] = row["hvp_reverse_s"] / row["gradient_s"]
     row["hvp_retained_over_gradient"] = row["hvp_retained_s"] / row["gradient_s"]
+    row["stack2_per_vector_over_gradient"] = row["hvp_stack2_s"] / 2 / row["gradient_s"]
     if "raw_gradient_s" in row:
         row["raw_hvp_forward_over_raw_gradient"] = row["raw_hvp_forward_s"] / row["raw_gradient_s"]
         row["hvp_forward_over_raw"] = row.get("hvp_forward_s", float("nan")) / row["raw_hvp_forward_s"]
@@ -191,7 +195,8 @@ def bench(name: str, model, loss, forward, batch: Batch, args, device: torch.dev
         row["cg_products"] = inf.diagnostics["solve"]["num_products"]
         # per product of the solve (stacked products of 2 queries, CG's vector algebra, the test gradients)
         row["cg_product_over_gradient"] = row["cg_solve_s"] / row["cg_products"] / row["gradient_s"]
-        row["ad_used"] = inf.operator.objective.ad_used
+        # the solve's HVPs: retained graphs (the default) or the functional mode that ran
+        row["ad_used"] = inf.operator.objective.ad_used or "retained"
         t0 = time.perf_counter()
         inf.scores_from(s)
         _sync(device)
@@ -232,6 +237,7 @@ def main() -> None:
         "hvp_forward_over_gradient",
         "hvp_reverse_over_gradient",
         "hvp_retained_over_gradient",
+        "stack2_per_vector_over_gradient",
         "retained_build_s",
         "retained_graph_mib",
         "raw_hvp_forward_over_raw_gradient",

@@ -35,5 +35,9 @@ else
   run lissa_damping solver=lissa solver.depth=1000 solver.damping=1e-4,1e-3,1e-2
   run lissa_stochastic solver=lissa solver.depth=1000 solver.batch_size=64 solver.repeats=1,4
   run lissa_gn solver=lissa solver.depth=1000 gauss_newton=true
+  # fast curvature: preconditioned CG, the Kronecker approximations, the HVP implementations
+  run cg_pc solver=cg solver.tol=1e-8 solver.max_iter=2000 solver.preconditioner=nystrom,kfac,ekfac
+  run kronecker solver=ekfac,kfac
+  run hvp solver=cg solver.tol=1e-8 solver.max_iter=2000 hvp=functional,retained
 fi
 python -m lissa_influence.experiments.accuracy "$OUT"

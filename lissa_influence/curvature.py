@@ -247,20 +247,24 @@ class Objective:
             return t
 
         graphs: list[tuple[torch.Tensor, torch.Tensor, float]] | None = []
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            for c, w in self._chunks(None):
-                theta = self.point(block).detach().requires_grad_(True)
-                g = torch.autograd.grad(self._loss((block,), (theta,), c), theta, create_graph=True)[0]
-                assert graphs is not None
-                graphs.append((theta, g, w))
-                if saved[0] > self.graph_budget:
-                    log.info(
-                        "retained HVP graphs exceed graph_budget=%d bytes after %d chunk(s); functional products",
-                        self.graph_budget,
-                        len(graphs),
-                    )
-                    graphs = None
-                    break
+        try:
+            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                for c, w in self._chunks(None):
+                    theta = self.point(block).detach().requires_grad_(True)
+                    g = torch.autograd.grad(self._loss((block,), (theta,), c), theta, create_graph=True)[0]
+                    assert graphs is not None
+                    graphs.append((theta, g, w))
+                    if saved[0] > self.graph_budget:
+                        log.info(
+                            "retained HVP graphs exceed graph_budget=%d bytes after %d chunk(s); functional products",
+                            self.graph_budget,
+                            len(graphs),
+                        )
+                        graphs = None
+                        break
+        except (RuntimeError, NotImplementedError) as e:  # an op without a double backward, or out of memory
+            log.info("retained HVP graphs could not be built (%s); functional products", str(e).splitlines()[0][:200])
+            graphs = None
         self._graphs[key] = graphs
         self._ad.setdefault("graph_bytes", str(saved[0]))
         return graphs
@@ -419,6 +423,10 @@ class CurvatureOperator(LinearOperator):
         if key not in self._kronecker:
             self._kronecker[key] = fit_kronecker(self.objective, self.block, kind, fisher, seed)
         return self._kronecker[key]
+
+    def kronecker_fitted(self, kind: str) -> KroneckerCurvature | None:
+        """The factors of ``kind`` fitted or installed so far (any Fisher estimate), or None."""
+        return next((c for (k, _, _), c in self._kronecker.items() if k == kind), None)
 
     def set_kronecker(self, curvature: KroneckerCurvature) -> None:
         """Install factors fitted earlier (e.g. :meth:`KroneckerCurvature.load`), for the key they were fitted with."""

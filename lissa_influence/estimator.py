@@ -168,9 +168,10 @@ class InfluenceEstimator(ABC):
     Hessian samples and scoring across the ranks of an initialised torch.distributed
     process group (no effect without one), and ``ad_mode``: forward- or reverse-mode
     second derivatives (``"auto"``: forward, reverse where the loss lacks forward mode;
-    :data:`~lissa_influence.curvature.ADMode`); ``hvp_mode``: ``"functional"`` or
-    ``"retained"`` Hessian-vector products, the latter keeping each chunk's gradient graph
-    while it takes at most ``graph_budget`` bytes (:data:`~lissa_influence.curvature.HVPMode`).
+    :data:`~lissa_influence.curvature.ADMode`); ``hvp_mode``: ``"retained"`` (the default:
+    each chunk's gradient graph is kept while they take at most ``graph_budget`` bytes, and
+    a product is one backward pass; measured the faster, docs/benchmarks.md) or
+    ``"functional"`` Hessian-vector products (:data:`~lissa_influence.curvature.HVPMode`).
 
     State after ``fit``: :attr:`is_fitted`, :attr:`scored_data` (the examples that
     :meth:`scores` scores by default), ``diagnostics`` (solver reports and timings of
@@ -185,7 +186,7 @@ class InfluenceEstimator(ABC):
     progress: bool = False
     distributed: bool = True
     ad_mode: ADMode = "auto"
-    hvp_mode: HVPMode = "functional"
+    hvp_mode: HVPMode = "retained"
     graph_budget: int = 2 * 2**30
 
     _old_data_keyword: ClassVar[str] = ""  # what ``data=`` was called before 0.2 (still accepted)

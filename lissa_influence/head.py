@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.func import hessian, jacrev
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from .batching import Batch
 from .curvature import CurvatureOperator, Objective
@@ -47,7 +49,8 @@ class _Replay(nn.Module):
         self.features: Any = None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.features
+        # a copy: the next layer may work in place (ReLU(inplace=True)) on what it is given
+        return tree_map(torch.clone, self.features)
 
 
 def _replaced(model: nn.Module, path: str, new: nn.Module) -> nn.Module:
@@ -172,6 +175,66 @@ def _check_same(full: Objective, theta: ParamBlock, head: Objective, block: Para
         )
 
 
+def dense_curvature(op: CurvatureOperator, block_size: int = 256) -> tuple[torch.Tensor, str]:
+    """The dense damped matrix of ``op`` and how it was formed.
+
+    Where the curvature is a Gauss-Newton matrix (``op.gauss_newton``, or a head whose
+    outputs are linear in its parameters, as a softmax's linear layer: then the Hessian
+    *is* the GGN, checked on one random vector), it is assembled as ``Σ Jᵀ (∇²_out L) J``
+    from the outputs' Jacobian, a few large matrix products per chunk; otherwise from
+    ``P`` products with basis vectors."""
+    n = op.shape[0]
+    damping = torch.as_tensor(op.damping, dtype=op.dtype, device=op.device)
+    if op.objective.sample_size is None:  # one process: the GGN route needs no collective to decide
+        v = torch.randn(n, dtype=op.dtype, generator=torch.Generator().manual_seed(0)).to(op.device)
+        try:
+            if op.gauss_newton or _close(op.objective.hvp(op.block, v), op.objective.ggn_vp(op.block, v)):
+                a = _gauss_newton_matrix(op.objective, op.block)
+                return 0.5 * (a + a.T) + torch.diag(damping.expand(n)), "gauss-newton jacobian"
+        except (RuntimeError, NotImplementedError, MemoryError):  # outputs too large, or not batchable
+            pass
+    eye = torch.eye(n, dtype=op.dtype, device=op.device)
+    a = torch.cat([op(eye[i : i + block_size]) for i in range(0, n, block_size)])
+    return 0.5 * (a + a.T), "products with basis vectors"
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return float((a - b).norm()) <= 1e-9 * max(float(b.norm()), torch.finfo(b.dtype).tiny)
+
+
+def _gauss_newton_matrix(objective: Objective, block: ParamBlock, max_outputs: int = 2048) -> torch.Tensor:
+    """``(1/N) Σ_i J_iᵀ ∇²_{o_i} ℓ_i J_i`` over the sample, in chunks of at most
+    ``max_outputs`` output entries (the output Hessian of a chunk is dense)."""
+    theta = objective.point(block)
+    total = theta.new_zeros(block.numel, block.numel)
+    first = next(objective.batch.chunks(1))
+    per_example = sum(leaf.numel() for leaf in tree_flatten(objective._forward(block.unflatten(theta), first))[0])
+    if per_example > max_outputs:
+        raise MemoryError(f"{per_example} outputs per example")
+    chunk = max(1, max_outputs // per_example)
+    n_total = objective.total
+    for c in objective.batch.chunks(chunk):
+        leaves, spec = tree_flatten(objective._forward(block.unflatten(theta), c))
+        shapes = [t.shape for t in leaves]
+
+        def flat_outputs(f: torch.Tensor, c: Batch = c) -> torch.Tensor:
+            return torch.cat([t.reshape(-1) for t in tree_flatten(objective._forward(block.unflatten(f), c))[0]])
+
+        def loss_of(o: torch.Tensor, c: Batch = c, shapes: list[torch.Size] = shapes, spec: Any = spec) -> torch.Tensor:
+            parts, at = [], 0
+            for shape in shapes:
+                size = math.prod(shape)
+                parts.append(o[at : at + size].reshape(shape))
+                at += size
+            return mean_loss(objective.loss_fn, tree_unflatten(parts, spec), c, objective.forward)
+
+        o = flat_outputs(theta).detach()
+        J = jacrev(flat_outputs)(theta)  # [outputs, P]
+        H = hessian(loss_of)(o)  # [outputs, outputs], block diagonal over examples
+        total += (len(c) / n_total) * (J.T @ (H @ J))
+    return objective.reduce(total) if objective.reduce is not None else total
+
+
 class ExactInverse:
     """``(∇²_ΘΘ F + λI)⁻¹`` of a small head, formed densely from products and factored
     once (Cholesky; eigenvalues when it is not positive definite), then applied to any
@@ -182,6 +245,7 @@ class ExactInverse:
 
     def __init__(self, max_params: int = 10_000, block_size: int = 256):
         self.max_params, self.block_size = max_params, block_size
+        self.assembly = ""
         self._factor: dict[int, tuple[str, torch.Tensor, torch.Tensor | None, float, int]] = {}
 
     def _factorised(self, op: CurvatureOperator) -> tuple[str, torch.Tensor, torch.Tensor | None, float, int]:
@@ -191,9 +255,7 @@ class ExactInverse:
             n = op.shape[0]
             if n > self.max_params:
                 raise MemoryError(f"the exact head inverse refuses {n} parameters (limit {self.max_params})")
-            eye = torch.eye(n, dtype=op.dtype, device=op.device)
-            a = torch.cat([op(eye[i : i + self.block_size]) for i in range(0, n, self.block_size)])
-            a = 0.5 * (a + a.T)
+            a, self.assembly = dense_curvature(op, self.block_size)
             if not torch.isfinite(a).all():
                 raise DivergenceError("the head's Hessian holds NaN or inf; check the damping and the parameters")
             chol, info = torch.linalg.cholesky_ex(a)
@@ -222,7 +284,8 @@ class ExactInverse:
             X = ((B64 @ f) / evals) @ f.T
         resid = float((rownorm(matvec(X) - B64) / rownorm(B64).clamp_min(torch.finfo(B64.dtype).tiny)).max())
         X = X.to(B.dtype)
-        products = (n if built else 0) + B.shape[0]
+        # the residual check's products, and the basis-vector products that formed the matrix, if it was
+        products = B.shape[0] + (n if built and self.assembly.startswith("products") else 0)
         info = SolveInfo(
             "exact",
             True,
@@ -230,7 +293,13 @@ class ExactInverse:
             products,
             time.perf_counter() - start,
             [resid],
-            {"method": method, "dtype": str(matvec.dtype), "factor_seconds": factor_s, "size": n},
+            {
+                "method": method,
+                "dtype": str(matvec.dtype),
+                "factor_seconds": factor_s,
+                "size": n,
+                "assembly": self.assembly,
+            },
         )
         if callback is not None:
             callback(X[0] if single else X, products)

@@ -68,7 +68,8 @@ class MultiStageInfluence(InfluenceEstimator):
     products run on the head alone, with that module's outputs on the Hessian sample
     computed once (``head_only``: ``"auto"`` where the model allows it, checked on the
     first chunk; :mod:`lissa_influence.head`). Then, unless a ``finetune_solver`` is
-    given, a head of at most ``exact_max_params`` parameters is solved exactly: its
+    given or ``solver`` is an approximation (``Identity``, ``EKFAC``: they replace every
+    inverse), a head of at most ``exact_max_params`` parameters is solved exactly: its
     damped Hessian formed in float64 and factored once (``exact_finetune``).
 
     The chain (docs/math.md) runs in :meth:`query_vectors`: :meth:`test_gradients`, the
@@ -238,7 +239,9 @@ class MultiStageInfluence(InfluenceEstimator):
 
     def _head(self) -> tuple[Objective, ParamBlock] | None:
         """The head-only finetune objective (fixed mode), in float64 when it will be solved exactly."""
-        exact = self.finetune_solver is None and self.exact_finetune is not False
+        # an approximation chosen for every inverse (identity ablation, EK-FAC) is kept for this one too
+        chosen_approximation = getattr(self.solver, "approximate", False) and self.exact_finetune is not True
+        exact = self.finetune_solver is None and self.exact_finetune is not False and not chosen_approximation
         if self.head_only is False:
             reason = "head_only=False"
         elif (path := embedding_module(self.finetuned, self.W.names)) is None:
@@ -247,8 +250,8 @@ class MultiStageInfluence(InfluenceEstimator):
             fits = self.Theta.numel <= self.exact_max_params
             try:
                 head = head_objective(self.ft_objective, path, self.Theta, torch.float64 if exact and fits else None)
-            except ValueError as e:
-                reason = str(e)
+            except (ValueError, RuntimeError, NotImplementedError) as e:  # e.g. a model torch.func cannot replay
+                reason = str(e).splitlines()[0][:300]
             else:
                 if exact and fits:
                     self._exact = ExactInverse(self.exact_max_params)

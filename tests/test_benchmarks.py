@@ -67,5 +67,6 @@ def test_models_benchmark_runs_and_reports_the_mode_it_used(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = {r["model"]: r for r in json.loads((tmp_path / "models_cpu.json").read_text())["rows"]}
-    assert rows["mlp_mse"]["ad_used"] == "reverse" and "unsupported" in rows["mlp_mse"]["forward_mode"]
-    assert rows["digits_cnn"]["ad_used"] == "forward" and rows["digits_cnn"]["hvp_forward_s"] > 0
+    assert rows["mlp_mse"]["ad_used"] == "retained" and "unsupported" in rows["mlp_mse"]["forward_mode"]
+    assert rows["digits_cnn"]["hvp_forward_s"] > 0 and rows["digits_cnn"]["hvp_retained_s"] > 0
+    assert rows["digits_cnn"]["retained_graph_mib"] > 0

@@ -28,6 +28,42 @@ def test_hvp_matches_dense_hessian(arch, shape, subset):
     assert op.num_products == 4
 
 
+@pytest.mark.parametrize("subset", ["all", "head"])
+def test_retained_graph_hvp_matches_dense_hessian(subset):
+    torch.manual_seed(0)
+    model = TinyCNN().double()
+    batch = make_data(50, (1, 6, 6), 3, seed=1)
+    params = named_params(model)
+    block = make_block(params, (lambda n: True) if subset == "all" else prefix_matcher(subset))
+    obj = Objective(model, cross_entropy, params, batch, chunk_size=16, hvp_mode="retained")
+    H = dense_hessian(model, params, block, batch)
+    v = torch.randn(3, block.numel, dtype=torch.float64)
+    assert rel(obj.hvp(block, v[0]), H @ v[0]) <= 1e-10
+    assert rel(obj.hvp(block, v), v @ H.T) <= 1e-10
+    graphs = obj._graphs[tuple(block.names)]
+    assert graphs is not None and len(graphs) == 4  # 50 examples in chunks of 16, built once
+    assert int(obj._ad["graph_bytes"]) > 0
+    obj.hvp(block, v[0])
+    assert obj._graphs[tuple(block.names)] is graphs  # reused, not rebuilt
+
+
+def test_retained_graphs_over_budget_fall_back_to_functional(caplog):
+    torch.manual_seed(0)
+    model = TinyMLP().double()
+    batch = make_data(30, (5,), 3, seed=1)
+    params = named_params(model)
+    block = make_block(params, lambda n: True)
+    H = dense_hessian(model, params, block, batch)
+    v = torch.randn(block.numel, dtype=torch.float64)
+    tight = Objective(model, cross_entropy, params, batch, chunk_size=8, hvp_mode="retained", graph_budget=0)
+    with caplog.at_level("INFO", logger="lissa_influence.curvature"):
+        assert rel(tight.hvp(block, v), H @ v) <= 1e-10
+    assert tight._graphs[tuple(block.names)] is None and "exceed graph_budget=0" in caplog.text
+
+    with pytest.raises(ValueError, match="hvp_mode must be"):
+        Objective(model, cross_entropy, params, batch, hvp_mode="kept")
+
+
 def test_mixed_block_matches_dense_hessian(cnn64):
     batch = make_data(40, (1, 6, 6), 3, seed=2)
     params = named_params(cnn64)

@@ -46,22 +46,26 @@ def regression():
 
 
 @pytest.mark.parametrize("loss", [F.mse_loss, F.huber_loss], ids=["mse", "huber"])
-@pytest.mark.parametrize("ad_mode", ["auto", "reverse"])
+@pytest.mark.parametrize("ad_mode", ["auto", "reverse", "retained"])
 def test_regression_losses_equal_the_dense_formula(regression, loss, ad_mode):
     """torch has no forward-mode second derivative of these losses: "auto" falls back to
-    reverse-over-reverse products, with the same numbers."""
+    reverse-over-reverse products, with the same numbers; retained-graph products need no
+    forward mode at all."""
     model, x, y = regression
-    inf = Influence(model, loss=loss, damping=0.5, hessian_samples="all", ad_mode=ad_mode, solver=CG(tol=1e-12))
+    mode = dict(hvp_mode="retained") if ad_mode == "retained" else dict(ad_mode=ad_mode, hvp_mode="functional")
+    inf = Influence(model, loss=loss, damping=0.5, hessian_samples="all", solver=CG(tol=1e-12), **mode)
     got = inf.fit((x, y)).scores((x[:3], y[:3]))
     assert rel(got, dense.single_stage_of(model, loss, x, y, 3, 0.5, inf.block)) <= 1e-9
-    assert inf.operator.objective.ad_used == "reverse"
+    assert inf.operator.objective.ad_used == (None if ad_mode == "retained" else "reverse")
     ggn = Influence(model, loss=loss, damping=0.5, hessian_samples="all", gauss_newton=True, solver=CG(tol=1e-12))
     assert torch.isfinite(ggn.fit((x, y)).scores((x[:3], y[:3]))).all()  # Gauss-Newton products run too
 
 
 def test_forward_mode_only_says_what_failed(regression):
     model, x, y = regression
-    inf = Influence(model, loss=F.huber_loss, damping=0.5, hessian_samples="all", ad_mode="forward")
+    inf = Influence(
+        model, loss=F.huber_loss, damping=0.5, hessian_samples="all", ad_mode="forward", hvp_mode="functional"
+    )
     with pytest.raises(NotImplementedError, match="forward AD"):
         inf.fit((x, y)).scores((x[:1], y[:1]))
 
@@ -410,6 +414,7 @@ def test_regression_finetuning_runs_the_mixed_product_in_reverse_mode():
         finetune_damping=1.0,
         hessian_samples="all",
         solver=CG(tol=1e-12),
+        hvp_mode="functional",
     )
     got = msi.fit((xp, yp), (xf, yf)).scores((xf[:2], yf[:2]))
     assert msi.ft_objective.ad_used == "reverse" and msi.pre_objective.ad_used == "forward"

@@ -58,7 +58,18 @@ log = logging.getLogger(__name__)
 
 REFERENCE_VERSION = 1  # bump when the cached reference's contents change
 # Keys that do not change the exact reference (they choose or tune the candidate).
-NOT_IN_REFERENCE = ("solver", "gauss_newton", "scoring", "batch_size", "accuracy", "analysis")
+NOT_IN_REFERENCE = (
+    "solver",
+    "gauss_newton",
+    "scoring",
+    "batch_size",
+    "accuracy",
+    "analysis",
+    "hvp",
+    "graph_budget_mib",
+    "head_only",
+    "exact_finetune",
+)
 
 
 # -- the exact inverse -----------------------------------------------------------------

@@ -180,10 +180,10 @@ class RunSchema:
     progress: bool = True
     device: str = "auto"  # auto (CUDA when available) | cpu | cuda | cuda:N
     allow_unconverged: bool = False  # score even from a solve that made no progress (relative residual >= 1)
-    hvp: str = "functional"  # functional | retained (each chunk's gradient graph kept, one backward per product)
+    hvp: str = "retained"  # retained (each chunk's gradient graph kept, one backward per product) | functional
     graph_budget_mib: int = 2048  # hvp=retained: the kept graphs' limit (over it: functional products)
     head_only: str = "auto"  # auto | true | false: fixed-mode finetune products on the head alone
-    exact_finetune: str = "auto"  # auto | true | false: fixed-mode finetune solve by a float64 factorisation of the head
+    exact_finetune: str = "auto"  # auto | true | false: fixed-mode finetune solved by factoring the head in float64
 
 
 def register() -> None:

@@ -26,6 +26,8 @@ _TERMS = [
     (r"finetune_damping=", "finetune.damping="),
     (r"gauss_newton=True\b", "gauss_newton=true"),
     (r"preconditioner='jacobi'", "solver.preconditioner=jacobi"),
+    (r"head_only=True\b", "head_only=true"),
+    (r"exact_finetune=True\b", "exact_finetune=true"),
     (r"max_iter\b", "solver.max_iter"),
     (r"max_params=", "solver.max_params="),
     (r"tol=", "solver.tol="),

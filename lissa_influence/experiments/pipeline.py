@@ -21,6 +21,7 @@ the scoring are split across ranks, and only rank 0 writes files and prints.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import platform
@@ -34,10 +35,12 @@ import torch
 from omegaconf import OmegaConf
 
 from .. import __version__, distributed, results
+from ..curvature import CurvatureOperator
+from ..kfac import KroneckerCurvature
 from ..multistage import MultiStageInfluence
 from ..solvers import NotConvergedError
 from . import config, plots, rundir
-from .data import DataConfig, TwoStageData, load_two_stage
+from .data import DataConfig, TwoStageData, load_two_stage, tensor_digest
 from .models import ModelConfig, TwoStageNet
 from .training import TrainConfig, TwoStageInfo, train_two_stage
 
@@ -116,13 +119,75 @@ def build_influence(cfg: Any, pretrained, finetuned, data: TwoStageData) -> Mult
     return msi.fit(data.pretrain_train, data.finetune_train)
 
 
+def kronecker_kinds(cfg: Any) -> list[str]:
+    """The Kronecker factors (``ekfac`` / ``kfac``) the configured solver fits, if any."""
+    s = cfg.solver
+    if s.name in ("ekfac", "kfac"):
+        return [s.name]
+    return [s.preconditioner] if s.name == "cg" and s.preconditioner in ("ekfac", "kfac") else []
+
+
+def _stage_operators(msi: MultiStageInfluence) -> dict[str, CurvatureOperator]:
+    return {"pretrain": msi.pre_operator, "finetune": msi.ft_operator}
+
+
+def _factor_file(cfg: Any, stage: str, op: CurvatureOperator, kind: str) -> Path:
+    """Where a stage's factors are cached: keyed by what determines them (the parameters at
+    which they are taken, the Hessian sample, the block, the estimate), not by the damping."""
+    o = op.objective
+    digest = tensor_digest(*(o.params[n] for n in op.block.names), *o.batch.tensors())
+    spec = f"{stage}|{kind}|{cfg.solver.fisher}|{cfg.solver.seed}|{cfg.gauss_newton}|{','.join(op.block.names)}"
+    key = hashlib.sha256(f"{spec}|{digest}".encode()).hexdigest()[:20]
+    return Path(cfg.cache_dir).expanduser() / "factors" / f"{stage}_{kind}_{key}.pt"
+
+
+def load_factors(cfg: Any, msi: MultiStageInfluence) -> list[str]:
+    """Install cached Kronecker factors on the stage operators; returns the stages that had them."""
+    loaded = []
+    for kind in kronecker_kinds(cfg):
+        for stage, op in _stage_operators(msi).items():
+            path = _factor_file(cfg, stage, op, kind)
+            if path.is_file():
+                op.set_kronecker(KroneckerCurvature.load(path, map_location=op.device))
+                loaded.append(f"{stage}_{kind}")
+    return loaded
+
+
+def save_factors(cfg: Any, msi: MultiStageInfluence, out: Path) -> list[str]:
+    """The fitted Kronecker factors into the cache (for later runs) and the run folder."""
+    saved = []
+    for kind in kronecker_kinds(cfg):
+        for stage, op in _stage_operators(msi).items():
+            fitted = op.kronecker_fitted(kind)
+            if fitted is None:
+                continue
+            path = _factor_file(cfg, stage, op, kind)
+            if not path.is_file():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fitted.save(path)
+            (out / "factors").mkdir(exist_ok=True)
+            fitted.save(out / "factors" / f"{stage}_{kind}.pt")
+            saved.append(f"{stage}_{kind}")
+    return saved
+
+
 def check_solves(info: dict[str, Any], allow_unconverged: bool) -> None:
     """Refuse to score from a solve that did no better than the zero vector (relative
     residual 1 or above: CG hands back its best iterate, so no progress at all), unless
-    ``allow_unconverged``."""
+    ``allow_unconverged``. An approximate inverse (``solver=ekfac|kfac``) is not a solve
+    that failed: its residual, however large, is logged as the measure of its approximation."""
     for stage in ("finetune", "pretrain"):
         d = info.get(stage) or {}
         worst = max([*d.get("relative_residuals", []), d.get("relative_residual") or 0.0], default=0.0)
+        if d.get("solver") == "ekfac":
+            log.log(
+                logging.WARNING if worst >= 1 else logging.INFO,
+                "%s: %s's approximate inverse has relative residual %.3g against the exact damped curvature",
+                stage,
+                d.get("kind", "ekfac"),
+                worst,
+            )
+            continue
         if (worst >= 1 or worst != worst) and not allow_unconverged:
             raise NotConvergedError(
                 f"the {stage} solve ended at a relative residual of {worst:.3g}, no better than no solve at all; its "
@@ -193,6 +258,7 @@ def _run(cfg: Any, out_dir: str | Path) -> dict[str, Any]:
     idx = test_indices(len(data.finetune_test), cfg.test_points, cfg.seed)
     x_test, y_test = (t[idx] for t in data.finetune_test.tensors)
     msi = build_influence(cfg, pretrained, finetuned, data)
+    factors_loaded = load_factors(cfg, msi)
     s, scores, resumed = results.resumable_scores(
         msi,
         (x_test, y_test),
@@ -237,6 +303,8 @@ def _run(cfg: Any, out_dir: str | Path) -> dict[str, Any]:
     }
     if not main:  # the other ranks of a torchrun job: same numbers, no files
         return metrics
+    if kronecker_kinds(cfg):
+        metrics["influence"]["factors"] = {"loaded": factors_loaded, "saved": save_factors(cfg, msi, out)}
     np.save(out / "scores.npy", scores.double().cpu().numpy())
     np.save(out / "query_vectors.npy", s.double().cpu().numpy())
     if cfg.query == "each":

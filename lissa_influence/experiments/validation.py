@@ -177,12 +177,16 @@ def run(
     with progress_bar(len(chosen), "leave-one-out", enabled=cfg.progress, unit="example") as bar:
         for z in chosen:
             changes.append((retrained_losses(z) - control_all).numpy())
+            partial = [{"index": i, "actual_each": c.tolist()} for i, c in zip(chosen, changes, strict=False)]
+            # each retraining takes minutes on real data: an interrupted run keeps what it measured
+            (out / "loo.partial.json").write_text(json.dumps({"query": query, "examples": partial}))
             bar.update()
+    (out / "loo.partial.json").unlink(missing_ok=True)  # loo.json holds all of it from here on
     changes_arr = np.asarray(changes, dtype=np.float64).reshape(len(chosen), len(losses))
     actual_arr = changes_arr.mean(1) if point is None else changes_arr[:, point]
     control = float(control_all.mean()) if point is None else float(control_all[point])
     predicted = (-row[chosen] / m).double().cpu().numpy()
-    result = {
+    result: dict[str, Any] = {
         "query": query,
         "test_point": point,  # index among the scored points; null: their mean
         "num_examples": len(chosen),

@@ -116,6 +116,7 @@ class Identity:
     """``x = b``: every inverse Hessian replaced by the identity (the paper's ablation)."""
 
     name = "identity"
+    approximate = True  # replaces the inverse by design: the chain keeps it for every stage
 
     def solve(
         self, matvec: OperatorLike, b: torch.Tensor, callback: Callback | None = None

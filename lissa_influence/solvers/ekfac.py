@@ -44,6 +44,7 @@ class EKFAC:
     check_residual: bool = True
 
     name = "ekfac"
+    approximate = True  # replaces the inverse by design: the chain keeps it for every stage
 
     def __post_init__(self) -> None:
         if self.kind not in ("ekfac", "kfac"):
