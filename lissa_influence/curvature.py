@@ -269,6 +269,11 @@ class Objective:
         self._ad.setdefault("graph_bytes", str(saved[0]))
         return graphs
 
+    def release_graphs(self) -> None:
+        """Free the retained gradient graphs (the estimators call it when their solves are
+        done; a later product rebuilds them)."""
+        self._graphs.clear()
+
     def hvp(self, block: ParamBlock, v: torch.Tensor, batch: Batch | None = None) -> torch.Tensor:
         """``∇²_{block} L · v``."""
         if self.hvp_mode == "retained" and batch is None and (graphs := self._retained(block)) is not None:
@@ -412,6 +417,8 @@ class CurvatureOperator(LinearOperator):
     _kronecker: dict[tuple[str, str, int], KroneckerCurvature] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
+    # other preconditioners built from this operator's products (a Nyström sketch), reused by later solves
+    preconditioners: dict[tuple[Any, ...], Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def kronecker(
         self, kind: KroneckerKind = "ekfac", fisher: FisherType = "auto", seed: int = 0

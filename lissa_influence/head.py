@@ -22,6 +22,7 @@ import copy
 import logging
 import math
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,7 +34,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from .batching import Batch
 from .curvature import CurvatureOperator, Objective
 from .params import ParamBlock, Params, make_block
-from .solvers.base import Callback, DivergenceError, SolveInfo, as_stack, check_rhs, rownorm
+from .solvers.base import Callback, DivergenceError, SolveInfo, SolverWarning, as_stack, check_rhs, rownorm
 from .task import mean_loss, outputs
 
 __all__ = ["ExactInverse", "head_objective"]
@@ -101,6 +102,8 @@ def head_objective(
     target = model.get_submodule(embedding)
     captured: list[Any] = []
     hook = target.register_forward_hook(lambda m, args, out: captured.append(tree_map(torch.Tensor.detach, out)))
+    if len(objective.batch) == 0:  # an empty shard (more ranks than examples): nothing to replay
+        raise ValueError("this rank's share of the Hessian sample is empty")
     feats = []
     try:
         with torch.no_grad():
@@ -246,11 +249,14 @@ class ExactInverse:
     def __init__(self, max_params: int = 10_000, block_size: int = 256):
         self.max_params, self.block_size = max_params, block_size
         self.assembly = ""
-        self._factor: dict[int, tuple[str, torch.Tensor, torch.Tensor | None, float, int]] = {}
+        # the operator it was built for, that operator's damping then, and the factor
+        self._factor: tuple[CurvatureOperator, torch.Tensor, tuple[str, torch.Tensor, torch.Tensor | None, float, int]]
+        self._factor = None  # type: ignore[assignment]
 
     def _factorised(self, op: CurvatureOperator) -> tuple[str, torch.Tensor, torch.Tensor | None, float, int]:
-        key = id(op)
-        if key not in self._factor:
+        damping = torch.as_tensor(op.damping).detach().clone()
+        cached = self._factor
+        if cached is None or cached[0] is not op or not torch.equal(cached[1], damping):
             t0 = time.perf_counter()
             n = op.shape[0]
             if n > self.max_params:
@@ -259,14 +265,20 @@ class ExactInverse:
             if not torch.isfinite(a).all():
                 raise DivergenceError("the head's Hessian holds NaN or inf; check the damping and the parameters")
             chol, info = torch.linalg.cholesky_ex(a)
+            entry: tuple[str, torch.Tensor, torch.Tensor | None, float, int]
             if int(info) == 0:
                 entry = ("cholesky", chol, None, time.perf_counter() - t0, n)
             else:  # not positive definite (a head far from its minimum): the pseudo-inverse on |λ|
                 evals, evecs = torch.linalg.eigh(a)
-                log.warning("the damped head Hessian has eigenvalue %.3g < 0; solving on |λ|", float(evals[0]))
-                entry = ("eigh", evecs, evals.abs(), time.perf_counter() - t0, n)
-            self._factor = {key: entry}  # one operator at a time: a refit replaces it
-        return self._factor[key]
+                log.warning(
+                    "the damped head Hessian is not positive definite (eigenvalues from %.3g); solving on |λ|",
+                    float(evals[0]),
+                )
+                mag = evals.abs()
+                inv = torch.where(mag > torch.finfo(mag.dtype).eps * mag.max(), 1 / mag, torch.zeros_like(mag))
+                entry = ("eigh", evecs, inv, time.perf_counter() - t0, n)
+            self._factor = (op, damping, entry)  # one operator at a time: a refit replaces it
+        return self._factor[2]
 
     def solve(self, matvec: Any, b: torch.Tensor, callback: Callback | None = None) -> tuple[torch.Tensor, SolveInfo]:
         if not isinstance(matvec, CurvatureOperator):
@@ -274,21 +286,31 @@ class ExactInverse:
         check_rhs(b)
         start = time.perf_counter()
         B, single = as_stack(b)
-        built = id(matvec) not in self._factor
+        before = self._factor
         method, f, evals, factor_s, n = self._factorised(matvec)
+        built = self._factor is not before
         B64 = B.to(matvec.dtype)
         if method == "cholesky":
             X = torch.cholesky_solve(B64.T, f).T
         else:
-            assert evals is not None
-            X = ((B64 @ f) / evals) @ f.T
+            assert evals is not None  # here the inverse magnitudes, small ones cut to 0
+            X = ((B64 @ f) * evals) @ f.T
         resid = float((rownorm(matvec(X) - B64) / rownorm(B64).clamp_min(torch.finfo(B64.dtype).tiny)).max())
         X = X.to(B.dtype)
-        # the residual check's products, and the basis-vector products that formed the matrix, if it was
-        products = B.shape[0] + (n if built and self.assembly.startswith("products") else 0)
+        # the residual check's products, and what forming the matrix took: n basis-vector
+        # products, or the two that showed the Hessian equals the Gauss-Newton matrix
+        products = B.shape[0] + ((n if self.assembly.startswith("products") else 2) if built else 0)
+        converged = resid <= torch.finfo(matvec.dtype).eps ** 0.5
+        if not converged:
+            warnings.warn(
+                f"the exact head solve left a relative residual of {resid:.3g} ({method}): the damped head Hessian "
+                "is (nearly) singular; add finetune damping",
+                SolverWarning,
+                stacklevel=2,
+            )
         info = SolveInfo(
             "exact",
-            True,
+            converged,
             1,
             products,
             time.perf_counter() - start,

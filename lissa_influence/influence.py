@@ -97,6 +97,7 @@ class Influence(InfluenceEstimator):
             with timed(timings, "solve"):
                 s, info = self._solve(self.solver, self.operator, grads, "influence", f"damping={self.damping:g}")
         self.diagnostics = {"solve": info.as_dict(), "time": timings}
+        self.operator.objective.release_graphs()  # scoring needs no Hessian: free the kept graphs
         return s
 
 

@@ -227,7 +227,8 @@ class MultiStageInfluence(InfluenceEstimator):
         self.finetune_path = "full network"
         ft_objective, ft_block = self.ft_objective, self.ft_block
         if self.mode == "fixed":
-            head = self._head()
+            with eval_mode(self.pretrained, self.finetuned):  # no BatchNorm statistics move, no dropout
+                head = self._head()
             if head is not None:
                 ft_objective, ft_block = head
         self.ft_operator = CurvatureOperator(ft_objective, ft_block, ft_damping, self.gauss_newton)
@@ -242,23 +243,37 @@ class MultiStageInfluence(InfluenceEstimator):
         # an approximation chosen for every inverse (identity ablation, EK-FAC) is kept for this one too
         chosen_approximation = getattr(self.solver, "approximate", False) and self.exact_finetune is not True
         exact = self.finetune_solver is None and self.exact_finetune is not False and not chosen_approximation
+        fits = self.Theta.numel <= self.exact_max_params
+        if self.exact_finetune is True and not (exact and fits):
+            raise ValueError(
+                "exact_finetune=True, but "
+                + (
+                    f"the head has {self.Theta.numel} parameters, above exact_max_params={self.exact_max_params}"
+                    if not fits
+                    else "a finetune_solver was given, and it solves the finetune stage"
+                )
+            )
+        head = None
         if self.head_only is False:
             reason = "head_only=False"
         elif (path := embedding_module(self.finetuned, self.W.names)) is None:
             reason = f"shared={self.shared!r} is not exactly the parameters of one submodule"
         else:
-            fits = self.Theta.numel <= self.exact_max_params
             try:
                 head = head_objective(self.ft_objective, path, self.Theta, torch.float64 if exact and fits else None)
             except (ValueError, RuntimeError, NotImplementedError) as e:  # e.g. a model torch.func cannot replay
                 reason = str(e).splitlines()[0][:300]
+        if self.ft_objective.reduce is not None:  # every rank takes the same path, or their collectives differ
+            ok = self.ft_objective.reduce(torch.tensor([float(head is not None), 1.0], device=self.ft_objective.device))
+            if head is not None and float(ok[0]) < float(ok[1]):
+                head, reason = None, "the head path is not available on every rank"
+        if head is not None:
+            if exact and fits:
+                self._exact = ExactInverse(self.exact_max_params)
+                self.finetune_path = "head only, exact (float64)"
             else:
-                if exact and fits:
-                    self._exact = ExactInverse(self.exact_max_params)
-                    self.finetune_path = "head only, exact (float64)"
-                else:
-                    self.finetune_path = "head only"
-                return head
+                self.finetune_path = "head only"
+            return head
         if self.head_only is True:
             raise ValueError(f"head_only=True, but the finetune products cannot run on the head alone: {reason}")
         if self.exact_finetune is True:
@@ -343,4 +358,6 @@ class MultiStageInfluence(InfluenceEstimator):
                     pre_solver, self.pre_operator, b, "pretrain", f"pretrain_damping={self.pretrain_damping:g}"
                 )
         self.diagnostics = {**{k: i.as_dict() for k, i in infos.items()}, "time": timings}
+        for op in (self.ft_operator, self.pre_operator):  # scoring needs no Hessian: free the kept graphs
+            op.objective.release_graphs()
         return s

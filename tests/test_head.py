@@ -155,3 +155,44 @@ def test_head_batch_keeps_the_inputs_aligned_with_their_features():
     assert isinstance(chunks[0], Batch) and len(chunks) == 6
     feats = torch.cat([c.x["features"] for c in chunks])
     assert rel(feats, ft.embedding(ft_data.x).detach()) < 1e-15
+
+
+class BNNet(nn.Module):
+    def __init__(self, classes: int):
+        super().__init__()
+        self.embedding = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Tanh())
+        self.head = nn.Linear(4, classes)
+
+    def forward(self, x):
+        return self.head(self.embedding(x))
+
+
+def test_fit_leaves_batchnorm_statistics_alone_and_takes_the_head_path():
+    torch.manual_seed(0)
+    pre, ft = BNNet(3).double(), BNNet(2).double()
+    ft.embedding.load_state_dict(pre.embedding.state_dict())
+    pre.train(), ft.train()  # as a training loop leaves them
+    stats = {k: v.clone() for k, v in ft.state_dict().items() if "running" in k}
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 5, generator=g, dtype=torch.float64), torch.randint(0, 2, (40,), generator=g)
+    msi = MultiStageInfluence(pre, ft, gauss_newton=True, hessian_samples="all").fit(
+        (x, torch.randint(0, 3, (40,), generator=g)), (x, y)
+    )
+    assert msi.finetune_path == "head only, exact (float64)"
+    assert all(torch.equal(ft.state_dict()[k], v) for k, v in stats.items())
+    assert ft.training  # and the mode is given back
+
+
+def test_exact_inverse_refactors_when_the_damping_changes_and_says_when_it_cannot_solve():
+    pre, ft, pre_data, ft_data, test = _pair()
+    msi = _fit(pre, ft, pre_data, ft_data)
+    b = msi.finetune_rhs(msi.test_gradients((test.x, test.y)))
+    solver, op = msi._exact, msi.ft_operator
+    _, first = solver.solve(op, b)
+    op.damping = 10.0
+    x, again = solver.solve(op, b)
+    assert again.residuals[-1] < 1e-12 and again.num_products == first.num_products  # rebuilt, for the new damping
+    with pytest.raises(ValueError, match="exact_finetune=True, but a finetune_solver was given"):
+        _fit(pre, ft, pre_data, ft_data, exact_finetune=True, finetune_solver=CG())
+    with pytest.raises(ValueError, match="above exact_max_params=5"):
+        _fit(pre, ft, pre_data, ft_data, exact_finetune=True, exact_max_params=5)

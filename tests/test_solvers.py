@@ -140,6 +140,9 @@ def test_nystrom_cuts_the_products_of_an_ill_conditioned_solve(damped_operator, 
     _, info = CG(tol=1e-10, max_iter=2000, block=block, preconditioner="nystrom", rank=20).solve(op, b)
     assert info.converged and info.extra["preconditioner_products"] == 20
     assert info.num_products < 0.7 * plain.num_products, (info.num_products, plain.num_products)
+    # the sketch is kept on the operator: a second solve does not pay for it again
+    _, again = CG(tol=1e-10, max_iter=2000, block=block, preconditioner="nystrom", rank=20).solve(op, b)
+    assert again.num_products == info.num_products - 20
 
 
 def test_nystrom_removes_the_top_of_the_spectrum():

@@ -224,10 +224,7 @@ def single_stage_scores(cfg: Any, pretrained, data, x) -> tuple[torch.Tensor, di
         solver=config.build_solver(cfg.solver),
         damping=cfg.pretrain.damping,
         hessian_samples=cfg.pretrain.hessian_samples,
-        seed=cfg.seed,
-        gauss_newton=cfg.gauss_newton,
-        batch_size=cfg.batch_size,
-        scoring=cfg.scoring,
+        **pipeline.estimator_settings(cfg),
     ).fit(data.pretrain_train)
     scores = inf.scores((x, pseudo))
     return scores, {**dict(inf.diagnostics), "pseudo_labels": [int(data.pretrain_classes[p]) for p in pseudo]}

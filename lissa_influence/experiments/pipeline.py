@@ -94,6 +94,18 @@ def test_indices(n: int, count: int, seed: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: min(count, n)]
 
 
+def estimator_settings(cfg: Any) -> dict[str, Any]:
+    """The settings every estimator of the app takes from the config."""
+    return {
+        "seed": cfg.seed,
+        "gauss_newton": cfg.gauss_newton,
+        "batch_size": cfg.batch_size,
+        "scoring": cfg.scoring,
+        "hvp_mode": cfg.hvp,
+        "graph_budget": cfg.graph_budget_mib * 2**20,
+    }
+
+
 def build_influence(cfg: Any, pretrained, finetuned, data: TwoStageData) -> MultiStageInfluence:
     msi = MultiStageInfluence(
         pretrained,
@@ -106,13 +118,8 @@ def build_influence(cfg: Any, pretrained, finetuned, data: TwoStageData) -> Mult
         finetune_damping=cfg.finetune.damping,
         hessian_samples=cfg.pretrain.hessian_samples,
         finetune_hessian_samples=cfg.finetune.hessian_samples,
-        seed=cfg.seed,
-        gauss_newton=cfg.gauss_newton,
-        batch_size=cfg.batch_size,
-        scoring=cfg.scoring,
         progress=cfg.progress,
-        hvp_mode=cfg.hvp,
-        graph_budget=cfg.graph_budget_mib * 2**20,
+        **estimator_settings(cfg),
         head_only=config.tristate("head_only", cfg.head_only),
         exact_finetune=config.tristate("exact_finetune", cfg.exact_finetune),
     )
@@ -135,15 +142,22 @@ def _factor_file(cfg: Any, stage: str, op: CurvatureOperator, kind: str) -> Path
     """Where a stage's factors are cached: keyed by what determines them (the parameters at
     which they are taken, the Hessian sample, the block, the estimate), not by the damping."""
     o = op.objective
-    digest = tensor_digest(*(o.params[n] for n in op.block.names), *o.batch.tensors())
-    spec = f"{stage}|{kind}|{cfg.solver.fisher}|{cfg.solver.seed}|{cfg.gauss_newton}|{','.join(op.block.names)}"
+    state = [*o.params.values(), *(b for b in o.model.buffers())]
+    digest = tensor_digest(*state, *o.batch.tensors())
+    spec = (
+        f"{__version__}|{stage}|{kind}|{cfg.solver.fisher}|{cfg.solver.seed}|{cfg.gauss_newton}|"
+        f"{','.join(op.block.names)}"
+    )
     key = hashlib.sha256(f"{spec}|{digest}".encode()).hexdigest()[:20]
     return Path(cfg.cache_dir).expanduser() / "factors" / f"{stage}_{kind}_{key}.pt"
 
 
 def load_factors(cfg: Any, msi: MultiStageInfluence) -> list[str]:
-    """Install cached Kronecker factors on the stage operators; returns the stages that had them."""
-    loaded = []
+    """Install cached Kronecker factors on the stage operators; returns the stages that had
+    them. Single-process runs only: under torchrun every rank fits (and reduces) its own."""
+    loaded: list[str] = []
+    if distributed.world_size() > 1:  # each rank holds a shard: its key would differ, and so would its decision
+        return loaded
     for kind in kronecker_kinds(cfg):
         for stage, op in _stage_operators(msi).items():
             path = _factor_file(cfg, stage, op, kind)
@@ -155,7 +169,9 @@ def load_factors(cfg: Any, msi: MultiStageInfluence) -> list[str]:
 
 def save_factors(cfg: Any, msi: MultiStageInfluence, out: Path) -> list[str]:
     """The fitted Kronecker factors into the cache (for later runs) and the run folder."""
-    saved = []
+    saved: list[str] = []
+    if distributed.world_size() > 1:
+        return saved
     for kind in kronecker_kinds(cfg):
         for stage, op in _stage_operators(msi).items():
             fitted = op.kronecker_fitted(kind)

@@ -95,17 +95,31 @@ class CG:
             return pc
         return "diagonal" if torch.is_tensor(pc) else str(getattr(pc, "name", type(pc).__name__))
 
-    def _preconditioner(self, op: LinearOperator, like: torch.Tensor) -> Preconditioner | None:
+    def _preconditioner(self, op: LinearOperator, like: torch.Tensor) -> tuple[Preconditioner | None, bool]:
+        """The preconditioner, and whether this solve built it (a sketch is kept on a
+        ``CurvatureOperator`` and reused, as its Kronecker factors are)."""
         pc = self.preconditioner
         if pc is None or isinstance(pc, Preconditioner):
-            return pc
+            return pc, False
         if torch.is_tensor(pc):
-            return Diagonal(pc.to(like))
+            return Diagonal(pc.to(like)), False
+        if pc in ("ekfac", "kfac"):
+            kron = Kronecker(op, pc, self.fisher, self.seed)
+            return kron, False  # its fitting is reported as passes, not products
+        cache = getattr(op, "preconditioners", None)
+        damping = getattr(op, "damping", None)  # the sketch is of the damped operator
+        damping_key = None if damping is None else float(torch.as_tensor(damping, dtype=torch.float64).sum())
+        key = (pc, self.rank if pc == "nystrom" else self.jacobi_samples, self.seed, like.dtype, damping_key)
+        if isinstance(cache, dict) and key in cache:
+            return cache[key], False
+        built: Preconditioner
         if pc == "jacobi":
-            return Diagonal.hutchinson(op, self.jacobi_samples, self.seed, like)
-        if pc == "nystrom":
-            return Nystrom(op, self.rank, self.seed, like)
-        return Kronecker(op, pc, self.fisher, self.seed)
+            built = Diagonal.hutchinson(op, self.jacobi_samples, self.seed, like)
+        else:
+            built = Nystrom(op, self.rank, self.seed, like)
+        if isinstance(cache, dict):
+            cache[key] = built
+        return built, True
 
     def solve(
         self, matvec: OperatorLike, b: torch.Tensor, callback: Callback | None = None
@@ -120,8 +134,8 @@ class CG:
         X, R, products, it = torch.zeros_like(B), B.clone(), 0, 0
         history: list[float] = []
         best = _Best(B, safe_bnorm)
-        pc = self._preconditioner(op, B)
-        products += pc.products if pc is not None else 0
+        pc, built = self._preconditioner(op, B)
+        products += pc.products if built and pc is not None else 0
         block = self.block and k > 1
         stop = None
         if block:
@@ -159,7 +173,9 @@ class CG:
     def _extra(self, block: bool, pc: Preconditioner | None) -> dict[str, Any]:
         extra: dict[str, Any] = {"block": block, "preconditioner": self.preconditioner_name}
         if pc is not None:
-            extra["preconditioner_products"] = pc.products
+            extra["preconditioner_products"] = pc.products  # once, in the solve that built it
+            if block:  # the block phase's entries of `residuals` are of the split system
+                extra["block_residual_norm"] = "‖M^{-1/2} r‖ / ‖M^{-1/2} b‖"
             curvature = getattr(pc, "curvature", None)
             if curvature is not None:  # Kronecker factors: their one-off fitting cost
                 extra["preconditioner_fit_passes"] = getattr(curvature, "fit_passes", None)
