@@ -100,10 +100,10 @@ def head_objective(
     model, forward = objective.model, objective.forward
     dtype = dtype or objective.dtype
     target = model.get_submodule(embedding)
-    captured: list[Any] = []
-    hook = target.register_forward_hook(lambda m, args, out: captured.append(tree_map(torch.Tensor.detach, out)))
     if len(objective.batch) == 0:  # an empty shard (more ranks than examples): nothing to replay
         raise ValueError("this rank's share of the Hessian sample is empty")
+    captured: list[Any] = []
+    hook = target.register_forward_hook(lambda m, args, out: captured.append(tree_map(torch.Tensor.detach, out)))
     feats = []
     try:
         with torch.no_grad():

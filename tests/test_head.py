@@ -85,6 +85,7 @@ def test_a_model_the_head_path_cannot_replay_falls_back():
     pre, ft, pre_data, ft_data, test = _pair(model=TwiceEmbedded)
     msi = _fit(pre, ft, pre_data, ft_data)
     assert msi.finetune_path.startswith("full network (the embedding module 'embedding' ran 2 times")
+    assert not ft.embedding._forward_hooks  # the capture hook is gone
     with pytest.raises(ValueError, match="head_only=True, but"):
         _fit(pre, ft, pre_data, ft_data, head_only=True)
     with pytest.raises(ValueError, match="exact_finetune=True needs"):

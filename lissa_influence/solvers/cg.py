@@ -158,22 +158,22 @@ class CG:
             best.offer(X, true_rel)
             if stop is None and bool((true_rel <= self.tol).all()):
                 return (X[0] if single else X), self._finish(
-                    true_rel, history, it, products, start, [], self._extra(True, pc)
+                    true_rel, history, it, products, start, [], self._extra(True, pc, built)
                 )
             history.append(float(true_rel.max()))
         X, R, products, it, negative = self._rows(op, X, R, pc, safe_bnorm, products, it, history, report, best)
         X, R, products = best.settle(op, X, R, products)
-        extra = self._extra(block, pc)
+        extra = self._extra(block, pc, built)
         if block:
             extra["block_stopped"] = stop or "residual above tol"
         extra["residual_growth"] = best.growth
         info = self._finish(rownorm(R) / safe_bnorm, history, it, products, start, negative, extra)
         return (X[0] if single else X), info
 
-    def _extra(self, block: bool, pc: Preconditioner | None) -> dict[str, Any]:
+    def _extra(self, block: bool, pc: Preconditioner | None, built: bool) -> dict[str, Any]:
         extra: dict[str, Any] = {"block": block, "preconditioner": self.preconditioner_name}
         if pc is not None:
-            extra["preconditioner_products"] = pc.products  # once, in the solve that built it
+            extra["preconditioner_products"] = pc.products if built else 0  # paid by the solve that built it
             if block:  # the block phase's entries of `residuals` are of the split system
                 extra["block_residual_norm"] = "‖M^{-1/2} r‖ / ‖M^{-1/2} b‖"
             curvature = getattr(pc, "curvature", None)
