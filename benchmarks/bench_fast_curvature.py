@@ -131,7 +131,7 @@ def finetune_solves(cfg, pre, ft, data, test, before_iters: int) -> list[dict[st
         t0 = time.perf_counter()
         msi = pipeline.build_influence(c, pre, ft, data)
         fit_s = time.perf_counter() - t0
-        solver = msi.finetune_solver or msi._exact or msi.solver
+        solver = msi.finetune_stage_solver
         if name.startswith("full"):
             solver = CG(tol=cfg.solver.tol, max_iter=min(before_iters, cfg.solver.max_iter))
         with eval_mode(pre, ft), warnings.catch_warnings():
@@ -189,9 +189,7 @@ def main(argv=None) -> dict:
         msi = pipeline.build_influence(cfg, pre, ft, data)
         with eval_mode(pre, ft):
             g = msi.test_gradients(test, mean=cfg.query == "mean")
-            v, _ = (msi.finetune_solver or msi._exact or msi.solver).solve(
-                msi.ft_operator, msi.finetune_rhs(g).to(msi.ft_operator.dtype)
-            )
+            v, _ = msi.finetune_stage_solver.solve(msi.ft_operator, msi.finetune_rhs(g).to(msi.ft_operator.dtype))
             b = msi.pretrain_rhs(v.to(g.dtype), g)
             op = msi.pre_operator
             P = op.shape[0]
@@ -229,7 +227,7 @@ def main(argv=None) -> dict:
                 m2 = pipeline.build_influence(c, pre, ft, data)
                 solver = CG(tol=args.tol, max_iter=args.max_iter)
                 row, _ = run_method(f"CG (block), hvp={hvp}", solver, m2.pre_operator, b, ref)
-                row["graph_mib"] = int(m2.pre_objective._ad.get("graph_bytes", 0)) / 2**20
+                row["graph_mib"] = m2.pre_objective.graph_bytes / 2**20
                 hvp_rows.append(row)
                 print(f"  hvp={hvp}: {row['seconds']:.2f}s for {row['products']} products", flush=True)
         res["modes"][mode] = {

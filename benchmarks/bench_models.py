@@ -145,7 +145,7 @@ def bench(name: str, model, loss, forward, batch: Batch, args, device: torch.dev
         objectives["retained"].hvp(block, v)  # builds and keeps the gradient graphs
         _sync(device)
         row["retained_build_s"] = time.perf_counter() - t0
-        row["retained_graph_mib"] = int(objectives["retained"]._ad.get("graph_bytes", 0)) / 2**20
+        row["retained_graph_mib"] = objectives["retained"].graph_bytes / 2**20
         try:
             objectives["forward"].hvp(block, v)
             fns["hvp_forward"] = lambda: objectives["forward"].hvp(block, v)

@@ -30,7 +30,7 @@ from torch.func import grad, jvp, vjp, vmap
 from torch.utils._pytree import tree_leaves, tree_map
 
 from .batching import Batch
-from .operators import LinearOperator
+from .operators import DerivedOperator, LinearOperator
 from .params import ParamBlock, Params
 from .task import Forward, LossFn, cross_entropy, mean_loss, outputs
 
@@ -110,6 +110,8 @@ class Objective:
     ad_mode: ADMode = "auto"
     hvp_mode: HVPMode = "functional"
     graph_budget: int = 2 * 2**30
+    graph_bytes: int = field(default=0, init=False, compare=False)
+    """Bytes autograd saved for the retained graphs when they were last built (0: none built)."""
     # the retained gradient graphs, per block: [(θ leaf, ∇L chunk, weight)] (None: over budget)
     _graphs: dict[tuple[str, ...], list[tuple[torch.Tensor, torch.Tensor, float]] | None] = field(
         default_factory=dict, init=False, repr=False, compare=False
@@ -266,7 +268,7 @@ class Objective:
             log.info("retained HVP graphs could not be built (%s); functional products", str(e).splitlines()[0][:200])
             graphs = None
         self._graphs[key] = graphs
-        self._ad.setdefault("graph_bytes", str(saved[0]))
+        self.graph_bytes = saved[0]
         return graphs
 
     def release_graphs(self) -> None:
@@ -442,23 +444,14 @@ class CurvatureOperator(LinearOperator):
             self._kronecker[(curvature.kind, fisher, curvature.seed)] = curvature
 
 
-class _Minibatch(LinearOperator):
+class _Minibatch(DerivedOperator):
     """One drawn minibatch of a :class:`CurvatureOperator` (its products are counted there)."""
 
+    parent: CurvatureOperator
+
     def __init__(self, parent: CurvatureOperator, objective: Objective):
-        self.parent, self.objective = parent, objective
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.parent.shape
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.parent.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.parent.device
+        super().__init__(parent)
+        self.objective = objective
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         return self.parent._apply(v, self.objective)

@@ -35,6 +35,7 @@ from .batching import Batch
 from .curvature import CurvatureOperator, Objective
 from .params import ParamBlock, Params, make_block
 from .solvers.base import Callback, DivergenceError, SolveInfo, SolverWarning, as_stack, check_rhs, rownorm
+from .solvers.direct import Explicit
 from .task import mean_loss, outputs
 
 __all__ = ["ExactInverse", "head_objective"]
@@ -196,9 +197,8 @@ def dense_curvature(op: CurvatureOperator, block_size: int = 256) -> tuple[torch
                 return 0.5 * (a + a.T) + torch.diag(damping.expand(n)), "gauss-newton jacobian"
         except (RuntimeError, NotImplementedError, MemoryError):  # outputs too large, or not batchable
             pass
-    eye = torch.eye(n, dtype=op.dtype, device=op.device)
-    a = torch.cat([op(eye[i : i + block_size]) for i in range(0, n, block_size)])
-    return 0.5 * (a + a.T), "products with basis vectors"
+    like = torch.zeros(1, dtype=op.dtype, device=op.device)
+    return Explicit(max_params=n, block_size=block_size).matrix(op, n, like), "products with basis vectors"
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:

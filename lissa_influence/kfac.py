@@ -51,6 +51,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from .batching import Batch
 from .params import ParamBlock, Params
+from .solvers.base import check_fisher
 from .task import cross_entropy, mean_loss, outputs
 
 if TYPE_CHECKING:
@@ -588,8 +589,7 @@ def fit_kronecker(
     """
     if kind not in ("ekfac", "kfac"):
         raise ValueError(f"kind={kind!r}: use 'ekfac' or 'kfac'")
-    if fisher not in ("auto", "type-2", "mc", "empirical"):
-        raise ValueError(f"fisher={fisher!r}: use 'auto', 'type-2', 'mc' or 'empirical'")
+    check_fisher(fisher)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed={seed!r}: use an integer")
     started = time.perf_counter()

@@ -283,6 +283,12 @@ class MultiStageInfluence(InfluenceEstimator):
         return None
 
     @property
+    def finetune_stage_solver(self) -> Solver:
+        """What solves the finetune stage: ``finetune_solver``, else the exact head inverse
+        where it applies, else ``solver``."""
+        return self.finetune_solver or self._exact or self.solver
+
+    @property
     def num_pretrain(self) -> int:
         return self.num_scored
 
@@ -334,7 +340,7 @@ class MultiStageInfluence(InfluenceEstimator):
         """``s = H_G⁻¹ [u; 0]`` per test query, ``[k, |W|+|U|]``: the two solves and the
         mixed product of docs/math.md. Save these to score new pretraining examples later."""
         self._check_fitted()
-        ft_solver = self.finetune_solver or self._exact or self.solver
+        ft_solver = self.finetune_stage_solver
         pre_solver = self.pretrain_solver or self.solver
         timings: dict[str, float] = {}
         infos: dict[str, SolveInfo] = {}

@@ -88,6 +88,26 @@ class DenseOperator(LinearOperator):
         return V @ self.matrix.T.to(V.dtype)
 
 
+class DerivedOperator(LinearOperator):
+    """An operator with the shape, dtype and device of ``parent``, derived from it (a
+    minibatch of its sample, a preconditioned form); subclasses implement :meth:`matmat`."""
+
+    def __init__(self, parent: LinearOperator):
+        self.parent = parent
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.parent.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.parent.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.parent.device
+
+
 class FunctionOperator(LinearOperator):
     """A function ``v ↦ A v`` on single vectors ``[n]``, applied to a stack row by row."""
 

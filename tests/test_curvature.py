@@ -42,7 +42,7 @@ def test_retained_graph_hvp_matches_dense_hessian(subset):
     assert rel(obj.hvp(block, v), v @ H.T) <= 1e-10
     graphs = obj._graphs[tuple(block.names)]
     assert graphs is not None and len(graphs) == 4  # 50 examples in chunks of 16, built once
-    assert int(obj._ad["graph_bytes"]) > 0
+    assert obj.graph_bytes > 0
     obj.hvp(block, v[0])
     assert obj._graphs[tuple(block.names)] is graphs  # reused, not rebuilt
 

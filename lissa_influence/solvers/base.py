@@ -110,6 +110,15 @@ def check_rhs(b: torch.Tensor) -> None:
         raise FloatingPointError("right-hand side contains NaN or inf (check the gradients it came from)")
 
 
+FISHERS = ("auto", "type-2", "mc", "empirical")
+"""How Kronecker factors estimate the output curvature (:func:`~lissa_influence.kfac.fit_kronecker`)."""
+
+
+def check_fisher(value: str) -> None:
+    if value not in FISHERS:
+        raise ValueError(f"fisher={value!r}: use 'auto', 'type-2', 'mc' or 'empirical'")
+
+
 def positive(key: str, value: float) -> None:
     """A solver setting that must be a finite number > 0."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 import torch
 
-from ..operators import LinearOperator, OperatorLike, aslinearoperator
+from ..operators import DerivedOperator, LinearOperator, OperatorLike, aslinearoperator
 from .base import (
     Callback,
     DivergenceError,
@@ -20,6 +20,7 @@ from .base import (
     SolverWarning,
     as_stack,
     at_least_one,
+    check_fisher,
     check_rhs,
     non_negative,
     rownorm,
@@ -85,8 +86,7 @@ class CG:
                 f"unknown preconditioner {pc!r}; use None, {', '.join(map(repr, PRECONDITIONERS))}, a diagonal tensor "
                 "or a Preconditioner"
             )
-        if self.fisher not in ("auto", "type-2", "mc", "empirical"):
-            raise ValueError(f"CG(fisher={self.fisher!r}): use 'auto', 'type-2', 'mc' or 'empirical'")
+        check_fisher(self.fisher)
 
     @property
     def preconditioner_name(self) -> str | None:
@@ -344,26 +344,15 @@ def _safe(norms: torch.Tensor) -> torch.Tensor:
     return torch.where(norms > 0, norms, torch.ones_like(norms))
 
 
-class _Split(LinearOperator):
+class _Split(DerivedOperator):
     """``M^{-1/2} A M^{-1/2}``: the operator block CG sees under a split preconditioner."""
 
     def __init__(self, op: LinearOperator, pc: Preconditioner):
-        self.op, self.pc = op, pc
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.op.shape
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.op.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.op.device
+        super().__init__(op)
+        self.pc = pc
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
-        return self.pc.apply_sqrt(self.op(self.pc.apply_sqrt(V)))
+        return self.pc.apply_sqrt(self.parent(self.pc.apply_sqrt(V)))
 
 
 def _finite(t: torch.Tensor, what: str) -> None:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..operators import OperatorLike
-from .base import Callback, SolveInfo, as_stack, check_rhs, rownorm
+from .base import Callback, SolveInfo, as_stack, check_fisher, check_rhs, rownorm
 
 if TYPE_CHECKING:
     from ..kfac import FisherType, KroneckerKind
@@ -49,8 +49,7 @@ class EKFAC:
     def __post_init__(self) -> None:
         if self.kind not in ("ekfac", "kfac"):
             raise ValueError(f"kind={self.kind!r}: use 'ekfac' or 'kfac'")
-        if self.fisher not in ("auto", "type-2", "mc", "empirical"):
-            raise ValueError(f"fisher={self.fisher!r}: use 'auto', 'type-2', 'mc' or 'empirical'")
+        check_fisher(self.fisher)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed={self.seed!r}: use an integer")
         if not isinstance(self.check_residual, bool):
