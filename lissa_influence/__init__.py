@@ -11,7 +11,9 @@ training, validation) live in :mod:`lissa_influence.experiments`, which the libr
 never imports.
 """
 
+from .confidence import Interval, correlation_interval, lds_interval
 from .curvature import CurvatureOperator, Objective, cross_entropy
+from .damping import CalibrationResult, DampingCalibration, heuristic_damping
 from .estimator import InfluenceEstimator
 from .head import ExactInverse
 from .influence import Influence
@@ -69,5 +71,11 @@ __all__ = [
     "relative_error",
     "score_agreement",
     "ErrorTrace",
+    "DampingCalibration",
+    "CalibrationResult",
+    "heuristic_damping",
+    "Interval",
+    "correlation_interval",
+    "lds_interval",
 ]
 __version__ = "0.1.0"

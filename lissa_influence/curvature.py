@@ -364,11 +364,17 @@ class CurvatureOperator(LinearOperator):
     num_products: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
-        d = torch.as_tensor(self.damping, dtype=torch.float64)
+        self.set_damping(self.damping)
+
+    def set_damping(self, damping: float | torch.Tensor) -> None:
+        """Change the shift ``D`` in place (a damping calibration tries several on one operator;
+        Kronecker factors, sketches and factorisations that depend on it are rebuilt when used)."""
+        d = torch.as_tensor(damping, dtype=torch.float64)
         if not bool(torch.isfinite(d).all()) or bool((d < 0).any()):
-            raise ValueError(f"damping must be finite and >= 0, got {self.damping!r}")
+            raise ValueError(f"damping must be finite and >= 0, got {damping!r}")
         if d.dim() > 0 and d.shape != (self.block.numel,):
             raise ValueError(f"a damping vector needs {self.block.numel} entries, got shape {tuple(d.shape)}")
+        self.damping = damping
 
     @property
     def size(self) -> int:

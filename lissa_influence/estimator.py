@@ -22,22 +22,26 @@ rounding.
 from __future__ import annotations
 
 import contextlib
+import functools
 import operator
 import time
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, cast
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.data import Dataset, Subset
 
 from . import distributed as _dist
 from .batching import Batch, DataLike, SizedDataset, as_dataset, gather, subsample_indices
 from .curvature import ADMode, HVPMode
+from .damping import DampingCalibration, calibrate, heuristic_damping
+from .operators import LinearOperator
 from .params import Params, check_finite, named_params
 from .scoring import PerExample, ScoringMethod, score_dataset
 from .solvers import SolveInfo, Solver, SolverError
@@ -197,6 +201,7 @@ class InfluenceEstimator(ABC):
         if isinstance(self.graph_budget, bool) or not isinstance(self.graph_budget, int) or self.graph_budget < 0:
             raise ValueError(f"graph_budget={self.graph_budget!r}: use a number of bytes >= 0")
         self.diagnostics: dict[str, Any] = {}
+        self.damping_report: dict[str, Any] = {}  # how each damping was set ("given", "heuristic", "auto")
         self._scored: SizedDataset | None = None
 
     # -- what each estimator defines ---------------------------------------------------
@@ -312,6 +317,50 @@ class InfluenceEstimator(ABC):
             raise TypeError(f"{type(self).__name__}.{method}(): pass data= or {self._old_data_keyword}=, not both")
         warnings.warn(f"{self._old_data_keyword}= is now data=", DeprecationWarning, stacklevel=3)
         return renamed[self._old_data_keyword]
+
+    # -- damping by rule ------------------------------------------------------------------
+    def _resolve_dampings(
+        self,
+        stages: list[tuple[str, float | str, Callable[[float], None], LinearOperator]],
+        calibration: DampingCalibration | None,
+        fraction: float,
+    ) -> None:
+        """Numbers for the dampings given as ``"heuristic"`` or ``"auto"``, stage by stage in
+        the order given (each ``(name, requested, set_damping, operator)``); the choices go to
+        ``damping_report`` and every later ``diagnostics``."""
+        report: dict[str, Any] = {}
+        for name, requested, set_damping, curvature in stages:
+            if not isinstance(requested, str):
+                report[name] = {"rule": "given", "value": float(requested)}
+                continue
+            set_damping(0.0)  # the curvature alone: its mean eigenvalue
+            value = heuristic_damping(curvature, fraction, seed=self._damping_seed)
+            set_damping(value)  # also the start of an "auto" stage, while the stages before it are calibrated
+            report[name] = {"rule": requested, "value": value, "heuristic": value, "fraction": fraction}
+        for name, requested, set_damping, _ in stages:
+            if requested != "auto":
+                continue
+            assert calibration is not None  # checked when the estimator was made
+            result = calibrate(name, functools.partial(self._calibration_scores, set_damping, calibration), calibration)
+            set_damping(result.chosen)
+            report[name].update(value=result.chosen, calibration=result.as_dict())
+        self.damping_report = report
+
+    @property
+    def _damping_seed(self) -> int:
+        return int(getattr(self, "seed", 0))
+
+    def _calibration_scores(
+        self, set_damping: Callable[[float], None], calibration: DampingCalibration, damping: float
+    ) -> np.ndarray:
+        """``[T, m]`` scores of the calibration queries at one damping; only the removed examples are scored."""
+        set_damping(damping)
+        removed = sorted({int(i) for r in calibration.removals for i in r})
+        s = self.query_vectors(calibration.test_data, calibration.mean)
+        out = np.zeros((s.shape[0], self.num_scored))
+        subset = Subset(cast(Dataset[Any], self.scored_data), removed)
+        out[:, removed] = self.scores_from(s, subset).double().cpu().numpy()
+        return out
 
     # -- helpers of the estimators --------------------------------------------------------
     def _same_on_all_ranks(self, t: torch.Tensor) -> torch.Tensor:

@@ -10,11 +10,11 @@ from torch import nn
 
 from .batching import DataLike, as_dataset
 from .curvature import CurvatureOperator, Objective
+from .damping import DampingCalibration, DampingRule, check_dampings
 from .estimator import HessianSamples, InfluenceEstimator, eval_mode, hessian_sample, timed, trainable_params
 from .params import make_block
 from .scoring import PerExample, loss_gradients
 from .solvers import CG, Solver
-from .solvers.base import non_negative
 from .task import Forward, LossFn, cross_entropy
 
 __all__ = ["Influence", "MultiStageInfluence"]
@@ -33,15 +33,18 @@ class Influence(InfluenceEstimator):
     model: nn.Module
     loss: LossFn = cross_entropy
     solver: Solver = field(default_factory=CG)
-    damping: float = 1e-2
+    damping: float | DampingRule = 1e-2
     hessian_samples: HessianSamples = 1000
     seed: int = 0
     forward: Forward | None = None
+    calibration: DampingCalibration | None = None
+    heuristic_fraction: float = 0.1
 
     _old_data_keyword: ClassVar[str] = "train_data"
 
     def __post_init__(self) -> None:
-        non_negative("damping", self.damping)
+        self._requested_damping = self.damping
+        check_dampings({"damping": self.damping}, self.calibration)
         super().__post_init__()
 
     def fit(self, train_data: DataLike) -> Influence:
@@ -59,6 +62,7 @@ class Influence(InfluenceEstimator):
             self.model,
             self.loss,
         )
+        self.damping = 0.0 if isinstance(self._requested_damping, str) else float(self._requested_damping)
         self.operator = CurvatureOperator(
             Objective(
                 self.model,
@@ -77,7 +81,16 @@ class Influence(InfluenceEstimator):
         )
         self._per_example = PerExample(self.model, self.loss, self.params, self.block, self.forward, self.ad_mode)
         self._fitted_on(train)
+        self._resolve_dampings(
+            [("influence", self._requested_damping, self._set_damping, self.operator)],
+            self.calibration,
+            self.heuristic_fraction,
+        )
         return self
+
+    def _set_damping(self, damping: float) -> None:
+        self.damping = damping
+        self.operator.set_damping(damping)
 
     @property
     def num_train(self) -> int:
@@ -96,7 +109,7 @@ class Influence(InfluenceEstimator):
             grads = self._same_on_all_ranks(grads)
             with timed(timings, "solve"):
                 s, info = self._solve(self.solver, self.operator, grads, "influence", f"damping={self.damping:g}")
-        self.diagnostics = {"solve": info.as_dict(), "time": timings}
+        self.diagnostics = {"solve": info.as_dict(), "time": timings, "damping": self.damping_report}
         self.operator.objective.release_graphs()  # scoring needs no Hessian: free the kept graphs
         return s
 

@@ -29,6 +29,7 @@ from torch import nn
 
 from .batching import DataLike, as_dataset
 from .curvature import CurvatureOperator, Objective
+from .damping import DampingCalibration, DampingRule, check_dampings
 from .estimator import (
     HessianSamples,
     InfluenceEstimator,
@@ -86,8 +87,8 @@ class MultiStageInfluence(InfluenceEstimator):
     solver: Solver = field(default_factory=CG)
     pretrain_solver: Solver | None = None
     finetune_solver: Solver | None = None
-    pretrain_damping: float = 1e-2
-    finetune_damping: float = 1e-8
+    pretrain_damping: float | DampingRule = 1e-2
+    finetune_damping: float | DampingRule = 1e-8
     hessian_samples: HessianSamples = 1000
     finetune_hessian_samples: HessianSamples | None = None
     seed: int = 0
@@ -96,6 +97,8 @@ class MultiStageInfluence(InfluenceEstimator):
     head_only: bool | Literal["auto"] = "auto"
     exact_finetune: bool | Literal["auto"] = "auto"
     exact_max_params: int = 10_000
+    calibration: DampingCalibration | None = None
+    heuristic_fraction: float = 0.1
 
     _old_data_keyword: ClassVar[str] = "pretrain_data"
 
@@ -104,8 +107,8 @@ class MultiStageInfluence(InfluenceEstimator):
             raise ValueError(f"unknown mode {self.mode!r}; use 'fixed' (embedding frozen in finetuning) or 'updated'")
         if self.mode == "updated" and not self.alpha > 0:
             raise ValueError(f"mode='updated' needs alpha > 0 (the proximity weight α of α‖W − W*‖²), got {self.alpha}")
-        non_negative("pretrain_damping", self.pretrain_damping)
-        non_negative("finetune_damping", self.finetune_damping)
+        self._requested_damping = {"finetune": self.finetune_damping, "pretrain": self.pretrain_damping}
+        check_dampings({f"{k}_damping": v for k, v in self._requested_damping.items()}, self.calibration)
         non_negative("alpha", self.alpha)
         for key in ("head_only", "exact_finetune"):
             if getattr(self, key) not in (True, False, "auto"):
@@ -210,19 +213,12 @@ class MultiStageInfluence(InfluenceEstimator):
             graph_budget=self.graph_budget,
             **ft_sample,
         )
+        # a damping given by rule starts at 0 and is resolved once the operators exist
+        initial = {k: 0.0 if isinstance(v, str) else float(v) for k, v in self._requested_damping.items()}
+        self.pretrain_damping, self.finetune_damping = initial["pretrain"], initial["finetune"]
         self.pre_operator = CurvatureOperator(
             self.pre_objective, self.pre_block, self.pretrain_damping, self.gauss_newton
         )
-        ft_damping: float | torch.Tensor = self.finetune_damping
-        if self.mode == "updated":
-            # The proximity term α‖W − W*‖² adds 2α on the W block of the finetune Hessian.
-            ft_damping = torch.full(
-                (self.ft_block.numel,),
-                self.finetune_damping,
-                dtype=self.ft_objective.dtype,
-                device=self.ft_objective.device,
-            )
-            ft_damping[: self.W.numel] += 2 * self.alpha
         self._exact: ExactInverse | None = None
         self.finetune_path = "full network"
         ft_objective, ft_block = self.ft_objective, self.ft_block
@@ -231,12 +227,42 @@ class MultiStageInfluence(InfluenceEstimator):
                 head = self._head()
             if head is not None:
                 ft_objective, ft_block = head
-        self.ft_operator = CurvatureOperator(ft_objective, ft_block, ft_damping, self.gauss_newton)
+        self.ft_operator = CurvatureOperator(
+            ft_objective, ft_block, self._finetune_shift(self.finetune_damping), self.gauss_newton
+        )
         self._per_example = PerExample(
             self.pretrained, self.pretrain_loss, self.pre_params, self.pre_block, self.pretrain_forward, self.ad_mode
         )
         self._fitted_on(pre)
+        # the finetune stage first: its damping changes the pretraining right-hand side
+        self._resolve_dampings(
+            [
+                ("finetune", self._requested_damping["finetune"], self._set_finetune_damping, self.ft_operator),
+                ("pretrain", self._requested_damping["pretrain"], self._set_pretrain_damping, self.pre_operator),
+            ],
+            self.calibration,
+            self.heuristic_fraction,
+        )
         return self
+
+    def _finetune_shift(self, damping: float) -> float | torch.Tensor:
+        """The finetune operator's shift: ``λ_ft``, plus ``2α`` on the W block when the embedding is
+        updated (the proximity term α‖W − W*‖²)."""
+        if self.mode == "fixed":
+            return damping
+        shift = torch.full(
+            (self.ft_block.numel,), damping, dtype=self.ft_objective.dtype, device=self.ft_objective.device
+        )
+        shift[: self.W.numel] += 2 * self.alpha
+        return shift
+
+    def _set_finetune_damping(self, damping: float) -> None:
+        self.finetune_damping = damping
+        self.ft_operator.set_damping(self._finetune_shift(damping))
+
+    def _set_pretrain_damping(self, damping: float) -> None:
+        self.pretrain_damping = damping
+        self.pre_operator.set_damping(damping)
 
     def _head(self) -> tuple[Objective, ParamBlock] | None:
         """The head-only finetune objective (fixed mode), in float64 when it will be solved exactly."""
@@ -363,7 +389,11 @@ class MultiStageInfluence(InfluenceEstimator):
                 s, infos["pretrain"] = self._solve(
                     pre_solver, self.pre_operator, b, "pretrain", f"pretrain_damping={self.pretrain_damping:g}"
                 )
-        self.diagnostics = {**{k: i.as_dict() for k, i in infos.items()}, "time": timings}
+        self.diagnostics = {
+            **{k: i.as_dict() for k, i in infos.items()},
+            "time": timings,
+            "damping": self.damping_report,
+        }
         for op in (self.ft_operator, self.pre_operator):  # scoring needs no Hessian: free the kept graphs
             op.objective.release_graphs()
         return s

@@ -28,7 +28,7 @@ import yaml
 from hydra import compose
 
 import lissa_influence
-from lissa_influence.experiments import config, pipeline
+from lissa_influence.experiments import calibration, config, pipeline
 from lissa_influence.experiments.data import DatasetNotFoundError
 
 from hydra_helpers import CONF, REPO, assert_png, compose_cfg
@@ -317,7 +317,23 @@ def test_default_config_composes():
         (["mode=frozen"], "mode='frozen' is not one of"),
         (["query=all"], "query='all' is not one of"),
         (["solver.name=newton"], "solver.name='newton' is not one of"),
-        (["pretrain.damping=-1"], "pretrain.damping=-1.0 must be >= 0"),
+        (["pretrain.damping=-1"], "pretrain.damping=-1: use a finite number >= 0, auto"),
+        (["finetune.damping=autoo"], "finetune.damping='autoo': use a finite number >= 0, auto"),
+        (["pretrain.damping=auto", "calibration.grid=[0,1e-2]"], "calibration.grid=[0.0, 0.01]: give at least 2"),
+        (["pretrain.damping=auto", "calibration.grid=[1e-2]"], "give at least 2 dampings"),
+        (["pretrain.damping=auto", "calibration.budget=0"], "calibration.budget=0: the calibration needs at least 3"),
+        (
+            [
+                "finetune.damping=auto",
+                "validate.pretrain_steps=0",
+                "validate.finetune_steps=0",
+                "validate.polish_iters=0",
+            ],
+            "finetune.damping=auto calibrates against retraining, but validate.pretrain_steps",
+        ),
+        (["calibration.heuristic_fraction=0"], "calibration.heuristic_fraction=0.0 must be finite and > 0"),
+        (["validate.seeds=0"], "validate.seeds=0 must be >= 1"),
+        (["validate.baselines=[identiti]"], "validate.baselines has ['identiti']"),
         (["mode=updated", "alpha=0"], "mode=updated needs alpha > 0"),
         (["solver=lissa", "solver.scale=big"], "solver.scale='big'"),
         (["pretrain.hessian_samples=0"], "pretrain.hessian_samples=0 must be a number >= 1 or 'all'"),
@@ -566,3 +582,31 @@ def test_device_setting_resolves_or_says_why_not():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device.*device=cpu or device=auto"):
             config.resolve_device("cuda")
+
+
+@pytest.mark.slow
+def test_calibrated_damping_in_the_main_job(cache, tmp_path, capsys):
+    overrides = [
+        *TINY_VALIDATE,
+        "pretrain.damping=auto",
+        "finetune.damping=heuristic",
+        "calibration.budget=3",
+        "calibration.grid=[1.0,10.0]",
+    ]
+    metrics = pipeline.run(tiny(cache, *overrides), tmp_path / "first")
+    damping = metrics["damping"]
+    assert damping["pretrain"]["rule"] == "auto" and damping["pretrain"]["value"] in (1.0, 10.0)
+    assert damping["pretrain"]["calibration"]["grid"] == [1.0, 10.0]
+    assert damping["finetune"]["rule"] == "heuristic" and damping["finetune"]["value"] > 0
+    assert_png(tmp_path / "first" / "calibration.png")
+    assert "damping: finetune" in capsys.readouterr().out
+    # the calibration's removals are never among the validated ones
+    calibrated = set(calibration.removals(metrics["data"]["sizes"]["pretrain_train"], 3, 1))
+    assert not calibrated & {e["index"] for e in metrics["validation"]["examples"]}
+    # a second run with the same settings takes the choice from the cache: no grid is solved again
+    assert len(list((cache / "calibration").iterdir())) >= 1
+    again = pipeline.run(tiny(cache, *overrides), tmp_path / "second")
+    assert again["damping"] == damping
+    np.testing.assert_array_equal(
+        np.load(tmp_path / "first" / "scores.npy"), np.load(tmp_path / "second" / "scores.npy")
+    )

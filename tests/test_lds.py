@@ -111,3 +111,33 @@ def test_from_scratch_protocol_retrains_each_seed(tmp_path):
     floor = result["variants"]["fixed/noise_floor"]
     assert len(floor["per_test_point"]) == 2 and -1 <= floor["lds"] <= 1
     assert set(result["variants"]) == {"fixed/identity", "fixed/noise_floor"}
+
+
+def test_calibrated_damping_on_its_own_subsets_with_intervals(tmp_path):
+    cfg = compose_cfg(
+        *TINY,
+        f"cache_dir={tmp_path / 'cache'}",
+        "lds.modes=[fixed]",
+        "lds.variants=[cg,lissa,single_stage]",
+        "pretrain.damping=auto",
+        "finetune.damping=heuristic",
+        "calibration.budget=3",
+        "calibration.grid=[1.0,10.0]",
+    )
+    result = lds.run(cfg, tmp_path / "run")
+    # 4 evaluated + 3 calibration subsets (calibration.seed, not lds.seed), pretraining + fixed finetuning each
+    assert result["protocol"]["retrained_this_run"] == 2 * (4 + 3)
+    v = result["variants"]
+    cg = v["fixed/cg"]["damping"]
+    assert cg["pretrain"]["rule"] == "auto" and cg["pretrain"]["value"] in (1.0, 10.0)
+    assert (
+        cg["pretrain"]["calibration"]["metric"] == "spearman" and len(cg["pretrain"]["calibration"]["agreement"]) == 2
+    )
+    assert cg["finetune"]["rule"] == "heuristic" and cg["finetune"]["value"] > 0
+    # LiSSA approximates CG's damped inverse: it takes CG's calibrated damping instead of its own sweep
+    assert v["fixed/lissa"]["damping"]["pretrain"] == {"rule": "given", "value": cg["pretrain"]["value"]}
+    assert v["fixed/single_stage"]["damping"]["influence"]["rule"] == "auto"
+    for name in ("cg", "lissa", "single_stage", "noise_floor"):
+        row = v[f"fixed/{name}"]
+        assert row["interval"]["low"] <= row["lds"] <= row["interval"]["high"], (name, row)
+    assert "damping pretrain" in lds.summary(result) and "95% bootstrap" in lds.summary(result)

@@ -181,7 +181,7 @@ def test_all_zero_leave_one_out_raises_instead_of_nan(tmp_path):
     pre = build_model("digits", 4, 0, torch.float64)
     ft = finetune_model_from(pre, 6, 0)
     cfg = OmegaConf.merge(
-        compose_cfg("validate.enabled=true", "validate.num_examples=4", "progress=false"),
+        compose_cfg("validate.enabled=true", "validate.num_examples=4", "progress=false", f"cache_dir={tmp_path}"),
         {"validate": {"pretrain_steps": 0, "finetune_steps": 0, "polish_iters": 0}},
     )
     scores = torch.randn(2, len(data.pretrain_train), dtype=torch.float64)
@@ -217,11 +217,30 @@ def test_summary_reports_the_time_of_each_stage():
             "query": "test point 3 (loss 2.1, wrong)",
             "pearson": 0.5,
             "spearman": 0.4,
+            "pearson_interval": {"estimate": 0.5, "low": 0.1, "high": 0.8},
+            "spearman_interval": {"estimate": 0.4, "low": 0.05, "high": 0.7},
             "num_examples": 12,
-            "seconds": {"control": 20.0, "per_example": 23.0, "total": 300.0},
+            "seeds": [0, 1, 2],
+            "max_retrain_grad_norm": {"pretrain": 2e-7, "finetune (fixed)": 3e-8},
+            "baselines": {"identity": {"pearson_interval": {"estimate": 0.2, "low": -0.3, "high": 0.6}}},
+            "seconds": {"total": 300.0, "per_retraining": 7.7, "retrainings": 39},
+        },
+        "damping": {
+            "finetune": {"rule": "heuristic", "value": 2e-3, "heuristic": 2e-3, "fraction": 0.1},
+            "pretrain": {
+                "rule": "auto",
+                "value": 0.01,
+                "calibration": {"grid": [1e-3, 1e-2], "agreement": [0.2, 0.7], "chosen": 0.01, "metric": "pearson"},
+            },
         },
     }
     text = pipeline.summary(metrics)
     for part in ("pretrain training 0.00s", "finetune training 12.00s", "pretrain solve 40.00s", "validation 300.00s"):
         assert part in text
-    assert "(pretrain weights from the cache)" in text and "23.0s per example" in text
+    assert "(pretrain weights from the cache)" in text and "39 retrainings, 7.7s each" in text
+    assert "Pearson 0.500 [0.100, 0.800], Spearman 0.400 [0.050, 0.700] (95% bootstrap)" in text
+    assert "mean of 3 retraining seeds" in text and "retrained |grad| <= 2e-07" in text
+    assert "solver=identity: Pearson 0.200 [-0.300, 0.600]" in text
+    assert "damping: finetune 0.002 (heuristic: 0.1 x mean eigenvalue), pretrain 0.01 (auto: pearson 0.700" in text
+    metrics["validation"].update(pearson=None, below_noise_floor=True, noise_floor={"split_half": {"estimate": 0.1}})
+    assert "ground truth below its noise floor (split-half r 0.10)" in pipeline.summary(metrics)

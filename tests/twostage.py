@@ -41,7 +41,9 @@ def newton(objective, theta: torch.Tensor, tol: float = 1e-12, max_iter: int = 1
         shift = max(0.0, 1e-8 - float(evals[0]))
         step = torch.linalg.solve(H + shift * torch.eye(len(theta), dtype=theta.dtype), g)
         f0, t = objective(theta), 1.0
-        while objective(theta - t * step) > f0 - 1e-4 * t * (g @ step) and t > 1e-10:
+        # near the optimum the decrease is below the objective's float resolution and the line
+        # search would only shrink the step: take the full Newton step there (quadratic convergence)
+        while g.norm() > 1e-6 and objective(theta - t * step) > f0 - 1e-4 * t * (g @ step) and t > 1e-10:
             t *= 0.5
         theta = theta - t * step
     raise AssertionError(f"Newton did not converge: gradient norm {float(grad(objective)(theta).norm()):.3g}")

@@ -44,8 +44,8 @@ from torch.nn import functional as nnf
 from ..progress import progress_bar
 from . import config, pipeline, plots
 from .models import embedding_state
+from .retraining import retrain_settings
 from .training import finetune, leave_out, pretrain
-from .validation import retrain_settings
 
 log = logging.getLogger(__name__)
 

@@ -21,6 +21,7 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from ..damping import check_damping
 from ..solvers import CG, EKFAC, Explicit, Identity, LiSSA
 from .data import DataConfig
 from .models import ModelConfig
@@ -88,7 +89,7 @@ class SolverSchema:
 
 @dataclass
 class StageSchema:
-    damping: float = 1e-2
+    damping: Any = 1e-2  # a number >= 0, auto (calibrated against retraining) or heuristic; checked by check()
     hessian_samples: Any = 1000  # a count (seeded subsample) or "all"; checked by check()
     train: TrainSchema = field(default_factory=TrainSchema)  # type: ignore[valid-type]
 
@@ -107,6 +108,13 @@ class ValidateSchema:
     polish_iters: int = 0  # L-BFGS iterations after the Adam steps of each retraining (0: the paper's protocol)
     polish_tol: float = 1e-8  # the polish stops once every gradient entry is below this
     seed: int = 0
+    # retraining seeds validate.seed, +1, ...: the control and every removal retrained under each, changes averaged,
+    # and their split-half agreement reported as the noise floor (minibatch retraining; deterministic ones use one)
+    seeds: int = 1
+    batch_size: Optional[int] = None  # the retraining's minibatch size (null: the stage's train.batch_size)
+    lr: Optional[float] = None  # the retraining's Adam learning rate (null: the stage's train.lr)
+    # other solvers judged on the same removals and retrainings (e.g. [identity], the paper's ablation)
+    baselines: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -144,6 +152,18 @@ class LdsSchema:
 
 
 @dataclass
+class CalibrationSchema:
+    """``pretrain.damping=auto`` / ``finetune.damping=auto`` (lissa_influence/experiments/calibration.py,
+    docs/validation.md): each stage's damping chosen from ``grid`` by agreement with ``budget`` retrainings;
+    ``heuristic_fraction`` for ``damping=heuristic``."""
+
+    grid: list[float] = field(default_factory=lambda: [1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0])
+    budget: int = 10  # retrainings: leave-one-out removals (main job) or LDS subsets (analysis.name=lds)
+    seed: int = 1  # draws the calibration's removals or subsets, apart from those validated
+    heuristic_fraction: float = 0.1  # damping=heuristic: this fraction of the curvature's mean eigenvalue
+
+
+@dataclass
 class AccuracySchema:
     """Solver accuracy against the explicit solve (``lissa-influence-accuracy``,
     lissa_influence/experiments/accuracy.py, docs/benchmarks.md); ignored by the main job."""
@@ -165,6 +185,7 @@ class RunSchema:
     analysis: AnalysisSchema = field(default_factory=AnalysisSchema)
     accuracy: AccuracySchema = field(default_factory=AccuracySchema)
     lds: LdsSchema = field(default_factory=LdsSchema)
+    calibration: CalibrationSchema = field(default_factory=CalibrationSchema)
     mode: str = "fixed"  # fixed | updated
     alpha: float = 0.01  # proximity weight of alpha*||W - W*||^2 (mode=updated)
     seed: int = 0
@@ -246,13 +267,26 @@ def build_solver(node: Any):
 
 
 # Keys that do not change the scores; a results folder is reused across changes to them.
-NOT_HASHED = ("progress", "threads", "top_k", "validate", "cache_dir", "shard_size", "allow_unconverged", "lds")
+NOT_HASHED = (
+    "progress",
+    "threads",
+    "top_k",
+    "validate",
+    "cache_dir",
+    "shard_size",
+    "allow_unconverged",
+    "lds",
+    "calibration",
+)
+# ...unless a damping is calibrated: then the retraining settings decide the damping, and so the scores
+CALIBRATION_KEYS = ("validate", "lds", "calibration")
 
 
 def scored_config(cfg: Any) -> dict[str, Any]:
     """The part of the config that determines the scores (hashed into the results manifest)."""
     plain = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True)) if OmegaConf.is_config(cfg) else dict(cfg)
-    return {k: v for k, v in plain.items() if k not in NOT_HASHED}
+    calibrated = any(str(plain.get(stage, {}).get("damping")) == "auto" for stage in ("pretrain", "finetune"))
+    return {k: v for k, v in plain.items() if k not in NOT_HASHED or (calibrated and k in CALIBRATION_KEYS)}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -299,8 +333,13 @@ def check(cfg: Any) -> None:
         except ValueError:
             raise ValueError(f"solver.scale={cfg.solver.scale!r}: use 'auto' or a positive number") from None
     for stage in ("pretrain", "finetune"):
-        if not (math.isfinite(cfg[stage].damping) and cfg[stage].damping >= 0):  # NaN passes "< 0"
-            raise ValueError(f"{stage}.damping={cfg[stage].damping} must be >= 0 and finite")
+        try:
+            check_damping(f"{stage}.damping", damping_value(cfg[stage].damping))
+        except ValueError:
+            raise ValueError(
+                f"{stage}.damping={cfg[stage].damping!r}: use a finite number >= 0, auto (calibrated against "
+                "retraining, calibration.*) or heuristic (a fraction of the mean eigenvalue)"
+            ) from None
         n = cfg[stage].hessian_samples
         if n != "all" and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise ValueError(f"{stage}.hessian_samples={n!r} must be a number >= 1 or 'all'")
@@ -319,6 +358,41 @@ def check(cfg: Any) -> None:
     if cfg.shard_size < 1:
         raise ValueError(f"shard_size={cfg.shard_size} must be >= 1")
     _check_validate(cfg.validate)
+    _check_calibration(cfg)
+
+
+def damping_value(value: Any) -> Any:  # float | "auto" | "heuristic", checked by check()
+    """A damping from the config: ``auto`` / ``heuristic``, or the number (YAML may hand ``1e-3`` over as a string)."""
+    if isinstance(value, str) and value not in ("auto", "heuristic"):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _check_calibration(cfg: Any) -> None:
+    c = cfg.calibration
+    bad = [g for g in c.grid if not (isinstance(g, (int, float)) and math.isfinite(g) and g > 0)]
+    if bad or len(c.grid) < 2:
+        raise ValueError(f"calibration.grid={list(c.grid)}: give at least 2 dampings, each finite and > 0")
+    if not (math.isfinite(c.heuristic_fraction) and c.heuristic_fraction > 0):
+        raise ValueError(f"calibration.heuristic_fraction={c.heuristic_fraction} must be finite and > 0")
+    auto = [stage for stage in ("pretrain", "finetune") if str(cfg[stage].damping) == "auto"]
+    if not auto:
+        return
+    if c.budget < 3:
+        raise ValueError(
+            f"{auto[0]}.damping=auto with calibration.budget={c.budget}: the calibration needs at least 3 "
+            "retrainings to measure agreement; raise calibration.budget, or use damping=heuristic (no retraining)"
+        )
+    v = cfg.validate
+    if cfg.analysis.name != "lds" and v.pretrain_steps == 0 and v.finetune_steps == 0 and v.polish_iters == 0:
+        raise ValueError(
+            f"{auto[0]}.damping=auto calibrates against retraining, but validate.pretrain_steps, finetune_steps "
+            "and polish_iters are all 0: nothing would be retrained. Give the retraining steps (validate.*), "
+            "or use damping=heuristic or a number"
+        )
 
 
 def _check_validate(v: Any) -> None:
@@ -333,5 +407,14 @@ def _check_validate(v: Any) -> None:
         raise ValueError(
             f"validate.test_point={point!r} is not one of highest_loss, misclassified, random, mean or an index"
         )
+    if v.seeds < 1:
+        raise ValueError(f"validate.seeds={v.seeds} must be >= 1 (retraining seeds averaged per removal)")
+    unknown = [b for b in v.baselines if b not in SOLVERS]
+    if unknown:
+        raise ValueError(f"validate.baselines has {unknown}; use solver names: {SOLVERS}")
+    if v.batch_size is not None and v.batch_size < 1:
+        raise ValueError(f"validate.batch_size={v.batch_size} must be >= 1 or null (the stage's train.batch_size)")
+    if v.lr is not None and not v.lr > 0:
+        raise ValueError(f"validate.lr={v.lr} must be > 0 or null (the stage's train.lr)")
     if v.enabled and v.num_examples < 3:  # a correlation of two points is always +-1
         raise ValueError(f"validate.num_examples={v.num_examples} must be >= 3 to measure a correlation")

@@ -8,7 +8,7 @@
    pretraining without the removed examples and then finetuning, and record the
    finetuned loss of each of the ``test_points`` test points (float64).
    ``lds.protocol=warm`` retrains from the trained weights with the leave-one-out
-   settings (:func:`.validation.retrain_settings`, weights 0 on the removed examples as
+   settings (:func:`.retraining.retrain_settings`, weights 0 on the removed examples as
    :func:`.training.leave_out` sets them); ``scratch`` trains both stages from a fresh
    initialisation with ``pretrain.train`` / ``finetune.train`` and one fixed seed (TRAK).
 3. Prediction for subset ``S`` and test point ``t``: the trained model's loss plus
@@ -28,7 +28,6 @@ retrains only subsets ``i ≡ lds.rank (mod lds.world)``, so parallel jobs fill 
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import logging
 import time
@@ -42,19 +41,16 @@ from omegaconf import OmegaConf
 from scipy import stats
 from torch.nn import functional as nnf
 
-from .. import distributed
+from .. import confidence, distributed
+from ..damping import DampingCalibration
 from ..influence import Influence
 from ..progress import progress_bar
-from . import config, pipeline
+from . import calibration, config, pipeline, plots
 from .analyses import variant
-from .data import TwoStageData
-from .models import ModelConfig, TwoStageNet, build_from_config, embedding_state, finetune_model_from
-from .training import TrainConfig, TrainReport, _load_cached, _save_cached, finetune, leave_out, pretrain, settings_key
-from .validation import retrain_settings
+from .retraining import PROTOCOLS, Retrainer, removed
 
 log = logging.getLogger(__name__)
 
-PROTOCOLS = ("warm", "scratch")
 # name -> (solver.name, gauss_newton) of a multi-stage variant; "single_stage" is the baseline
 SOLVER_VARIANTS = {
     "cg": ("cg", False),
@@ -64,7 +60,6 @@ SOLVER_VARIANTS = {
     "identity": ("identity", False),
 }
 VARIANTS = (*SOLVER_VARIANTS, "single_stage")
-CACHE_VERSION = 1  # bump when the retraining changes meaning, so old subset models are ignored
 
 
 # --- subsets and the retraining ------------------------------------------------------------
@@ -80,118 +75,6 @@ def subsets(m: int, count: int, fraction: float, seed: int) -> list[torch.Tensor
     return [torch.sort(torch.randperm(m, generator=gen)[:keep]).values for _ in range(count)]
 
 
-def _digest(keep: torch.Tensor) -> str:
-    return hashlib.sha256(np.asarray(keep, dtype=np.int64).tobytes()).hexdigest()[:20]
-
-
-def _seed_matters(cfg: TrainConfig, n: int) -> bool:
-    # Full-batch Adam and L-BFGS draw nothing at random: the training seed only orders minibatches.
-    return cfg.batch_size is not None and cfg.batch_size < n
-
-
-class Retrainer:
-    """Retrains (or loads from the cache) one subset's pretrained and finetuned models."""
-
-    def __init__(self, cfg: Any, data: TwoStageData, pretrained: TwoStageNet, pretrain_key: str, seed: int):
-        self.cfg, self.data, self.pretrained, self.seed = cfg, data, pretrained, seed
-        self.protocol = cfg.lds.protocol
-        self.m = len(data.pretrain_train)
-        self.cache = Path(cfg.cache_dir).expanduser() / "lds"
-        self.device = next(pretrained.parameters()).device
-        self.model_cfg = replace(config.to_frozen(ModelConfig, cfg.model), seed=seed)
-        if self.protocol == "warm":
-            pre, ft = retrain_settings(cfg)
-        else:
-            pre = config.to_frozen(TrainConfig, cfg.pretrain.train)
-            ft = config.to_frozen(TrainConfig, cfg.finetune.train)
-        self.pre_cfg, self.ft_cfg = replace(pre, seed=seed), replace(ft, seed=seed)
-        self.pretrain_key = pretrain_key
-        self.reports: list[TrainReport] = []  # of every model used, cached or trained
-        self.trained = 0
-
-    def _train_settings(self, train: TrainConfig, n: int) -> dict:
-        # A seed that changes nothing is left out of the key, so seed-free protocols share models.
-        settings = asdict(train)
-        if self.protocol == "warm" and not _seed_matters(train, n):
-            settings["seed"] = None
-        return settings
-
-    def pretrain_settings(self, keep: torch.Tensor) -> dict:
-        settings = {
-            "lds": CACHE_VERSION,
-            "stage": "pretrain",
-            "protocol": self.protocol,
-            "base": self.pretrain_key,  # data, model and the full-data training: what warm starts from
-            "kept": _digest(keep),
-            "train": self._train_settings(self.pre_cfg, self.m),
-            "model_seed": self.seed if self.protocol == "scratch" else None,
-        }
-        if self.device.type != "cpu":
-            settings["device"] = self.device.type
-        return settings
-
-    def finetune_settings(self, pre_key: str, finetune_key: str, mode: str) -> dict:
-        return {
-            "lds": CACHE_VERSION,
-            "stage": "finetune",
-            "pretrain": pre_key,
-            "base": finetune_key,
-            "train": self._train_settings(self.ft_cfg, len(self.data.finetune_train)),
-            "mode": mode,
-            "alpha": float(self.cfg.alpha) if mode == "updated" else None,
-        }
-
-    def _path(self, settings: dict) -> Path:
-        return self.cache / f"{settings['stage']}_{settings_key(settings)}.pt"
-
-    def is_cached(self, keep: torch.Tensor, finetune_key: str, mode: str) -> bool:
-        pre_key = settings_key(self.pretrain_settings(keep))
-        return self._path(self.finetune_settings(pre_key, finetune_key, mode)).is_file()
-
-    def pretrained_on(self, keep: torch.Tensor) -> tuple[TwoStageNet, str]:
-        settings = self.pretrain_settings(keep)
-        path = self._path(settings)
-        hit = _load_cached(path, self.pretrained)
-        if hit is not None:
-            self.reports.append(hit[1])
-            return hit[0], settings_key(settings)
-        weights = leave_out(self.m, _removed(self.m, keep).tolist(), dtype=next(self.pretrained.parameters()).dtype)
-        if self.protocol == "warm":
-            start = self.pretrained
-        else:
-            start = build_from_config(self.model_cfg, len(self.data.pretrain_classes)).to(self.device)
-        model, report = pretrain(start, self.data, self.pre_cfg, weights=weights)
-        self.reports.append(report)
-        self.trained += 1
-        _save_cached(path, model, report, settings)
-        return model, settings_key(settings)
-
-    def finetuned_on(
-        self, pre: TwoStageNet, pre_key: str, finetuned: TwoStageNet, finetune_key: str, mode: str
-    ) -> TwoStageNet:
-        settings = self.finetune_settings(pre_key, finetune_key, mode)
-        path = self._path(settings)
-        hit = _load_cached(path, finetuned)
-        if hit is not None:
-            self.reports.append(hit[1])
-            return hit[0]
-        if self.protocol == "warm":
-            start = finetuned
-        else:
-            start = finetune_model_from(pre, len(self.data.finetune_classes), self.seed)
-        model, report = finetune(start, self.data, self.ft_cfg, mode, self.cfg.alpha, embedding_state(pre))
-        self.reports.append(report)
-        self.trained += 1
-        _save_cached(path, model, report, settings)
-        return model
-
-
-def _removed(m: int, keep: torch.Tensor) -> torch.Tensor:
-    mask = torch.ones(m, dtype=torch.bool)
-    mask[keep] = False
-    return mask.nonzero().flatten()
-
-
 def point_losses(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
     """Per-test-point cross-entropy in float64."""
     ref = next(model.parameters())
@@ -203,15 +86,43 @@ def point_losses(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> np
 # --- scores of each variant --------------------------------------------------------------
 
 
-def multistage_scores(cfg: Any, mode: str, name: str, pretrained, finetuned, data, x, y) -> tuple[torch.Tensor, dict]:
+def multistage_scores(
+    cfg: Any,
+    mode: str,
+    name: str,
+    pretrained,
+    finetuned,
+    data,
+    x,
+    y,
+    ground_truth: DampingCalibration | None = None,
+    dampings: dict[str, float] | None = None,
+    model_keys: tuple[str, ...] = (),
+) -> tuple[torch.Tensor, dict]:
+    """One multi-stage variant's scores; ``dampings`` (stage -> number) overrides the config's;
+    ``model_keys``: the trained models' cache keys, which a cached calibration is keyed by."""
     solver, gauss_newton = SOLVER_VARIANTS[name]
-    vcfg = variant(cfg, {"mode": mode, "solver.name": solver, "gauss_newton": gauss_newton})
-    msi = pipeline.build_influence(vcfg, pretrained, finetuned, data)
+    changes = {"mode": mode, "solver.name": solver, "gauss_newton": gauss_newton}
+    changes.update({f"{stage}.damping": value for stage, value in (dampings or {}).items()})
+    vcfg = variant(cfg, changes)
+    if ground_truth is None or not calibration.wanted(vcfg):
+        msi = pipeline.build_influence(vcfg, pretrained, finetuned, data)
+    else:  # calibrated on the calibration subsets, or at the dampings chosen before with the same settings
+        parts = calibration.cache_parts(vcfg, f"lds/{mode}", *model_keys)
+        report = calibration.load(vcfg, parts)
+        if report is None:
+            msi = pipeline.build_influence(vcfg, pretrained, finetuned, data, ground_truth)
+            calibration.save(vcfg, parts, msi.damping_report)
+        else:
+            msi = pipeline.build_influence(calibration.with_dampings(vcfg, report), pretrained, finetuned, data)
+            msi.damping_report = report
     scores = msi.scores_from(msi.query_vectors((x, y)))
     return scores, dict(msi.diagnostics)
 
 
-def single_stage_scores(cfg: Any, pretrained, data, x) -> tuple[torch.Tensor, dict]:
+def single_stage_scores(
+    cfg: Any, pretrained, data, x, ground_truth: DampingCalibration | None = None
+) -> tuple[torch.Tensor, dict]:
     """Koh & Liang influence on the *pretrained* model, ignoring finetuning. The finetuning
     test points belong to classes the pretrained model has no output for, so the query is
     each test input's loss under its pseudo-label, the pretraining class the pretrained
@@ -219,11 +130,16 @@ def single_stage_scores(cfg: Any, pretrained, data, x) -> tuple[torch.Tensor, di
     ref = next(pretrained.parameters())
     with torch.no_grad():
         pseudo = pretrained(x.to(ref)).argmax(1).cpu()
+    damping = config.damping_value(cfg.pretrain.damping)
+    # its queries are the pseudo-labelled test inputs, judged against the same retrained finetuned losses
+    cal = replace(ground_truth, test_data=(x, pseudo)) if ground_truth is not None and damping == "auto" else None
     inf = Influence(
         pretrained,
         solver=config.build_solver(cfg.solver),
-        damping=cfg.pretrain.damping,
+        damping=damping,
         hessian_samples=cfg.pretrain.hessian_samples,
+        calibration=cal,
+        heuristic_fraction=cfg.calibration.heuristic_fraction,
         **pipeline.estimator_settings(cfg),
     ).fit(data.pretrain_train)
     scores = inf.scores((x, pseudo))
@@ -302,7 +218,7 @@ def run(cfg: Any, out_dir: str | Path) -> dict[str, Any] | None:
     x, y = (t[idx] for t in data.finetune_test.tensors)
 
     # The ground truth: every (seed, subset, mode), this rank's share retrained.
-    retrainers = {s: Retrainer(cfg, data, pretrained, info0.pretrain_key, s) for s in seeds}
+    retrainers = {s: Retrainer(cfg, data, pretrained, info0.pretrain_key, s, c.protocol) for s in seeds}
     actual = {(s, mode): np.full((c.num_subsets, len(idx)), np.nan) for s in seeds for mode in c.modes}
     mine = [k for k in range(c.num_subsets) if k % world == rank]
     retrain_start = time.perf_counter()
@@ -315,6 +231,28 @@ def run(cfg: Any, out_dir: str | Path) -> dict[str, Any] | None:
                     ft = retrainers[s].finetuned_on(pre, pre_key, finetuned, info.finetune_key, mode)
                     actual[s, mode][k] = point_losses(ft, x, y)
                 bar.update()
+    ground_truth: dict[str, DampingCalibration] = {}
+    if calibration.wanted(cfg):  # damping=auto: its own subsets (calibration.seed), never the evaluated ones
+        cal_kept = subsets(m, cfg.calibration.budget, c.fraction, cfg.calibration.seed)
+        cal_losses = {mode: np.full((len(cal_kept), len(idx)), np.nan) for mode in c.modes}
+        with progress_bar(len(cal_kept), "LDS calibration retraining", enabled=cfg.progress, unit="subset") as bar:
+            for k, keep in enumerate(cal_kept):
+                pre, pre_key = retrainers[c.seed].pretrained_on(keep)
+                for mode in c.modes:
+                    _, _, finetuned, info = models[mode]
+                    ft = retrainers[c.seed].finetuned_on(pre, pre_key, finetuned, info.finetune_key, mode)
+                    cal_losses[mode][k] = point_losses(ft, x, y)
+                bar.update()
+        ground_truth = {
+            mode: DampingCalibration(
+                test_data=(x, y),
+                removals=[removed(m, keep).tolist() for keep in cal_kept],
+                actual=cal_losses[mode],
+                grid=tuple(cfg.calibration.grid),
+                metric="spearman",
+            )
+            for mode in c.modes
+        }
     retrained = sum(r.trained for r in retrainers.values())
     retrain_seconds = time.perf_counter() - retrain_start
     log.info("LDS: %d stage retrainings in %.1fs (subsets %d mod %d)", retrained, retrain_seconds, rank, world)
@@ -345,7 +283,7 @@ def run(cfg: Any, out_dir: str | Path) -> dict[str, Any] | None:
                     retrainers[s].finetuned_on(pre, pre_key, finetuned, info.finetune_key, mode), x, y
                 )
 
-    result = score_variants(cfg, models, kept, x, y, actual)
+    result = score_variants(cfg, models, kept, x, y, actual, ground_truth)
     reports = [r for rt in retrainers.values() for r in rt.reports]
     result["protocol"] = {
         "num_subsets": c.num_subsets,
@@ -378,15 +316,29 @@ def run(cfg: Any, out_dir: str | Path) -> dict[str, Any] | None:
     (out / "lds.json").write_text(json.dumps(result, indent=2, default=str))
     write_csv(out / "lds.csv", result)
     plot(out / "lds.png", result, f"{cfg.data.name}: LDS over {c.num_subsets} subsets ({c.fraction:g} kept)")
+    curves = {
+        f"{key} {stage}": d["calibration"]
+        for key, v in result["variants"].items()
+        for stage, d in (v.get("damping") or {}).items()
+        if "calibration" in d
+    }
+    if curves:  # damping=auto: agreement on the calibration subsets against damping
+        plots.calibration_curves(out / "calibration.png", curves, f"{cfg.data.name}: LDS calibration subsets")
     print(summary(result))
     return result
 
 
-def score_variants(cfg: Any, models: dict, kept, x, y, actual: dict) -> dict[str, Any]:
-    """Every variant's LDS against the same retrained losses; per mode: the multi-stage
-    solvers, the single-stage baseline, the noise floor."""
+def score_variants(
+    cfg: Any, models: dict, kept, x, y, actual: dict, ground_truth: dict[str, DampingCalibration] | None = None
+) -> dict[str, Any]:
+    """Every variant's LDS, with its bootstrap interval, against the same retrained losses; per
+    mode: the noise floor, the multi-stage solvers, the single-stage baseline. With
+    ``damping=auto`` each variant is calibrated on ``ground_truth[mode]`` (its own subsets),
+    except LiSSA, which approximates the same damped inverse as CG and takes CG's dampings."""
     c = cfg.lds
+    ground_truth = ground_truth or {}
     variants: dict[str, dict[str, Any]] = {}
+    floors: dict[str, confidence.Interval] = {}
 
     def attempt(key: str, mode: str, method: str, compute, *args) -> tuple[torch.Tensor, dict] | None:
         t0 = time.perf_counter()
@@ -402,48 +354,97 @@ def score_variants(cfg: Any, models: dict, kept, x, y, actual: dict) -> dict[str
         s = scores.double().cpu().numpy()
         predicted = predict(point_losses(models[mode][2], x, y), s, kept, s.shape[1])
         per_point = lds(predicted, actual[c.seed, mode])
-        variants[key] = {
+        interval = confidence.lds_interval(predicted, actual[c.seed, mode])
+        entry = {
             "mode": mode,
             "method": method,
             "lds": float(np.nanmean(per_point)) if not all(np.isnan(per_point)) else float("nan"),
+            "interval": interval.as_dict(),
             "per_test_point": per_point,
+            "damping": (extra.get("diagnostics") or {}).get("damping"),
             **extra,
         }
+        floor = floors.get(mode)
+        if floor is not None and not floor.low > 0:  # the seeds do not agree: no correlation to read
+            entry.update(lds=None, below_noise_floor=True, unresolved_lds=entry["lds"])
+        variants[key] = entry
 
-    single = None
-    if "single_stage" in c.variants:  # one pretrained model for every mode: scored once
-        data, pretrained, _, _ = models[c.modes[0]]
-        single = attempt("single_stage", c.modes[0], "single_stage", single_stage_scores, cfg, pretrained, data, x)
-    for mode in c.modes:
-        data, pretrained, finetuned, _ = models[mode]
-        for name in c.variants:
-            key = f"{mode}/{name}"
-            if name == "single_stage":
-                if single is None:
-                    variants[key] = {**variants["single_stage"], "mode": mode}
-                else:
-                    judge(key, mode, name, single[0], single[1])
-                continue
-            done = attempt(key, mode, name, multistage_scores, cfg, mode, name, pretrained, finetuned, data, x, y)
-            if done is not None:
-                judge(key, mode, name, *done)
+    for mode in c.modes:  # first: a ground truth below its noise floor gets no correlation
         if c.noise_floor:
             per_point = lds(actual[c.noise_seed, mode], actual[c.seed, mode])
+            floors[mode] = confidence.lds_interval(actual[c.noise_seed, mode], actual[c.seed, mode])
             variants[f"{mode}/noise_floor"] = {
                 "mode": mode,
                 "method": "noise_floor",
                 "lds": float(np.nanmean(per_point)),
+                "interval": floors[mode].as_dict(),
                 "per_test_point": per_point,
                 "note": f"retrained losses under seed {c.noise_seed} as the prediction of those under seed {c.seed}",
             }
-    variants.pop("single_stage", None)
+    single: dict[str, tuple[torch.Tensor, dict] | None] = {}
+    for mode in c.modes:
+        data, pretrained, finetuned, _ = models[mode]
+        truth = ground_truth.get(mode)
+        chosen: dict[str, float] = {}  # CG's calibrated dampings, for LiSSA
+        for name in c.variants:
+            key = f"{mode}/{name}"
+            if name == "single_stage":
+                # one pretrained model for every mode; calibrated per mode when each has its own ground truth
+                first = next(iter(single), None)
+                if truth is None and first is not None:
+                    done = single[first]
+                    if done is None:  # skipped: the same reason
+                        variants[key] = {**variants[f"{first}/single_stage"], "mode": mode}
+                else:
+                    done = single[mode] = attempt(key, mode, name, single_stage_scores, cfg, pretrained, data, x, truth)
+                if done is not None:
+                    judge(key, mode, name, *done)
+                continue
+            dampings = chosen if name == "lissa" and chosen else None
+            keys = (models[mode][3].pretrain_key, models[mode][3].finetune_key)
+            done = attempt(
+                key,
+                mode,
+                name,
+                multistage_scores,
+                cfg,
+                mode,
+                name,
+                pretrained,
+                finetuned,
+                data,
+                x,
+                y,
+                truth,
+                dampings,
+                keys,
+            )
+            if done is not None:
+                judge(key, mode, name, *done)
+                if name == "cg" and truth is not None:
+                    report = done[1]["diagnostics"].get("damping", {})
+                    chosen = {stage: r["value"] for stage, r in report.items() if r["rule"] == "auto"}
     return {"analysis": "lds", "variants": variants}
 
 
 def write_csv(path: Path, result: dict[str, Any]) -> None:
     with path.open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["variant", "mode", "method", "lds", "std_over_test_points", "min", "max", "seconds", "skipped"])
+        w.writerow(
+            [
+                "variant",
+                "mode",
+                "method",
+                "lds",
+                "ci_low",
+                "ci_high",
+                "std_over_test_points",
+                "min",
+                "max",
+                "seconds",
+                "skipped",
+            ]
+        )
         for key, v in result["variants"].items():
             pts = np.asarray(v.get("per_test_point") or [np.nan], dtype=float)
             ok = not np.all(np.isnan(pts))
@@ -453,11 +454,13 @@ def write_csv(path: Path, result: dict[str, Any]) -> None:
                     v["mode"],
                     v["method"],
                     "" if v["lds"] is None else f"{v['lds']:.4f}",
+                    f"{v['interval']['low']:.4f}" if v["lds"] is not None and "interval" in v else "",
+                    f"{v['interval']['high']:.4f}" if v["lds"] is not None and "interval" in v else "",
                     f"{np.nanstd(pts):.4f}" if ok else "",
                     f"{np.nanmin(pts):.4f}" if ok else "",
                     f"{np.nanmax(pts):.4f}" if ok else "",
                     f"{v['seconds']:.1f}" if "seconds" in v else "",
-                    v.get("skipped", ""),
+                    v.get("skipped", "below noise floor" if v.get("below_noise_floor") else ""),
                 ]
             )
 
@@ -475,10 +478,13 @@ def plot(path: Path, result: dict[str, Any], title: str) -> None:
         rows = [(v["method"], v) for v in result["variants"].values() if v["mode"] == mode]
         for i, (name, v) in enumerate(rows):
             if v["lds"] is None:
-                ax.text(0.02, i, "skipped", va="center", fontsize=8, color="grey")
+                why = "below noise floor" if v.get("below_noise_floor") else "skipped"
+                ax.text(0.02, i, why, va="center", fontsize=8, color="grey")
                 continue
             color = "0.6" if name == "noise_floor" else ("tab:orange" if name == "single_stage" else "tab:blue")
-            ax.barh(i, v["lds"], color=color, alpha=0.8)
+            ci = v.get("interval")
+            err = None if ci is None else [[v["lds"] - ci["low"]], [ci["high"] - v["lds"]]]
+            ax.barh(i, v["lds"], color=color, alpha=0.8, xerr=err, ecolor="k", capsize=3)
             ax.plot(v["per_test_point"], [i] * len(v["per_test_point"]), "k.", ms=3)
             ax.text(max(v["lds"], 0) + 0.02, i + 0.25, f"{v['lds']:.2f}", fontsize=8)
         ax.set_yticks(range(len(rows)), [name for name, _ in rows])
@@ -498,11 +504,22 @@ def summary(r: dict[str, Any]) -> str:
     lines = [
         f"LDS over {p['num_subsets']} subsets keeping {p['kept_per_subset']} of {p['num_pretrain']} pretraining "
         f"examples ({p['protocol']} retraining, {len(p['test_indices'])} test points; "
-        f"{p['retrained_this_run']} stage retrainings this run):"
+        f"{p['retrained_this_run']} stage retrainings this run, {p['seconds'] / 60:.1f} min), "
+        "95% bootstrap intervals over subsets and test points:"
     ]
     for key, v in r["variants"].items():
-        if v["lds"] is None:
+        if v.get("skipped"):
             lines.append(f"  {key:<24} skipped ({v['skipped']})")
+        elif v.get("below_noise_floor"):
+            lines.append(f"  {key:<24} ground truth below its noise floor ({v['unresolved_lds']:+.3f} unresolved)")
         else:
-            lines.append(f"  {key:<24} {v['lds']:+.3f}")
+            i = v["interval"]
+            damping = v.get("damping") or {}
+            chosen = ", ".join(f"{stage} {d['value']:.3g} ({d['rule']})" for stage, d in damping.items())
+            seconds = f", {v['seconds']:.0f}s" if "seconds" in v else ""
+            lines.append(
+                f"  {key:<24} {v['lds']:+.3f} [{i['low']:+.3f}, {i['high']:+.3f}]"
+                + (f"  damping {chosen}" if chosen else "")
+                + seconds
+            )
     return "\n".join(lines)

@@ -21,6 +21,7 @@ the scoring are split across ranks, and only rank 0 writes files and prints.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -36,10 +37,11 @@ from omegaconf import OmegaConf
 
 from .. import __version__, distributed, results
 from ..curvature import CurvatureOperator
+from ..damping import DampingCalibration
 from ..kfac import KroneckerCurvature
 from ..multistage import MultiStageInfluence
 from ..solvers import NotConvergedError
-from . import config, plots, rundir
+from . import calibration, config, plots, rundir
 from .data import DataConfig, TwoStageData, load_two_stage, tensor_digest
 from .models import ModelConfig, TwoStageNet
 from .training import TrainConfig, TwoStageInfo, train_two_stage
@@ -106,7 +108,10 @@ def estimator_settings(cfg: Any) -> dict[str, Any]:
     }
 
 
-def build_influence(cfg: Any, pretrained, finetuned, data: TwoStageData) -> MultiStageInfluence:
+def build_influence(
+    cfg: Any, pretrained, finetuned, data: TwoStageData, calibration: DampingCalibration | None = None
+) -> MultiStageInfluence:
+    """The configured estimator, fitted; ``calibration``: the retrained ground truth for ``damping=auto``."""
     msi = MultiStageInfluence(
         pretrained,
         finetuned,
@@ -114,16 +119,38 @@ def build_influence(cfg: Any, pretrained, finetuned, data: TwoStageData) -> Mult
         mode=cfg.mode,
         alpha=cfg.alpha,
         solver=config.build_solver(cfg.solver),
-        pretrain_damping=cfg.pretrain.damping,
-        finetune_damping=cfg.finetune.damping,
+        pretrain_damping=config.damping_value(cfg.pretrain.damping),
+        finetune_damping=config.damping_value(cfg.finetune.damping),
         hessian_samples=cfg.pretrain.hessian_samples,
         finetune_hessian_samples=cfg.finetune.hessian_samples,
+        calibration=calibration,
+        heuristic_fraction=cfg.calibration.heuristic_fraction,
         progress=cfg.progress,
         **estimator_settings(cfg),
         head_only=config.tristate("head_only", cfg.head_only),
         exact_finetune=config.tristate("exact_finetune", cfg.exact_finetune),
     )
     return msi.fit(data.pretrain_train, data.finetune_train)
+
+
+def calibrated_influence(
+    cfg: Any, pretrained, finetuned, data: TwoStageData, info: TwoStageInfo, test
+) -> MultiStageInfluence:
+    """``build_influence``; with ``damping=auto``, calibrated against leave-one-out retrainings
+    (:mod:`.calibration`), or at the dampings a run with the same settings chose before."""
+    if not calibration.wanted(cfg):
+        return build_influence(cfg, pretrained, finetuned, data)
+    parts = calibration.cache_parts(cfg, "leave-one-out", info.pretrain_key, info.finetune_key)
+    report = calibration.load(cfg, parts)
+    if report is not None:
+        msi = build_influence(calibration.with_dampings(cfg, report), pretrained, finetuned, data)
+        msi.damping_report = report
+        return msi
+    ground_truth = calibration.leave_one_out(cfg, data, pretrained, finetuned, test)
+    msi = build_influence(cfg, pretrained, finetuned, data, ground_truth)
+    if distributed.is_main():
+        calibration.save(cfg, parts, msi.damping_report)
+    return msi
 
 
 def kronecker_kinds(cfg: Any) -> list[str]:
@@ -273,7 +300,7 @@ def _run(cfg: Any, out_dir: str | Path) -> dict[str, Any]:
 
     idx = test_indices(len(data.finetune_test), cfg.test_points, cfg.seed)
     x_test, y_test = (t[idx] for t in data.finetune_test.tensors)
-    msi = build_influence(cfg, pretrained, finetuned, data)
+    msi = calibrated_influence(cfg, pretrained, finetuned, data, info, (x_test, y_test))
     factors_loaded = load_factors(cfg, msi)
     s, scores, resumed = results.resumable_scores(
         msi,
@@ -315,6 +342,7 @@ def _run(cfg: Any, out_dir: str | Path) -> dict[str, Any]:
             "mean_abs_score": float(scores.abs().mean()),
             "score_range": [float(scores.min()), float(scores.max())],
         },
+        "damping": msi.damping_report,
         "top_examples": top,
     }
     if not main:  # the other ranks of a torchrun job: same numbers, no files
@@ -327,16 +355,38 @@ def _run(cfg: Any, out_dir: str | Path) -> dict[str, Any]:
         plots.top_examples_grid(
             out / "top_examples.png", x_test, y_test, data, top, data.finetune_classes, data.pretrain_classes
         )
+    calibration.figure(out / "calibration.png", msi.damping_report, f"{cfg.data.name}, embedding {cfg.mode}")
     if cfg.validate.enabled:
         from . import validation
 
-        metrics["validation"] = validation.run(cfg, data, pretrained, finetuned, scores, (x_test, y_test), out)
+        m = len(data.pretrain_train)  # the calibration's removals are never validated
+        exclude = (
+            calibration.removals(m, cfg.calibration.budget, cfg.calibration.seed) if calibration.wanted(cfg) else []
+        )
+        baselines = baseline_scores(cfg, msi, pretrained, finetuned, data, (x_test, y_test))
+        metrics["validation"] = validation.run(
+            cfg, data, pretrained, finetuned, scores, (x_test, y_test), out, exclude=exclude, baselines=baselines
+        )
         timings["validation"] = metrics["validation"]["seconds"]["total"]
     timings["total"] = time.perf_counter() - start
     metrics["timings"] = timings
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     print(summary(metrics))  # once: under Hydra a log.info would repeat it on the console
     return metrics
+
+
+def baseline_scores(cfg: Any, msi: MultiStageInfluence, pretrained, finetuned, data, test) -> dict[str, torch.Tensor]:
+    """``validate.baselines``: each solver's scores of the same queries, at the dampings the run used
+    (numbers: a calibrated damping is not calibrated again for a baseline)."""
+    out = {}
+    for name in cfg.validate.baselines:
+        vcfg = copy.deepcopy(cfg)
+        OmegaConf.update(vcfg, "solver.name", name, merge=False)
+        OmegaConf.update(vcfg, "pretrain.damping", float(msi.pretrain_damping), merge=False)
+        OmegaConf.update(vcfg, "finetune.damping", float(msi.finetune_damping), merge=False)
+        other = build_influence(vcfg, pretrained, finetuned, data)
+        out[name] = other.scores_from(other.query_vectors(test, cfg.query == "mean"))
+    return out
 
 
 def training_timings(info: TwoStageInfo, seconds: float) -> dict[str, float]:
@@ -364,6 +414,8 @@ def summary(m: dict[str, Any]) -> str:
                 f"  {stage} solve: {d['iterations']} iterations, {d['num_products']} products, "
                 f"converged={d['converged']}" + (f", residual {res:.2g}" if res is not None else "")
             )
+    if m.get("damping"):
+        lines.append("  " + calibration.summary(m["damping"]))
     times = m.get("timings", inf["time"])
     cached = [s for s in ("pretrain", "finetune") if m.get("training", {}).get(f"{s}_cached")]
     lines.append(
@@ -378,9 +430,27 @@ def summary(m: dict[str, Any]) -> str:
         )
     if "validation" in m:
         v = m["validation"]
+        seeds = len(v["seeds"])
+        if v.get("below_noise_floor"):
+            found = (
+                f"ground truth below its noise floor (split-half r {v['noise_floor']['split_half']['estimate']:.2f})"
+            )
+        else:
+            p, s = v["pearson_interval"], v["spearman_interval"]
+            found = (
+                f"Pearson {p['estimate']:.3f} [{p['low']:.3f}, {p['high']:.3f}], "
+                f"Spearman {s['estimate']:.3f} [{s['low']:.3f}, {s['high']:.3f}] (95% bootstrap)"
+            )
         lines.append(
-            f"  leave-one-out ({v['query']}): Pearson {v['pearson']:.3f}, Spearman {v['spearman']:.3f} over "
-            f"{v['num_examples']} examples; retraining {v['seconds']['control']:.1f}s for the control, "
-            f"{v['seconds']['per_example']:.1f}s per example"
+            f"  leave-one-out ({v['query']}): {found} over {v['num_examples']} examples"
+            + (f", mean of {seeds} retraining seeds" if seeds > 1 else "")
+            + f"; {v['seconds']['retrainings']} retrainings, {v['seconds']['per_retraining']:.1f}s each; "
+            f"retrained |grad| <= {max(v['max_retrain_grad_norm'].values()):.2g}"
         )
+        for name, b in v.get("baselines", {}).items():
+            p = b["pearson_interval"]
+            lines.append(
+                f"    the same retrainings, solver={name}: "
+                f"Pearson {p['estimate']:.3f} [{p['low']:.3f}, {p['high']:.3f}]"
+            )
     return "\n".join(lines)

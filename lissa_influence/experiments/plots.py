@@ -57,16 +57,24 @@ def top_examples_grid(
 
 
 def loo_scatter(
-    path: Path, predicted: np.ndarray, actual: np.ndarray, pearson: float, spearman: float, title: str
+    path: Path,
+    predicted: np.ndarray,
+    actual: np.ndarray,
+    stats_text: str,
+    title: str,
+    errors: np.ndarray | None = None,
 ) -> None:
-    """Leave-one-out (the paper's Figure A): true test-loss change on removal vs the predicted ``−I(z)/m``."""
-    fig, ax = plt.subplots(figsize=(4.2, 4))
+    """Leave-one-out (the paper's Figure A): true test-loss change on removal vs the predicted
+    ``−I(z)/m``; ``errors``: the standard error of each actual change over retraining seeds."""
+    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    if errors is not None:
+        ax.errorbar(predicted, actual, yerr=errors, fmt="none", ecolor="0.6", lw=0.8)
     ax.scatter(predicted, actual, s=14, alpha=0.8)
     lo, hi = float(min(predicted.min(), actual.min())), float(max(predicted.max(), actual.max()))
     ax.plot([lo, hi], [lo, hi], color="gray", lw=0.8, ls="--")
     ax.set_xlabel("predicted loss change  −I(z)/m")
     ax.set_ylabel("actual loss change (leave one out)")
-    ax.set_title(f"{title}\nPearson r = {pearson:.3f}, Spearman = {spearman:.3f}", fontsize=9)
+    ax.set_title(f"{title}\n{stats_text}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -206,4 +214,33 @@ def error_vs_hvps(path: Path, payloads: list[dict]) -> None:
     fig.legend(*axes[3].get_legend_handles_labels(), loc="lower center", ncol=ncol, fontsize=7, frameon=False)
     fig.tight_layout(rect=(0, min(0.4, 0.018 * math.ceil(len(payloads) / ncol) + 0.01), 1, 1))
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def calibration_curves(path: Path, curves: dict[str, dict], title: str) -> None:
+    """Agreement with retraining against damping (log scale), one line per calibrated stage,
+    the chosen damping marked."""
+    fig, ax = plt.subplots(figsize=(4.8, 3.4))
+    for stage, c in curves.items():
+        grid, agreement = np.asarray(c["grid"], dtype=float), np.asarray(c["agreement"], dtype=float)
+        (line,) = ax.semilogx(grid, agreement, "o-", label=f"{stage} (chosen {c['chosen']:.3g})")
+        ax.axvline(c["chosen"], color=line.get_color(), ls=":", lw=0.8)
+        failed = ~np.isfinite(agreement)  # the solve failed there (e.g. negative curvature): no agreement
+        if failed.any():
+            ax.plot(
+                grid[failed],
+                np.full(failed.sum(), -0.05),
+                "x",
+                color=line.get_color(),
+                ms=7,
+                label=f"{stage}: solve failed",
+            )
+    metric = next(iter(curves.values()))["metric"]
+    ax.set_xlabel("damping")
+    ax.set_ylabel(f"agreement with retraining ({metric})")
+    ax.axhline(0, color="k", lw=0.5)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
     plt.close(fig)

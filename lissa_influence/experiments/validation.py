@@ -17,44 +17,34 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import replace
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from scipy import stats
 from torch.nn import functional as nnf
 
+from .. import confidence
 from ..progress import progress_bar
-from . import config, plots
-from .data import TwoStageData
-from .models import embedding_state
-from .training import TrainConfig, finetune, leave_out, pretrain
+from . import plots
+from .data import TwoStageData, tensor_digest
+from .retraining import Retrainer, retrain_settings, without
+from .training import TrainReport
 
 log = logging.getLogger(__name__)
 
 
-def choose_examples(scores: torch.Tensor, k: int, seed: int) -> list[int]:
-    """``k`` distinct indices: the most harmful, the most helpful, then random ones."""
-    m = scores.numel()
-    k = min(k, m)
+def choose_examples(scores: torch.Tensor, k: int, seed: int, exclude: Sequence[int] = ()) -> list[int]:
+    """``k`` distinct indices: the most harmful, the most helpful, then random ones; none of ``exclude``."""
+    skip = set(int(i) for i in exclude)
+    order = [i for i in torch.argsort(scores).tolist() if i not in skip]
+    k = min(k, len(order))
     third = k // 3
-    order = torch.argsort(scores)
-    chosen = list(dict.fromkeys(order[-third:].tolist()[::-1] + order[:third].tolist())) if third else []
-    rest = [
-        i for i in torch.randperm(m, generator=torch.Generator().manual_seed(seed)).tolist() if i not in set(chosen)
-    ]
-    return chosen + rest[: k - len(chosen)]
-
-
-def retrain_settings(cfg: Any) -> tuple[TrainConfig, TrainConfig]:
-    """The stages' training settings with the validation's step counts and seed."""
-    v = cfg.validate
-    pre = config.to_frozen(TrainConfig, cfg.pretrain.train)
-    ft = config.to_frozen(TrainConfig, cfg.finetune.train)
-    common = dict(polish_iters=v.polish_iters, polish_tol=v.polish_tol, seed=v.seed)
-    return replace(pre, steps=v.pretrain_steps, **common), replace(ft, steps=v.finetune_steps, **common)
+    chosen = list(dict.fromkeys(order[len(order) - third :][::-1] + order[:third])) if third else []
+    taken = set(chosen) | skip
+    rest = [i for i in torch.randperm(scores.numel(), generator=torch.Generator().manual_seed(seed)).tolist()]
+    return chosen + [i for i in rest if i not in taken][: k - len(chosen)]
 
 
 TEST_POINTS = ("highest_loss", "misclassified", "random", "mean")
@@ -140,6 +130,90 @@ def check_resolved(actual: np.ndarray, control: float, dtype: torch.dtype) -> No
     )
 
 
+def seeds(cfg: Any, retrainer_seed_matters: bool) -> list[int]:
+    """The retraining seeds ``validate.seed, +1, ...`` (``validate.seeds`` of them); one
+    where the retraining draws nothing at random (full batch, L-BFGS): more would repeat it."""
+    v = cfg.validate
+    if v.seeds < 1:
+        raise ValueError(f"validate.seeds={v.seeds} must be >= 1 (retraining seeds averaged per removal)")
+    if v.seeds > 1 and not retrainer_seed_matters:
+        log.warning(
+            "validate.seeds=%d, but the retraining is deterministic (full batch or L-BFGS): one seed is used", v.seeds
+        )
+        return [v.seed]
+    return [v.seed + i for i in range(v.seeds)]
+
+
+def retrained_losses(
+    cfg: Any,
+    data: TwoStageData,
+    pretrained,
+    finetuned,
+    removals: list[int],
+    test: tuple[torch.Tensor, torch.Tensor],
+    label: str = "leave-one-out",
+) -> tuple[np.ndarray, np.ndarray, list[int], list[TrainReport]]:
+    """Every scored point's float64 test loss after leaving out each example of ``removals``,
+    under each retraining seed (``validate.*``), and the control's (nothing left out, same
+    seed). Each retrained model is cached under ``cache_dir/loo/`` (a rerun retrains nothing).
+
+    Returns:
+        ``losses`` ``[S, K, T]``, ``control`` ``[S, T]``, the seeds and the retrainings' reports.
+    """
+    x, y = test
+    m = len(data.pretrain_train)
+    base = (tensor_digest(*pretrained.state_dict().values()), tensor_digest(*finetuned.state_dict().values()))
+    first = Retrainer(cfg, data, pretrained, base[0], cfg.validate.seed, "warm", "loo")
+    chosen = seeds(cfg, first.seed_matters)
+    retrainers = [Retrainer(cfg, data, pretrained, base[0], s, "warm", "loo") for s in chosen]
+
+    def losses_without(r: Retrainer, keep: torch.Tensor) -> np.ndarray:
+        pre, pre_key = r.pretrained_on(keep)
+        return test_losses(r.finetuned_on(pre, pre_key, finetuned, base[1], cfg.mode), x, y)[0].numpy()
+
+    control = np.stack([losses_without(r, torch.arange(m)) for r in retrainers])
+    losses = np.full((len(chosen), len(removals), len(x)), np.nan)
+    with progress_bar(len(removals) * len(chosen), label, enabled=cfg.progress, unit="retraining") as bar:
+        for k, z in enumerate(removals):
+            for i, r in enumerate(retrainers):
+                losses[i, k] = losses_without(r, without(m, z))
+                bar.update()
+    return losses, control, chosen, [rep for r in retrainers for rep in r.reports]
+
+
+def noise_floor(changes: np.ndarray, point: int | None, seeds_used: list[int], stochastic: bool) -> dict[str, Any]:
+    """How much of the measured changes is the retraining's own noise.
+
+    With two or more seeds: the split-half reliability, the Pearson correlation (with its
+    bootstrap interval over the removals) between the mean change under the even-numbered
+    seeds and under the odd-numbered ones. A ground truth whose reliability interval does
+    not lie above 0 is below its noise floor: the seeds do not agree on which removal
+    moves the loss which way, so no correlation with a prediction can be read from it.
+    """
+    per = changes.mean(2) if point is None else changes[:, :, point]  # [S, K]
+    if not stochastic:
+        return {"kind": "deterministic", "resolved": True, "note": "the retraining draws nothing at random"}
+    if len(seeds_used) < 2:
+        return {
+            "kind": "not measured",
+            "resolved": None,
+            "note": "one retraining seed (validate.seeds=1): set validate.seeds >= 2 to measure the noise floor",
+        }
+    a, b = per[0::2].mean(0), per[1::2].mean(0)
+    split = confidence.correlation_interval(a, b, "pearson")
+    r = split.estimate
+    spread = per.std(0, ddof=1)  # per removal, over seeds
+    return {
+        "kind": "split-half over seeds",
+        "split_half": split.as_dict(),
+        # the reliability of the mean over all S seeds (Spearman-Brown from the half-and-half one)
+        "reliability_all_seeds": float(2 * r / (1 + r)) if r > -1 else float("nan"),
+        "median_abs_change": float(np.median(np.abs(per.mean(0)))),
+        "median_standard_error": float(np.median(spread / np.sqrt(len(seeds_used)))),
+        "resolved": bool(split.low > 0),
+    }
+
+
 def run(
     cfg: Any,
     data: TwoStageData,
@@ -148,7 +222,13 @@ def run(
     scores: torch.Tensor,
     test: tuple[torch.Tensor, torch.Tensor],
     out: Path,
+    exclude: Sequence[int] = (),
+    baselines: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
+    """Leave-one-out of ``validate.num_examples`` examples (none of ``exclude``: the damping
+    calibration's removals) against ``scores``, and against each of ``baselines`` (other
+    solvers' scores of the same queries) on the same retrainings; writes ``loo.json`` and
+    ``loo_scatter.png``."""
     v = cfg.validate
     x, y = test
     start = time.perf_counter()
@@ -163,39 +243,38 @@ def run(
     m = len(data.pretrain_train)
     dtype = next(pretrained.parameters()).dtype
     pre_cfg, ft_cfg = retrain_settings(cfg)
-
-    def retrained_losses(removed: int | None) -> torch.Tensor:
-        weights = None if removed is None else leave_out(m, removed, dtype=dtype)
-        pre, _ = pretrain(pretrained, data, pre_cfg, weights=weights, progress=cfg.progress)
-        ft, _ = finetune(finetuned, data, ft_cfg, cfg.mode, cfg.alpha, embedding_state(pre), progress=cfg.progress)
-        return test_losses(ft, x, y)[0]  # every scored point: the changes of the others are kept too
-
-    control_all = retrained_losses(None)
-    control_seconds = time.perf_counter() - start
-    chosen = choose_examples(row, v.num_examples, v.seed)
-    changes = []  # float64 [example, scored point]
-    with progress_bar(len(chosen), "leave-one-out", enabled=cfg.progress, unit="example") as bar:
-        for z in chosen:
-            changes.append((retrained_losses(z) - control_all).numpy())
-            partial = [{"index": i, "actual_each": c.tolist()} for i, c in zip(chosen, changes, strict=False)]
-            # each retraining takes minutes on real data: an interrupted run keeps what it measured
-            (out / "loo.partial.json").write_text(json.dumps({"query": query, "examples": partial}))
-            bar.update()
-    (out / "loo.partial.json").unlink(missing_ok=True)  # loo.json holds all of it from here on
-    changes_arr = np.asarray(changes, dtype=np.float64).reshape(len(chosen), len(losses))
+    chosen = choose_examples(row, v.num_examples, v.seed, exclude)
+    retrained, control_all, seeds_used, reports = retrained_losses(cfg, data, pretrained, finetuned, chosen, test)
+    changes_seeds = retrained - control_all[:, None, :]  # [S, K, T]: each seed against its own control
+    changes_arr = changes_seeds.mean(0)  # [K, T]
     actual_arr = changes_arr.mean(1) if point is None else changes_arr[:, point]
-    control = float(control_all.mean()) if point is None else float(control_all[point])
+    per_seed = changes_seeds.mean(2) if point is None else changes_seeds[:, :, point]  # [S, K]
+    control = float(control_all.mean()) if point is None else float(control_all[:, point].mean())
     predicted = (-row[chosen] / m).double().cpu().numpy()
+    stochastic = Retrainer(cfg, data, pretrained, "", v.seed, "warm", "loo").seed_matters
+    floor = noise_floor(changes_seeds, point, seeds_used, stochastic)
     result: dict[str, Any] = {
         "query": query,
         "test_point": point,  # index among the scored points; null: their mean
         "num_examples": len(chosen),
+        "seeds": seeds_used,
         "control_test_loss": control,
+        "control_test_loss_per_seed": (control_all.mean(1) if point is None else control_all[:, point]).tolist(),
         "scored_test_losses": losses.tolist(),  # of the finetuned model, before any retraining
         "retrain": {"pretrain": vars(pre_cfg), "finetune": vars(ft_cfg)},
+        "max_retrain_grad_norm": {
+            stage: max(r.grad_norm for r in reports if r.stage == stage) for stage in {r.stage for r in reports}
+        },
+        "noise_floor": floor,
         "examples": [
-            {"index": z, "predicted": float(p), "actual": float(a), "actual_each": c.tolist()}
-            for z, p, a, c in zip(chosen, predicted, actual_arr, changes_arr, strict=True)
+            {
+                "index": z,
+                "predicted": float(p),
+                "actual": float(a),
+                "actual_per_seed": ps.tolist(),
+                "actual_each": c.tolist(),
+            }
+            for z, p, a, ps, c in zip(chosen, predicted, actual_arr, per_seed.T, changes_arr, strict=True)
         ],
     }
     try:
@@ -203,21 +282,40 @@ def run(
     except UnresolvedValidationError as e:
         (out / "loo.json").write_text(json.dumps({**result, "error": str(e)}, indent=2))  # the retrainings are kept
         raise
-    pearson = float(stats.pearsonr(predicted, actual_arr)[0])
-    spearman = float(stats.spearmanr(predicted, actual_arr)[0])
-    title = f"leave-one-out, embedding {cfg.mode}, solver {cfg.solver.name}\n{query}"
-    plots.loo_scatter(out / "loo_scatter.png", predicted, actual_arr, pearson, spearman, title)
+    intervals = {kind: confidence.correlation_interval(predicted, actual_arr, kind) for kind in ("pearson", "spearman")}
+    sign = float(np.mean(np.sign(predicted) == np.sign(actual_arr)))
+    if floor["resolved"] is False:
+        # the seeds disagree with each other: a correlation with them would be read as a finding
+        result.update(pearson=None, spearman=None, below_noise_floor=True)
+        result["unresolved"] = {k: i.as_dict() for k, i in intervals.items()} | {"sign_agreement": sign}
+        stats_text = f"ground truth below its noise floor (split-half r = {floor['split_half']['estimate']:.2f})"
+    else:
+        result.update(
+            pearson=intervals["pearson"].estimate,
+            spearman=intervals["spearman"].estimate,
+            pearson_interval=intervals["pearson"].as_dict(),
+            spearman_interval=intervals["spearman"].as_dict(),
+            sign_agreement=sign,
+            below_noise_floor=False,
+        )
+        stats_text = f"Pearson {intervals['pearson']}, Spearman {intervals['spearman']} (95% bootstrap)"
+    seeds_text = f", mean of {len(seeds_used)} seeds" if len(seeds_used) > 1 else ""
+    title = f"leave-one-out, embedding {cfg.mode}, solver {cfg.solver.name}{seeds_text}\n{query}"
+    errors = per_seed.std(0, ddof=1) / np.sqrt(len(seeds_used)) if len(seeds_used) > 1 else None
+    plots.loo_scatter(out / "loo_scatter.png", predicted, actual_arr, stats_text, title, errors)
+    result["baselines"] = {}
+    for name, other in (baselines or {}).items():
+        other_row = other.mean(0) if point is None else other[point]
+        other_pred = (-other_row[chosen] / m).double().cpu().numpy()
+        entry: dict[str, Any] = {"predicted": other_pred.tolist()}
+        for kind in ("pearson", "spearman"):
+            ci = confidence.correlation_interval(other_pred, actual_arr, kind)
+            entry[kind] = None if floor["resolved"] is False else ci.estimate
+            entry[f"{kind}_interval"] = ci.as_dict()
+        result["baselines"][name] = entry
     seconds = time.perf_counter() - start
-    result.update(
-        pearson=pearson,
-        spearman=spearman,
-        sign_agreement=float(np.mean(np.sign(predicted) == np.sign(actual_arr))),
-        seconds={
-            "control": control_seconds,
-            "per_example": (seconds - control_seconds) / len(chosen),
-            "total": seconds,
-        },
-    )
+    retrainings = len(seeds_used) * (len(chosen) + 1)
+    result["seconds"] = {"total": seconds, "per_retraining": seconds / retrainings, "retrainings": retrainings}
     (out / "loo.json").write_text(json.dumps(result, indent=2))
-    log.info("leave-one-out over %d examples: Pearson %.3f, Spearman %.3f", len(chosen), pearson, spearman)
+    log.info("leave-one-out over %d examples: %s", len(chosen), stats_text)
     return result
