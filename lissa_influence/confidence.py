@@ -42,9 +42,6 @@ class Interval:
         """Whether ``value`` lies outside the interval (e.g. 0: a correlation that is resolved)."""
         return not self.low <= value <= self.high
 
-    def overlaps(self, other: Interval) -> bool:
-        return self.low <= other.high and other.low <= self.high
-
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
 

@@ -375,6 +375,8 @@ class CurvatureOperator(LinearOperator):
         if d.dim() > 0 and d.shape != (self.block.numel,):
             raise ValueError(f"a damping vector needs {self.block.numel} entries, got shape {tuple(d.shape)}")
         self.damping = damping
+        if "preconditioners" in self.__dict__:  # sketches of the damped operator: of the old damping
+            self.preconditioners.clear()
 
     @property
     def size(self) -> int:

@@ -102,6 +102,8 @@ class DampingCalibration:
         actual = self.actual_matrix
         if actual.shape[0] != len(self.removals):
             raise ValueError(f"actual has {actual.shape[0]} rows for {len(self.removals)} removals")
+        if self.mean and actual.shape[1] != 1:
+            raise ValueError(f"mean=True queries the mean test loss: actual needs one column, got {actual.shape[1]}")
         if not np.isfinite(actual).all():
             raise ValueError("actual holds NaN or inf: every retraining must have finished with a finite loss")
 

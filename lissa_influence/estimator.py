@@ -39,9 +39,8 @@ from torch.utils.data import Dataset, Subset
 
 from . import distributed as _dist
 from .batching import Batch, DataLike, SizedDataset, as_dataset, gather, subsample_indices
-from .curvature import ADMode, HVPMode
+from .curvature import ADMode, CurvatureOperator, HVPMode
 from .damping import DampingCalibration, calibrate, heuristic_damping
-from .operators import LinearOperator
 from .params import Params, check_finite, named_params
 from .scoring import PerExample, ScoringMethod, score_dataset
 from .solvers import SolveInfo, Solver, SolverError
@@ -321,29 +320,46 @@ class InfluenceEstimator(ABC):
     # -- damping by rule ------------------------------------------------------------------
     def _resolve_dampings(
         self,
-        stages: list[tuple[str, float | str, Callable[[float], None], LinearOperator]],
+        stages: list[tuple[str, float | str, Callable[[float], None], CurvatureOperator]],
         calibration: DampingCalibration | None,
         fraction: float,
     ) -> None:
-        """Numbers for the dampings given as ``"heuristic"`` or ``"auto"``, stage by stage in
-        the order given (each ``(name, requested, set_damping, operator)``); the choices go to
-        ``damping_report`` and every later ``diagnostics``."""
-        report: dict[str, Any] = {}
-        for name, requested, set_damping, curvature in stages:
-            if not isinstance(requested, str):
-                report[name] = {"rule": "given", "value": float(requested)}
-                continue
-            set_damping(0.0)  # the curvature alone: its mean eigenvalue
-            value = heuristic_damping(curvature, fraction, seed=self._damping_seed)
-            set_damping(value)  # also the start of an "auto" stage, while the stages before it are calibrated
-            report[name] = {"rule": requested, "value": value, "heuristic": value, "fraction": fraction}
-        for name, requested, set_damping, _ in stages:
-            if requested != "auto":
-                continue
-            assert calibration is not None  # checked when the estimator was made
-            result = calibrate(name, functools.partial(self._calibration_scores, set_damping, calibration), calibration)
-            set_damping(result.chosen)
-            report[name].update(value=result.chosen, calibration=result.as_dict())
+        """Numbers for the dampings given as ``"heuristic"`` or ``"auto"`` (each stage
+        ``(name, requested, set_damping, operator)``); the choices go to ``damping_report``
+        and every later ``diagnostics``. A failure leaves the estimator unfitted, never at a
+        trial damping.
+
+        ``auto`` stages start at the grid's largest damping (positive definite wherever any
+        grid value is) and are calibrated in the order given; with two, the first once more
+        at the second's choice (coordinate ascent: the finetune damping shapes the
+        pretraining right-hand side, the pretraining damping the scores of it)."""
+        try:
+            report: dict[str, Any] = {}
+            for name, requested, set_damping, curvature in stages:
+                if not isinstance(requested, str):
+                    report[name] = {"rule": "given", "value": float(requested)}
+                elif requested == "heuristic":
+                    curvature.set_damping(0.0)  # the curvature alone (no proximity shift): its mean eigenvalue
+                    value = heuristic_damping(curvature, fraction, seed=self._damping_seed)
+                    set_damping(value)
+                    report[name] = {"rule": "heuristic", "value": value, "heuristic": value, "fraction": fraction}
+                else:
+                    assert calibration is not None  # checked when the estimator was made
+                    set_damping(max(calibration.grid))
+                    report[name] = {"rule": "auto", "value": max(calibration.grid)}
+            auto = [(name, set_damping) for name, requested, set_damping, _ in stages if requested == "auto"]
+            for name, set_damping in auto + auto[:1] if len(auto) > 1 else auto:
+                assert calibration is not None
+                scores_at = functools.partial(self._calibration_scores, set_damping, calibration)
+                result = calibrate(name, scores_at, calibration)
+                set_damping(result.chosen)
+                earlier = report[name].get("calibration")
+                report[name].update(value=result.chosen, calibration=result.as_dict())
+                if earlier is not None:
+                    report[name]["first_pass"] = earlier
+        except BaseException:
+            self._scored = None  # not fitted: its operators hold a damping nobody chose
+            raise
         self.damping_report = report
 
     @property

@@ -135,9 +135,10 @@ def test_calibrated_damping_on_its_own_subsets_with_intervals(tmp_path):
     )
     assert cg["finetune"]["rule"] == "heuristic" and cg["finetune"]["value"] > 0
     # LiSSA approximates CG's damped inverse: it takes CG's calibrated damping instead of its own sweep
-    assert v["fixed/lissa"]["damping"]["pretrain"] == {"rule": "given", "value": cg["pretrain"]["value"]}
+    assert v["fixed/lissa"]["damping"]["pretrain"] == {"rule": "auto (CG's choice)", "value": cg["pretrain"]["value"]}
     assert v["fixed/single_stage"]["damping"]["influence"]["rule"] == "auto"
     for name in ("cg", "lissa", "single_stage", "noise_floor"):
         row = v[f"fixed/{name}"]
         assert row["interval"]["low"] <= row["lds"] <= row["interval"]["high"], (name, row)
-    assert "damping pretrain" in lds.summary(result) and "95% bootstrap" in lds.summary(result)
+    assert "damping finetune" in lds.summary(result) and "pretrain" in lds.summary(result)
+    assert "95% bootstrap" in lds.summary(result)

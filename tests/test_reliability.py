@@ -160,7 +160,7 @@ def test_cg_returns_its_best_iterate_when_its_residual_climbs():
 # 6. NaN damping was accepted -----------------------------------------------------------------------
 def test_nan_or_negative_damping_is_refused_everywhere(mlp_operator):
     for value in ("nan", "inf", "-1"):
-        with pytest.raises(ValueError, match="must be >= 0 and finite"):
+        with pytest.raises(ValueError, match="use a finite number >= 0, auto"):
             config.check(compose_cfg(f"pretrain.damping={value}"))
     model = TinyMLP().double()
     for bad in (math.nan, -1.0, math.inf):

@@ -60,8 +60,7 @@ def leave_one_out(
 ) -> DampingCalibration:
     """The main job's calibration: ``calibration.budget`` leave-one-out retrainings (``validate.*``)."""
     chosen = removals(len(data.pretrain_train), cfg.calibration.budget, cfg.calibration.seed)
-    losses, control, _, _ = retrained_losses(cfg, data, pretrained, finetuned, chosen, test, "damping calibration")
-    changes = (losses - control[:, None, :]).mean(0)  # [R, T], averaged over the retraining seeds
+    changes = retrained_losses(cfg, data, pretrained, finetuned, chosen, test, "damping calibration").changes.mean(0)
     mean = cfg.query == "mean"
     return DampingCalibration(
         test_data=test,
@@ -80,10 +79,7 @@ def _path(cfg: Any, parts: dict[str, Any]) -> Path:
 def cache_parts(cfg: Any, purpose: str, *model_keys: str) -> dict[str, Any]:
     """What a calibrated damping depends on: the scored config (which, with ``damping=auto``,
     includes the retraining and calibration settings), the trained models, and the purpose."""
-    settings = config.scored_config(cfg)
-    lds = settings.pop("lds", {}) or {}
-    settings["lds"] = {k: lds.get(k) for k in ("fraction", "protocol")}  # not which variants or ranks run
-    return {"version": CACHE_VERSION, "purpose": purpose, "config": settings, "models": model_keys}
+    return {"version": CACHE_VERSION, "purpose": purpose, "config": config.scored_config(cfg), "models": model_keys}
 
 
 def load(cfg: Any, parts: dict[str, Any]) -> dict[str, Any] | None:

@@ -278,15 +278,27 @@ NOT_HASHED = (
     "lds",
     "calibration",
 )
-# ...unless a damping is calibrated: then the retraining settings decide the damping, and so the scores
-CALIBRATION_KEYS = ("validate", "lds", "calibration")
+# ...except, with a damping given by rule, the settings that decide it: for `auto` the retraining
+# it is calibrated against and the calibration itself, for `heuristic` its fraction
+CALIBRATION_SETTINGS = {
+    "validate": ("pretrain_steps", "finetune_steps", "polish_iters", "polish_tol", "seed", "seeds", "batch_size", "lr"),
+    "lds": ("fraction", "protocol", "seed"),
+    "calibration": ("grid", "budget", "seed", "heuristic_fraction"),
+}
 
 
 def scored_config(cfg: Any) -> dict[str, Any]:
     """The part of the config that determines the scores (hashed into the results manifest)."""
     plain = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True)) if OmegaConf.is_config(cfg) else dict(cfg)
-    calibrated = any(str(plain.get(stage, {}).get("damping")) == "auto" for stage in ("pretrain", "finetune"))
-    return {k: v for k, v in plain.items() if k not in NOT_HASHED or (calibrated and k in CALIBRATION_KEYS)}
+    out = {k: v for k, v in plain.items() if k not in NOT_HASHED}
+    rules = {str((plain.get(stage) or {}).get("damping")) for stage in ("pretrain", "finetune")}
+    if "auto" in rules:
+        for key, fields in CALIBRATION_SETTINGS.items():
+            section = plain.get(key) or {}
+            out[key] = {f: section.get(f) for f in fields}
+    elif "heuristic" in rules:
+        out["calibration"] = {"heuristic_fraction": (plain.get("calibration") or {}).get("heuristic_fraction")}
+    return out
 
 
 def resolve_device(name: str) -> torch.device:

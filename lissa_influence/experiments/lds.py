@@ -184,6 +184,11 @@ def check(cfg: Any) -> None:
         raise ValueError(f"lds.variants has {unknown}; use any of {VARIANTS}")
     if not 0 <= c.rank < max(c.world, 1):
         raise ValueError(f"lds.rank={c.rank} must be in 0..lds.world-1 (lds.world={c.world})")
+    if calibration.wanted(cfg) and cfg.calibration.seed == c.seed:
+        raise ValueError(
+            f"calibration.seed={cfg.calibration.seed} equals lds.seed: the calibration subsets would be the first "
+            "evaluated ones; give calibration.seed another value"
+        )
     if "updated" in c.modes and not cfg.alpha > 0:
         raise ValueError(f"lds.modes has updated, which needs alpha > 0, got alpha={cfg.alpha}")
 
@@ -235,7 +240,10 @@ def run(cfg: Any, out_dir: str | Path) -> dict[str, Any] | None:
     if calibration.wanted(cfg):  # damping=auto: its own subsets (calibration.seed), never the evaluated ones
         cal_kept = subsets(m, cfg.calibration.budget, c.fraction, cfg.calibration.seed)
         cal_losses = {mode: np.full((len(cal_kept), len(idx)), np.nan) for mode in c.modes}
-        with progress_bar(len(cal_kept), "LDS calibration retraining", enabled=cfg.progress, unit="subset") as bar:
+        with (
+            distributed.rank0_first(),
+            progress_bar(len(cal_kept), "LDS calibration retraining", enabled=cfg.progress, unit="subset") as bar,
+        ):
             for k, keep in enumerate(cal_kept):
                 pre, pre_key = retrainers[c.seed].pretrained_on(keep)
                 for mode in c.modes:
@@ -420,6 +428,9 @@ def score_variants(
                 keys,
             )
             if done is not None:
+                if dampings:  # LiSSA at CG's calibrated dampings: say so
+                    for stage in dampings:
+                        done[1]["diagnostics"]["damping"][stage]["rule"] = "auto (CG's choice)"
                 judge(key, mode, name, *done)
                 if name == "cg" and truth is not None:
                     report = done[1]["diagnostics"].get("damping", {})

@@ -146,7 +146,8 @@ def calibrated_influence(
         msi = build_influence(calibration.with_dampings(cfg, report), pretrained, finetuned, data)
         msi.damping_report = report
         return msi
-    ground_truth = calibration.leave_one_out(cfg, data, pretrained, finetuned, test)
+    with distributed.rank0_first():  # rank 0 retrains into the cache, the others read its models
+        ground_truth = calibration.leave_one_out(cfg, data, pretrained, finetuned, test)
     msi = build_influence(cfg, pretrained, finetuned, data, ground_truth)
     if distributed.is_main():
         calibration.save(cfg, parts, msi.damping_report)
@@ -345,6 +346,8 @@ def _run(cfg: Any, out_dir: str | Path) -> dict[str, Any]:
         "damping": msi.damping_report,
         "top_examples": top,
     }
+    # every rank solves for the baselines: their estimators' products are collectives under torchrun
+    baselines = baseline_scores(cfg, msi, pretrained, finetuned, data, (x_test, y_test)) if cfg.validate.enabled else {}
     if not main:  # the other ranks of a torchrun job: same numbers, no files
         return metrics
     if kronecker_kinds(cfg):
@@ -363,7 +366,6 @@ def _run(cfg: Any, out_dir: str | Path) -> dict[str, Any]:
         exclude = (
             calibration.removals(m, cfg.calibration.budget, cfg.calibration.seed) if calibration.wanted(cfg) else []
         )
-        baselines = baseline_scores(cfg, msi, pretrained, finetuned, data, (x_test, y_test))
         metrics["validation"] = validation.run(
             cfg, data, pretrained, finetuned, scores, (x_test, y_test), out, exclude=exclude, baselines=baselines
         )

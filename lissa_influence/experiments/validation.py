@@ -18,6 +18,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -134,14 +135,30 @@ def seeds(cfg: Any, retrainer_seed_matters: bool) -> list[int]:
     """The retraining seeds ``validate.seed, +1, ...`` (``validate.seeds`` of them); one
     where the retraining draws nothing at random (full batch, L-BFGS): more would repeat it."""
     v = cfg.validate
-    if v.seeds < 1:
-        raise ValueError(f"validate.seeds={v.seeds} must be >= 1 (retraining seeds averaged per removal)")
     if v.seeds > 1 and not retrainer_seed_matters:
         log.warning(
             "validate.seeds=%d, but the retraining is deterministic (full batch or L-BFGS): one seed is used", v.seeds
         )
         return [v.seed]
     return [v.seed + i for i in range(v.seeds)]
+
+
+@dataclass(frozen=True)
+class Retrained:
+    """Leave-one-out retrainings: ``losses`` ``[S, K, T]`` (seed, removal, scored point),
+    ``control`` ``[S, T]``, the ``seeds``, every retraining's report, and whether the
+    retraining draws anything from its seed (``stochastic``)."""
+
+    losses: np.ndarray
+    control: np.ndarray
+    seeds: list[int]
+    reports: list[TrainReport]
+    stochastic: bool
+
+    @property
+    def changes(self) -> np.ndarray:
+        """``[S, K, T]``: each seed's change against its own control."""
+        return self.losses - self.control[:, None, :]
 
 
 def retrained_losses(
@@ -152,14 +169,10 @@ def retrained_losses(
     removals: list[int],
     test: tuple[torch.Tensor, torch.Tensor],
     label: str = "leave-one-out",
-) -> tuple[np.ndarray, np.ndarray, list[int], list[TrainReport]]:
+) -> Retrained:
     """Every scored point's float64 test loss after leaving out each example of ``removals``,
     under each retraining seed (``validate.*``), and the control's (nothing left out, same
-    seed). Each retrained model is cached under ``cache_dir/loo/`` (a rerun retrains nothing).
-
-    Returns:
-        ``losses`` ``[S, K, T]``, ``control`` ``[S, T]``, the seeds and the retrainings' reports.
-    """
+    seed). Each retrained model is cached under ``cache_dir/loo/`` (a rerun retrains nothing)."""
     x, y = test
     m = len(data.pretrain_train)
     base = (tensor_digest(*pretrained.state_dict().values()), tensor_digest(*finetuned.state_dict().values()))
@@ -178,7 +191,8 @@ def retrained_losses(
             for i, r in enumerate(retrainers):
                 losses[i, k] = losses_without(r, without(m, z))
                 bar.update()
-    return losses, control, chosen, [rep for r in retrainers for rep in r.reports]
+    reports = [rep for r in retrainers for rep in r.reports]
+    return Retrained(losses, control, chosen, reports, first.seed_matters)
 
 
 def noise_floor(changes: np.ndarray, point: int | None, seeds_used: list[int], stochastic: bool) -> dict[str, Any]:
@@ -244,15 +258,15 @@ def run(
     dtype = next(pretrained.parameters()).dtype
     pre_cfg, ft_cfg = retrain_settings(cfg)
     chosen = choose_examples(row, v.num_examples, v.seed, exclude)
-    retrained, control_all, seeds_used, reports = retrained_losses(cfg, data, pretrained, finetuned, chosen, test)
-    changes_seeds = retrained - control_all[:, None, :]  # [S, K, T]: each seed against its own control
+    retrained = retrained_losses(cfg, data, pretrained, finetuned, chosen, test)
+    control_all, seeds_used, reports = retrained.control, retrained.seeds, retrained.reports
+    changes_seeds = retrained.changes  # [S, K, T]: each seed against its own control
     changes_arr = changes_seeds.mean(0)  # [K, T]
     actual_arr = changes_arr.mean(1) if point is None else changes_arr[:, point]
     per_seed = changes_seeds.mean(2) if point is None else changes_seeds[:, :, point]  # [S, K]
     control = float(control_all.mean()) if point is None else float(control_all[:, point].mean())
     predicted = (-row[chosen] / m).double().cpu().numpy()
-    stochastic = Retrainer(cfg, data, pretrained, "", v.seed, "warm", "loo").seed_matters
-    floor = noise_floor(changes_seeds, point, seeds_used, stochastic)
+    floor = noise_floor(changes_seeds, point, seeds_used, retrained.stochastic)
     result: dict[str, Any] = {
         "query": query,
         "test_point": point,  # index among the scored points; null: their mean
