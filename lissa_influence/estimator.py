@@ -201,6 +201,7 @@ class InfluenceEstimator(ABC):
             raise ValueError(f"graph_budget={self.graph_budget!r}: use a number of bytes >= 0")
         self.diagnostics: dict[str, Any] = {}
         self.damping_report: dict[str, Any] = {}  # how each damping was set ("given", "heuristic", "auto")
+        self._calibrating = False  # True while "auto" dampings are tried on one set of calibration queries
         self._scored: SizedDataset | None = None
 
     # -- what each estimator defines ---------------------------------------------------
@@ -348,6 +349,7 @@ class InfluenceEstimator(ABC):
                     set_damping(max(calibration.grid))
                     report[name] = {"rule": "auto", "value": max(calibration.grid)}
             auto = [(name, set_damping) for name, requested, set_damping, _ in stages if requested == "auto"]
+            self._calibrating = True  # an estimator may keep what a damping change leaves as it was
             for name, set_damping in auto + auto[:1] if len(auto) > 1 else auto:
                 assert calibration is not None
                 scores_at = functools.partial(self._calibration_scores, set_damping, calibration)
@@ -360,6 +362,8 @@ class InfluenceEstimator(ABC):
         except BaseException:
             self._scored = None  # not fitted: its operators hold a damping nobody chose
             raise
+        finally:
+            self._calibrating = False
         self.damping_report = report
 
     @property

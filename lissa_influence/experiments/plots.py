@@ -66,7 +66,7 @@ def loo_scatter(
 ) -> None:
     """Leave-one-out (the paper's Figure A): true test-loss change on removal vs the predicted
     ``−I(z)/m``; ``errors``: the standard error of each actual change over retraining seeds."""
-    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    fig, ax = plt.subplots(figsize=(5.6, 4.4))
     if errors is not None:
         ax.errorbar(predicted, actual, yerr=errors, fmt="none", ecolor="0.6", lw=0.8)
     ax.scatter(predicted, actual, s=14, alpha=0.8)

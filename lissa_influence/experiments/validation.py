@@ -200,7 +200,8 @@ def noise_floor(changes: np.ndarray, point: int | None, seeds_used: list[int], s
 
     With two or more seeds: the split-half reliability, the Pearson correlation (with its
     bootstrap interval over the removals) between the mean change under the even-numbered
-    seeds and under the odd-numbered ones. A ground truth whose reliability interval does
+    seeds and under the odd-numbered ones (with an odd count the first half has one seed more;
+    the Spearman-Brown step to all seeds assumes equal halves). A ground truth whose reliability interval does
     not lie above 0 is below its noise floor: the seeds do not agree on which removal
     moves the loss which way, so no correlation with a prediction can be read from it.
     """
