@@ -21,6 +21,7 @@ import copy
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -28,7 +29,9 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from .. import distributed
 from ..damping import DampingCalibration
+from ..estimator import InfluenceEstimator
 from . import config, plots
 from .data import TwoStageData
 from .training import settings_key
@@ -110,6 +113,26 @@ def with_dampings(cfg: Any, report: dict[str, Any]) -> Any:
         if stage in STAGES and r.get("rule") == "auto":
             OmegaConf.update(out, f"{stage}.damping", float(r["value"]), merge=False)
     return out
+
+
+def calibrated(
+    cfg: Any,
+    parts: dict[str, Any],
+    build: Callable[[Any, DampingCalibration | None], InfluenceEstimator],
+    ground_truth: Callable[[], DampingCalibration],
+) -> InfluenceEstimator:
+    """``build(cfg, ground_truth())`` calibrated, its choice saved under ``parts``; or, when a run
+    with the same settings and models chose before, ``build`` at those dampings (no retraining,
+    no grid solved)."""
+    report = load(cfg, parts)
+    if report is not None:
+        estimator = build(with_dampings(cfg, report), None)
+        estimator.damping_report = report
+        return estimator
+    estimator = build(cfg, ground_truth())
+    if distributed.is_main():
+        save(cfg, parts, estimator.damping_report)
+    return estimator
 
 
 def figure(path: Path, report: dict[str, Any], title: str) -> None:

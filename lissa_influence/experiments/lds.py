@@ -108,14 +108,12 @@ def multistage_scores(
     if ground_truth is None or not calibration.wanted(vcfg):
         msi = pipeline.build_influence(vcfg, pretrained, finetuned, data)
     else:  # calibrated on the calibration subsets, or at the dampings chosen before with the same settings
-        parts = calibration.cache_parts(vcfg, f"lds/{mode}", *model_keys)
-        report = calibration.load(vcfg, parts)
-        if report is None:
-            msi = pipeline.build_influence(vcfg, pretrained, finetuned, data, ground_truth)
-            calibration.save(vcfg, parts, msi.damping_report)
-        else:
-            msi = pipeline.build_influence(calibration.with_dampings(vcfg, report), pretrained, finetuned, data)
-            msi.damping_report = report
+        msi = calibration.calibrated(  # type: ignore[assignment]  # build returns a MultiStageInfluence
+            vcfg,
+            calibration.cache_parts(vcfg, f"lds/{mode}", *model_keys),
+            lambda c, truth: pipeline.build_influence(c, pretrained, finetuned, data, truth),
+            lambda: ground_truth,
+        )
     scores = msi.scores_from(msi.query_vectors((x, y)))
     return scores, dict(msi.diagnostics)
 

@@ -29,7 +29,7 @@ import platform
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -141,17 +141,15 @@ def calibrated_influence(
     if not calibration.wanted(cfg):
         return build_influence(cfg, pretrained, finetuned, data)
     parts = calibration.cache_parts(cfg, "leave-one-out", info.pretrain_key, info.finetune_key)
-    report = calibration.load(cfg, parts)
-    if report is not None:
-        msi = build_influence(calibration.with_dampings(cfg, report), pretrained, finetuned, data)
-        msi.damping_report = report
-        return msi
-    with distributed.rank0_first():  # rank 0 retrains into the cache, the others read its models
-        ground_truth = calibration.leave_one_out(cfg, data, pretrained, finetuned, test)
-    msi = build_influence(cfg, pretrained, finetuned, data, ground_truth)
-    if distributed.is_main():
-        calibration.save(cfg, parts, msi.damping_report)
-    return msi
+
+    def ground_truth() -> DampingCalibration:
+        with distributed.rank0_first():  # rank 0 retrains into the cache, the others read its models
+            return calibration.leave_one_out(cfg, data, pretrained, finetuned, test)
+
+    msi = calibration.calibrated(
+        cfg, parts, lambda c, truth: build_influence(c, pretrained, finetuned, data, truth), ground_truth
+    )
+    return cast(MultiStageInfluence, msi)
 
 
 def kronecker_kinds(cfg: Any) -> list[str]:
