@@ -313,7 +313,7 @@ def run(cfg: Any, out_dir: str | Path) -> dict[str, Any]:
     config.check(cfg)
     name = cfg.analysis.name
     if name not in RUNNERS:
-        raise ValueError(f"analysis.name={name!r} is not one of {('none',) + ANALYSES}")
+        raise ValueError(f"analysis.name={name!r} is not one of {('none', 'lds', 'single_lds') + ANALYSES}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:

@@ -31,6 +31,11 @@ def _main(cfg: DictConfig) -> float | None:
 
             lds.run(cfg, HydraConfig.get().runtime.output_dir)
             return None
+        if cfg.analysis.name == "single_lds":  # dattri's MNIST-10 benchmark, single stage (docs/benchmarks.md)
+            from . import single_lds
+
+            single_lds.run(cfg, HydraConfig.get().runtime.output_dir)
+            return None
         if cfg.analysis.name != "none":  # the paper's analyses (docs/analyses.md)
             from . import analyses
 

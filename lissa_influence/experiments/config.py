@@ -121,7 +121,7 @@ class ValidateSchema:
 class AnalysisSchema:
     """The paper's analyses (lissa_influence/experiments/analyses.py, docs/analyses.md); ``none`` runs the main job."""
 
-    name: str = "none"  # none | task_similarity | finetune_size | influential_examples | lds
+    name: str = "none"  # none | task_similarity | finetune_size | influential_examples | lds | single_lds
     # task_similarity (section 4.3, Figure B): one pretrained model, two finetuning tasks
     same_task_classes: list[int] | None = None  # null: data.pretrain_classes
     other_task_classes: list[int] | None = None  # required for task_similarity
@@ -149,6 +149,28 @@ class LdsSchema:
     noise_seed: int = 1
     rank: int = 0  # with world > 1: retrain only subsets i = rank (mod world), for parallel jobs sharing cache_dir
     world: int = 1
+
+
+@dataclass
+class SingleLdsSchema:
+    """The single-stage LDS on dattri's MNIST-10 benchmark (``analysis.name=single_lds``;
+    lissa_influence/experiments/single_lds.py, docs/benchmarks.md); ignored otherwise."""
+
+    arch: str = "lr"  # dattri's lr | mlp, each with its own training recipe
+    train_size: int = 4500  # of the 5,000 bundled digits (dattri: 5,000 of MNIST's 60,000)
+    test_size: int = 500
+    split_seed: int = 0
+    num_subsets: int = 100  # dattri: 100 subsets, each retrained once
+    fraction: float = 0.5
+    seed: int = 0  # the subsets, and their training seeds
+    noise_floor: bool = True  # retrain every subset under a second seed
+    methods: list[str] = field(default_factory=lambda: ["cg", "ekfac"])  # solver names, solver.* settings
+    dampings: list[Any] = field(default_factory=lambda: [1e-2, "auto"])  # numbers, auto or heuristic
+    hessian_samples: Any = "all"  # examples in the Hessian: a count or "all"
+    ensemble: int = 1  # scores averaged over this many independently trained models
+    ensemble_fraction: float = 1.0  # the fraction of the training set each ensemble model trains on
+    fit_epochs: Optional[int] = None  # the scored models' training epochs (the fit point; null: the recipe's)
+    peers: list[str] = field(default_factory=list)  # dattri's: if_explicit, if_cg, if_lissa, if_arnoldi, trak_<k>
 
 
 @dataclass
@@ -185,6 +207,7 @@ class RunSchema:
     analysis: AnalysisSchema = field(default_factory=AnalysisSchema)
     accuracy: AccuracySchema = field(default_factory=AccuracySchema)
     lds: LdsSchema = field(default_factory=LdsSchema)
+    single_lds: SingleLdsSchema = field(default_factory=SingleLdsSchema)
     calibration: CalibrationSchema = field(default_factory=CalibrationSchema)
     mode: str = "fixed"  # fixed | updated
     alpha: float = 0.01  # proximity weight of alpha*||W - W*||^2 (mode=updated)
@@ -276,6 +299,7 @@ NOT_HASHED = (
     "shard_size",
     "allow_unconverged",
     "lds",
+    "single_lds",
     "calibration",
 )
 # ...except, with a damping given by rule, the settings that decide it: for `auto` the retraining
