@@ -12,6 +12,11 @@ memory is bounded by the chunk, and accept one vector ``[P]`` or a stack ``[k, P
 Distributed (:mod:`lissa_influence.distributed`): an :class:`Objective` may hold one
 rank's shard of the sample; each chunk is then weighted by its size over the whole
 sample (``sample_size``) and ``reduce`` sums the ranks' partial results.
+
+Gradient checkpointing (``torch.utils.checkpoint`` without reentrancy) works by saved
+tensor hooks, which ``torch.func``'s reverse mode refuses; for such a model every product
+and gradient falls back to ``torch.autograd`` (double backward), with the same results up
+to rounding (:func:`saved_tensor_hooks`).
 """
 
 from __future__ import annotations
@@ -20,21 +25,30 @@ import dataclasses
 import functools
 import logging
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 from torch.func import grad, jvp, vjp, vmap
-from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils._pytree import TreeSpec, tree_flatten, tree_leaves, tree_map, tree_unflatten
 
 from .batching import Batch
 from .operators import DerivedOperator, LinearOperator
 from .params import ParamBlock, Params
 from .task import Forward, LossFn, cross_entropy, mean_loss, outputs
 
-__all__ = ["ADMode", "CurvatureOperator", "HVPMode", "Objective", "cross_entropy", "load_forward_ad"]
+__all__ = [
+    "ADMode",
+    "CurvatureOperator",
+    "HVPMode",
+    "Objective",
+    "cross_entropy",
+    "load_forward_ad",
+    "saved_tensor_hooks",
+]
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +88,69 @@ def no_forward_ad(error: BaseException) -> bool:
     return isinstance(error, _NO_FORWARD_AD) and not isinstance(error, torch.OutOfMemoryError)
 
 
+CHECKPOINTING = "the model uses gradient checkpointing (saved tensor hooks), which torch.func cannot differentiate"
+
+
+def saved_tensor_hooks(error: BaseException) -> bool:
+    """Whether ``error`` is ``torch.func`` refusing a model that uses saved tensor hooks
+    (gradient checkpointing without reentrancy); ``torch.autograd`` differentiates it."""
+    return isinstance(error, RuntimeError) and "saved tensor hooks" in str(error)
+
+
+def reason(error: BaseException) -> str:
+    """An error's first line, for a fallback's record."""
+    return f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+
+
+def autograd_grad(
+    out: Sequence[torch.Tensor],
+    wrt: Sequence[torch.Tensor],
+    along: Sequence[torch.Tensor] | None = None,
+    create_graph: bool = False,
+) -> list[torch.Tensor]:
+    """``Σ_i alongᵢ · ∂outᵢ/∂wrt`` by ``torch.autograd`` with the graph kept (it serves
+    several products); zeros where ``wrt`` does not reach ``out``."""
+    pairs = [(o, a) for o, a in zip(out, along if along is not None else [None] * len(out), strict=True)]
+    pairs = [(o, a) for o, a in pairs if o.requires_grad]
+    got: Sequence[torch.Tensor | None] = [None] * len(wrt)
+    if pairs:
+        got = torch.autograd.grad(
+            [o for o, _ in pairs],
+            list(wrt),
+            None if along is None else [a for _, a in pairs],
+            retain_graph=True,
+            create_graph=create_graph,
+            allow_unused=True,
+        )
+    return [torch.zeros_like(w) if g is None else g for g, w in zip(got, wrt, strict=True)]
+
+
+def _leaf(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().requires_grad_(True)
+
+
+class _FloatLeaves:
+    """A model's outputs split into the floating tensors that curvature differentiates and
+    the rest (integer positions, masks, strings), held as they are: ``split`` at each
+    forward, ``join`` rebuilds the outputs for the loss."""
+
+    def __init__(self) -> None:
+        self.spec: TreeSpec | None = None
+        self.floats: list[bool] = []
+
+    def split(self, out: Any) -> tuple[list[torch.Tensor], list[Any]]:
+        leaves, self.spec = tree_flatten(out)
+        self.floats = [isinstance(t, torch.Tensor) and t.is_floating_point() for t in leaves]
+        return [t for t, f in zip(leaves, self.floats, strict=True) if f], [
+            t for t, f in zip(leaves, self.floats, strict=True) if not f
+        ]
+
+    def join(self, floats: Sequence[torch.Tensor], rest: Sequence[Any]) -> Any:
+        assert self.spec is not None
+        a, b = iter(floats), iter(rest)
+        return tree_unflatten([next(a) if f else next(b) for f in self.floats], self.spec)
+
+
 def _tree_dot(a: Any, b: Any) -> torch.Tensor:
     """``Σ ⟨a_i, b_i⟩`` over the tensor leaves of two pytrees of the same structure."""
     return cast(torch.Tensor, sum((x * y).sum() for x, y in zip(tree_leaves(a), tree_leaves(b), strict=True)))
@@ -87,7 +164,9 @@ class Objective:
     taken); products are taken with respect to a :class:`ParamBlock` of them. The loss of
     a batch is ``loss(forward(model, batch), ...)`` as :mod:`lissa_influence.task` defines
     it (``forward=None``: ``model(x)`` on ``(x, y)`` pairs). ``ad_mode`` picks forward- or
-    reverse-mode second derivatives (:data:`ADMode`); ``ad_used`` says which one ran.
+    reverse-mode second derivatives (:data:`ADMode`); ``ad_used`` says which one ran, and
+    ``fallbacks`` what ran otherwise than asked and why (``"reverse"``: a loss without
+    forward mode; ``"autograd"``: a checkpointed model, differentiated by ``torch.autograd``).
 
     Sharded sample (one rank of several): ``batch`` is this rank's slice
     ``[sample_offset, sample_offset + len(batch))`` of a sample of ``sample_size``
@@ -143,6 +222,19 @@ class Objective:
         """``"forward"`` or ``"reverse"`` once a second-order product ran (None before)."""
         return self._ad.get("mode")
 
+    @property
+    def fallbacks(self) -> dict[str, str]:
+        """``{"reverse": why}`` where forward mode failed, ``{"autograd": why}`` where
+        ``torch.func`` could not differentiate the model (gradient checkpointing)."""
+        out = {"reverse": self._ad["reason"]} if "reason" in self._ad else {}
+        return out | ({"autograd": self._ad["autograd"]} if "autograd" in self._ad else {})
+
+    def _use_autograd(self, error: BaseException) -> None:
+        """From now on, products and gradients by ``torch.autograd`` (the model uses saved tensor hooks)."""
+        if "autograd" not in self._ad:
+            self._ad["autograd"] = reason(error)
+            log.info("%s; torch.autograd products from now on", CHECKPOINTING)
+
     def point(self, block: ParamBlock) -> torch.Tensor:
         return block.flatten(self.params)
 
@@ -187,8 +279,22 @@ class Objective:
         theta = self.point(block)
         total = torch.zeros_like(theta)
         g = grad(lambda f, c: self._loss((block,), (f,), c))
+
+        def by_autograd(c: Batch) -> torch.Tensor:
+            with torch.enable_grad():
+                f = _leaf(theta)
+                return autograd_grad([self._loss((block,), (f,), c)], [f])[0].detach()
+
         for c, w in self._chunks(batch):
-            total += w * g(theta, c)
+            if "autograd" not in self._ad:
+                try:
+                    total += w * g(theta, c)
+                    continue
+                except RuntimeError as e:
+                    if not saved_tensor_hooks(e):
+                        raise
+                    self._use_autograd(e)
+            total += w * by_autograd(c)
         return self._reduced(total, batch)
 
     # -- second order --------------------------------------------------------------
@@ -204,7 +310,51 @@ class Objective:
             total = v.new_zeros(*v.shape[:-1], out_size)
         return total.detach()
 
+    def _by_autograd(
+        self, fn: Callable[[torch.Tensor, Batch], torch.Tensor], v: torch.Tensor, batch: Batch | None, out_size: int
+    ) -> torch.Tensor:
+        """This process's share of a product by ``torch.autograd``: ``fn(V, chunk)`` takes a
+        stack ``[k, P]`` (one backward per row) and returns ``[k, out_size]``."""
+        V = v if v.dim() == 2 else v.unsqueeze(0)
+        total = V.new_zeros(V.shape[0], out_size)  # an empty shard contributes zero
+        with torch.enable_grad():
+            for c, w in self._chunks(batch):
+                total = total + w * fn(V, c).detach()
+        return total if v.dim() == 2 else total[0]
+
     def _second_order(
+        self,
+        forward_mode: Callable[[torch.Tensor, Batch], torch.Tensor],
+        reverse_mode: Callable[[torch.Tensor, Batch], torch.Tensor],
+        by_autograd: Callable[[torch.Tensor, Batch], torch.Tensor],
+        v: torch.Tensor,
+        batch: Batch | None,
+        out_size: int,
+    ) -> torch.Tensor:
+        """A product in the mode :attr:`ad_mode` asks for; ``"auto"`` tries forward mode and
+        moves to reverse mode for good when the loss or the model does not support it. A
+        model that ``torch.func`` cannot differentiate (gradient checkpointing) gets
+        reverse-over-reverse products by ``torch.autograd`` (``by_autograd``), unless forward
+        mode was demanded."""
+        if v.dim() not in (1, 2):
+            raise ValueError(f"expected a vector [P] or a stack [k, P], got shape {tuple(v.shape)}")
+        if "autograd" not in self._ad:
+            try:
+                return self._reduced(self._functional(forward_mode, reverse_mode, v, batch, out_size), batch)
+            except RuntimeError as e:
+                if not saved_tensor_hooks(e):
+                    raise
+                self._use_autograd(e)
+        if self.ad_mode == "forward":
+            raise ValueError(
+                f"ad_mode='forward': {CHECKPOINTING}, and its forward-over-reverse products need it. Use "
+                "ad_mode='auto' or 'reverse' (reverse-over-reverse products by torch.autograd), or run influence on "
+                "the model without checkpointing"
+            )
+        self._ad["mode"] = "reverse"
+        return self._reduced(self._by_autograd(by_autograd, v, batch, out_size), batch)
+
+    def _functional(
         self,
         forward_mode: Callable[[torch.Tensor, Batch], torch.Tensor],
         reverse_mode: Callable[[torch.Tensor, Batch], torch.Tensor],
@@ -212,29 +362,28 @@ class Objective:
         batch: Batch | None,
         out_size: int,
     ) -> torch.Tensor:
-        """A product in the mode :attr:`ad_mode` asks for; ``"auto"`` tries forward mode and
-        moves to reverse mode for good when the loss or the model does not support it."""
-        if v.dim() not in (1, 2):
-            raise ValueError(f"expected a vector [P] or a stack [k, P], got shape {tuple(v.shape)}")
+        """This process's share of a product by ``torch.func``, in the mode :attr:`ad_mode` asks for."""
         mode = "reverse" if self.ad_mode == "reverse" else self._ad.get("mode")
         if mode is not None:  # decided: errors from now on are errors
             local = self._local(reverse_mode if mode == "reverse" else forward_mode, v, batch, out_size)
             self._ad["mode"] = mode
-        else:  # the first product decides, once: forward mode, or reverse where forward fails
-            load_forward_ad()
+            return local
+        # the first product decides, once: forward mode, or reverse where forward fails
+        load_forward_ad()
+        try:
+            local = self._local(forward_mode, v, batch, out_size)
+            self._ad["mode"] = "forward"
+        except Exception as e:
+            # a checkpointed model: torch.func's reverse mode would fail the same way
+            if self.ad_mode == "forward" or not no_forward_ad(e) or saved_tensor_hooks(e):
+                raise
             try:
-                local = self._local(forward_mode, v, batch, out_size)
-                self._ad["mode"] = "forward"
-            except Exception as e:
-                if self.ad_mode == "forward" or not no_forward_ad(e):
-                    raise
-                try:
-                    local = self._local(reverse_mode, v, batch, out_size)
-                except Exception as reverse_error:
-                    raise reverse_error from e
-                self._ad.update(mode="reverse", reason=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
-                log.info("forward-mode AD failed (%s); reverse-over-reverse products from now on", self._ad["reason"])
-        return self._reduced(local, batch)  # every rank reaches the collective once, whatever happened above
+                local = self._local(reverse_mode, v, batch, out_size)
+            except Exception as reverse_error:
+                raise reverse_error from e
+            self._ad.update(mode="reverse", reason=reason(e))
+            log.info("forward-mode AD failed (%s); reverse-over-reverse products from now on", self._ad["reason"])
+        return local
 
     def _retained(self, block: ParamBlock) -> list[tuple[torch.Tensor, torch.Tensor, float]] | None:
         """The gradient graph of every chunk, built at the first product and kept; None when
@@ -297,37 +446,66 @@ class Objective:
         def reverse_mode(vv: torch.Tensor, c: Batch) -> torch.Tensor:  # H symmetric: ∇(∇L · v) = Hv
             return grad(lambda f: (g(f, c) * vv).sum())(theta)
 
-        return self._second_order(forward_mode, reverse_mode, v, batch, block.numel)
+        def by_autograd(V: torch.Tensor, c: Batch) -> torch.Tensor:
+            f = _leaf(theta)
+            (gl,) = autograd_grad([self._loss((block,), (f,), c)], [f], create_graph=True)
+            return torch.stack([autograd_grad([gl], [f], [r])[0] for r in V])
+
+        return self._second_order(forward_mode, reverse_mode, by_autograd, v, batch, block.numel)
 
     def ggn_vp(self, block: ParamBlock, v: torch.Tensor, batch: Batch | None = None) -> torch.Tensor:
         """Generalised Gauss-Newton ``Jᵀ (∇²_out loss) J · v``: positive semi-definite
-        for convex losses such as cross-entropy, whatever the network."""
+        for convex losses such as cross-entropy, whatever the network. ``out`` is the
+        floating leaves of the outputs; other leaves (integer positions) are held fixed."""
         theta = self.point(block)
 
-        def parts(c: Batch) -> tuple[Callable[[torch.Tensor], Any], Callable[[Any], torch.Tensor]]:
-            def net(f: torch.Tensor) -> Any:
-                return self._forward(block.unflatten(f), c)
+        def parts(
+            c: Batch,
+        ) -> tuple[
+            Callable[[torch.Tensor], tuple[list[torch.Tensor], list[Any]]],
+            Callable[[list[Any]], Callable[[list[torch.Tensor]], torch.Tensor]],
+        ]:
+            leaves = _FloatLeaves()
 
-            def loss(o: Any) -> torch.Tensor:
-                return mean_loss(self.loss_fn, o, c, self.forward)
+            def net(f: torch.Tensor) -> tuple[list[torch.Tensor], list[Any]]:  # (floats, the rest as aux)
+                return leaves.split(self._forward(block.unflatten(f), c))
+
+            def loss(rest: list[Any]) -> Callable[[list[torch.Tensor]], torch.Tensor]:
+                return lambda o: mean_loss(self.loss_fn, leaves.join(o, rest), c, self.forward)
 
             return net, loss
 
         def forward_mode(vv: torch.Tensor, c: Batch) -> torch.Tensor:
             net, loss = parts(c)
-            out, jv = jvp(net, (theta,), (vv,))[:2]
-            hjv = jvp(grad(loss), (out,), (jv,))[1]
-            return vjp(net, theta)[1](hjv)[0]
+            out, jv, rest = cast(tuple[Any, Any, Any], jvp(net, (theta,), (vv,), has_aux=True))  # typed without aux
+            hjv = jvp(grad(loss(rest)), (out,), (jv,))[1]
+            return vjp(net, theta, has_aux=True)[1](hjv)[0]
 
         def reverse_mode(vv: torch.Tensor, c: Batch) -> torch.Tensor:
             net, loss = parts(c)
-            out, pullback = vjp(net, theta)[:2]
+            out, pullback, rest = cast(tuple[Any, Any, Any], vjp(net, theta, has_aux=True))
             # J v as the transpose of the (linear) pullback u ↦ Jᵀu
             jv = vjp(lambda u: pullback(u)[0], tree_map(torch.zeros_like, out))[1](vv)[0]
-            hjv = grad(lambda o: _tree_dot(grad(loss)(o), jv))(out)
+            hjv = grad(lambda o: _tree_dot(grad(loss(rest))(o), jv))(out)
             return pullback(hjv)[0]
 
-        return self._second_order(forward_mode, reverse_mode, v, batch, block.numel)
+        def by_autograd(V: torch.Tensor, c: Batch) -> torch.Tensor:
+            net, loss = parts(c)
+            f = _leaf(theta)
+            out, rest = net(f)
+            out = [o if o.requires_grad else _leaf(o) for o in out]  # a float output the block does not reach
+            g_out = autograd_grad([loss(rest)(out)], out, create_graph=True)
+            # J v as the transpose of the (linear) pullback u ↦ Jᵀu, as in reverse mode
+            us = [torch.zeros_like(o, requires_grad=True) for o in out]
+            (jtu,) = autograd_grad(out, [f], us, create_graph=True)
+            rows = []
+            for r in V:
+                jv = autograd_grad([jtu], us, [r])
+                hjv = autograd_grad(g_out, out, jv)  # ∇²_out loss · J v (the output Hessian is symmetric)
+                rows.append(autograd_grad(out, [f], hjv)[0])
+            return torch.stack(rows)
+
+        return self._second_order(forward_mode, reverse_mode, by_autograd, v, batch, block.numel)
 
     def mixed_vp(self, rows: ParamBlock, cols: ParamBlock, v: torch.Tensor, batch: Batch | None = None) -> torch.Tensor:
         """``∇²_{rows, cols} L · v``: ``v`` lives on ``cols``, the result on ``rows``
@@ -343,7 +521,12 @@ class Objective:
         def reverse_mode(vv: torch.Tensor, c: Batch) -> torch.Tensor:  # ∇_rows (∇_cols L · v)
             return grad(lambda fa: (grad(loss, argnums=1)(fa, b, c) * vv).sum())(a)
 
-        return self._second_order(forward_mode, reverse_mode, v, batch, rows.numel)
+        def by_autograd(V: torch.Tensor, c: Batch) -> torch.Tensor:
+            fa, fb = _leaf(a), _leaf(b)
+            (g_cols,) = autograd_grad([loss(fa, fb, c)], [fb], create_graph=True)
+            return torch.stack([autograd_grad([g_cols], [fa], [r])[0] for r in V])
+
+        return self._second_order(forward_mode, reverse_mode, by_autograd, v, batch, rows.numel)
 
 
 @dataclass(eq=False)
@@ -438,7 +621,16 @@ class CurvatureOperator(LinearOperator):
         and cached; :meth:`set_kronecker` installs saved ones."""
         key = (kind, fisher, seed)
         if key not in self._kronecker:
-            self._kronecker[key] = fit_kronecker(self.objective, self.block, kind, fisher, seed)
+            try:
+                self._kronecker[key] = fit_kronecker(self.objective, self.block, kind, fisher, seed)
+            except RuntimeError as e:  # CheckpointError: the recomputation met the fit's module hooks
+                if not (saved_tensor_hooks(e) or isinstance(e, torch.utils.checkpoint.CheckpointError)):
+                    raise
+                raise ValueError(
+                    f"{kind} factors: {CHECKPOINTING}, nor can the factors' hooks follow its recomputation. Use an "
+                    "exact solver (CG, LiSSA; preconditioner 'nystrom' or 'jacobi'), or fit the factors on the model "
+                    "without checkpointing"
+                ) from e
         return self._kronecker[key]
 
     def kronecker_fitted(self, kind: str) -> KroneckerCurvature | None:

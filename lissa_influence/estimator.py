@@ -178,7 +178,7 @@ class InfluenceEstimator(ABC):
 
     State after ``fit``: :attr:`is_fitted`, :attr:`scored_data` (the examples that
     :meth:`scores` scores by default), ``diagnostics`` (solver reports and timings of
-    the last solve).
+    the last solve; after scoring, the :meth:`fallbacks` taken, if any).
     """
 
     gauss_newton: bool = False
@@ -283,7 +283,22 @@ class InfluenceEstimator(ABC):
         if world > 1:
             d = _dist.all_gather_cat(d, dim=1)
         self.diagnostics.setdefault("time", {})["scoring"] = time.perf_counter() - t0
+        if fallbacks := self.fallbacks():
+            self.diagnostics["fallbacks"] = fallbacks
         return -d
+
+    def fallbacks(self) -> dict[str, dict[str, str]]:
+        """What ran otherwise than asked, and why, by where: ``"scored examples"`` (their
+        gradients and scores) and each curvature operator (by attribute name): ``"loop"``
+        (a model vmap cannot batch), ``"reverse"`` (a loss without forward mode),
+        ``"autograd"`` (a gradient-checkpointed model, differentiated by torch.autograd)."""
+        out: dict[str, dict[str, str]] = {}
+        if self.is_fitted and (scored := self._scored_losses().fallbacks):
+            out["scored examples"] = dict(scored)
+        for name, value in vars(self).items():  # the estimators keep their operators as attributes
+            if isinstance(value, CurvatureOperator) and value.objective.fallbacks:
+                out[name] = value.objective.fallbacks
+        return out
 
     def scores(
         self, test_data: DataLike, data: DataLike | None = None, mean: bool = False, **renamed: DataLike

@@ -186,17 +186,29 @@ def dense_curvature(op: CurvatureOperator, block_size: int = 256) -> tuple[torch
     outputs are linear in its parameters, as a softmax's linear layer: then the Hessian
     *is* the GGN, checked on one random vector), it is assembled as ``Σ Jᵀ (∇²_out L) J``
     from the outputs' Jacobian, a few large matrix products per chunk; otherwise from
-    ``P`` products with basis vectors."""
+    ``P`` products with basis vectors.
+
+    On a shard of the sample (torch.distributed: the objective's ``reduce``), each rank
+    assembles its share and the shares are summed, so every rank factors the same matrix."""
     n = op.shape[0]
     damping = torch.as_tensor(op.damping, dtype=op.dtype, device=op.device)
-    if op.objective.sample_size is None:  # one process: the GGN route needs no collective to decide
-        v = torch.randn(n, dtype=op.dtype, generator=torch.Generator().manual_seed(0)).to(op.device)
+    objective = op.objective
+    v = torch.randn(n, dtype=op.dtype, generator=torch.Generator().manual_seed(0)).to(op.device)
+    try:  # reduced products: every rank takes the same decision
+        ggn = op.gauss_newton or _close(objective.hvp(op.block, v), objective.ggn_vp(op.block, v))
+    except (RuntimeError, NotImplementedError):  # no Gauss-Newton products for this model
+        ggn = False
+    if ggn:
+        part: torch.Tensor | None = None
         try:
-            if op.gauss_newton or _close(op.objective.hvp(op.block, v), op.objective.ggn_vp(op.block, v)):
-                a = _gauss_newton_matrix(op.objective, op.block)
-                return 0.5 * (a + a.T) + torch.diag(damping.expand(n)), "gauss-newton jacobian"
+            part = _gauss_newton_matrix(objective, op.block)
         except (RuntimeError, NotImplementedError, MemoryError):  # outputs too large, or not batchable
             pass
+        if objective.reduce is not None:  # the ranks agree on the route before summing, or their collectives differ
+            failed = objective.reduce(torch.tensor([float(part is None)], dtype=op.dtype, device=op.device))
+            part = None if float(failed[0]) > 0 or part is None else objective.reduce(part)
+        if part is not None:
+            return 0.5 * (part + part.T) + torch.diag(damping.expand(n)), "gauss-newton jacobian"
     like = torch.zeros(1, dtype=op.dtype, device=op.device)
     return Explicit(max_params=n, block_size=block_size).matrix(op, n, like), "products with basis vectors"
 
@@ -206,10 +218,13 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _gauss_newton_matrix(objective: Objective, block: ParamBlock, max_outputs: int = 2048) -> torch.Tensor:
-    """``(1/N) Σ_i J_iᵀ ∇²_{o_i} ℓ_i J_i`` over the sample, in chunks of at most
-    ``max_outputs`` output entries (the output Hessian of a chunk is dense)."""
+    """``(1/N) Σ_i J_iᵀ ∇²_{o_i} ℓ_i J_i`` over this process's examples (``N`` the whole
+    sample's size; not reduced across ranks), in chunks of at most ``max_outputs`` output
+    entries (the output Hessian of a chunk is dense)."""
     theta = objective.point(block)
     total = theta.new_zeros(block.numel, block.numel)
+    if len(objective.batch) == 0:  # an empty shard adds nothing
+        return total
     first = next(objective.batch.chunks(1))
     per_example = sum(leaf.numel() for leaf in tree_flatten(objective._forward(block.unflatten(theta), first))[0])
     if per_example > max_outputs:
@@ -235,7 +250,7 @@ def _gauss_newton_matrix(objective: Objective, block: ParamBlock, max_outputs: i
         J = jacrev(flat_outputs)(theta)  # [outputs, P]
         H = hessian(loss_of)(o)  # [outputs, outputs], block diagonal over examples
         total += (len(c) / n_total) * (J.T @ (H @ J))
-    return objective.reduce(total) if objective.reduce is not None else total
+    return total
 
 
 class ExactInverse:

@@ -11,6 +11,10 @@ query vector ``s``. Two ways to get it for a batch of examples:
 
 ``"auto"`` uses ``jvp`` up to ``jvp_max_queries`` queries (see docs/benchmarks.md for
 the measured cross-over) and ``grad`` beyond.
+
+A gradient-checkpointed model (saved tensor hooks, which ``torch.func``'s reverse mode
+refuses) gets its per-example gradients from ``torch.autograd``, one example at a time;
+``jvp`` scoring needs no reverse mode and runs as it is.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from torch import nn
 from torch.func import grad, jvp, vmap
 
 from .batching import Batch, SizedDataset, iter_batches
-from .curvature import ADMode, load_forward_ad, no_forward_ad
+from .curvature import ADMode, autograd_grad, load_forward_ad, no_forward_ad, reason, saved_tensor_hooks
 from .params import ParamBlock, Params
 from .progress import progress_bar
 from .task import Forward, LossFn, check_batch, check_labels, cross_entropy, mean_loss, outputs, probe
@@ -42,9 +46,11 @@ class PerExample:
     loss of :mod:`lissa_influence.task` on one-example batches, ``vmap``-ed over a batch.
 
     A model that ``vmap`` cannot batch (data-dependent control flow) is run example by
-    example instead, and with ``ad_mode="auto"`` a loss without a forward-mode derivative
-    is scored from per-example gradients; both with the same results, up to rounding.
-    ``fallbacks`` records which of them happened and why.
+    example instead, with ``ad_mode="auto"`` a loss without a forward-mode derivative
+    is scored from per-example gradients, and a model that ``torch.func`` cannot
+    differentiate (gradient checkpointing) gets them from ``torch.autograd``; all with the
+    same results, up to rounding. ``fallbacks`` records which of them happened and why
+    (``"loop"``, ``"reverse"``, ``"autograd"``).
     """
 
     model: nn.Module
@@ -67,7 +73,7 @@ class PerExample:
         return mean_loss(self.loss_fn, out, batch, self.forward)
 
     def _fallback(self, kind: str, error: BaseException) -> None:
-        self.fallbacks[kind] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+        self.fallbacks[kind] = reason(error)
 
     def _per_example(
         self, batched: Callable[[], torch.Tensor], looped: Callable[[int], torch.Tensor], n: int
@@ -80,7 +86,7 @@ class PerExample:
         try:
             return batched()
         except _NOT_BATCHABLE as e:
-            if isinstance(e, torch.OutOfMemoryError):
+            if isinstance(e, torch.OutOfMemoryError) or saved_tensor_hooks(e):  # not a batching problem
                 raise
             try:
                 result = torch.stack([looped(i) for i in range(n)])
@@ -100,11 +106,23 @@ class PerExample:
     def gradients(self, batch: Batch) -> torch.Tensor:
         """``[B, P]``: the gradient of each example's loss."""
         theta = self.block.flatten(self.params)
-        return self._per_example(
-            lambda: vmap(grad(partial(self._loss_one, pair=batch.pair)), in_dims=(None, 0))(theta, batch.tree),
-            lambda i: grad(self._loss_of)(theta, batch.select(slice(i, i + 1))),
-            len(batch),
-        )
+        if "autograd" not in self.fallbacks:
+            try:
+                return self._per_example(
+                    lambda: vmap(grad(partial(self._loss_one, pair=batch.pair)), in_dims=(None, 0))(theta, batch.tree),
+                    lambda i: grad(self._loss_of)(theta, batch.select(slice(i, i + 1))),
+                    len(batch),
+                )
+            except RuntimeError as e:
+                if not saved_tensor_hooks(e):
+                    raise
+                self._fallback("autograd", e)
+        with torch.enable_grad():
+            rows = []
+            for i in range(len(batch)):
+                f = theta.detach().requires_grad_(True)
+                rows.append(autograd_grad([self._loss_of(f, batch.select(slice(i, i + 1)))], [f])[0].detach())
+        return torch.stack(rows) if rows else theta.new_zeros(0, theta.numel())
 
     def directional(
         self, batch: Batch, S: torch.Tensor, method: ScoringMethod = "auto", jvp_max_queries: int = 3

@@ -10,8 +10,9 @@
 Gauss-Newton curvature needs exactly this split of the network (``forward``) from a
 convex loss of its outputs. Per-example losses, for scoring, are the same loss on
 one-example batches. Every call is functional: the parameters of the block in question
-are substituted for the model's own, its buffers (BatchNorm statistics) pass through
-unchanged.
+are substituted for the model's own, its buffers (BatchNorm statistics) and frozen
+parameters pass through unchanged, or cast to the parameters' dtype where those were cast
+(an estimator's ``dtype``).
 """
 
 from __future__ import annotations
@@ -60,12 +61,33 @@ def check_batch(batch: Batch, forward: Forward | None, what: str) -> None:
         )
 
 
+def cast_state(model: nn.Module, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model's floating buffers (BatchNorm statistics) and frozen parameters in the dtype
+    of ``params`` where ``params`` are a cast of its parameters (``dtype=torch.float64`` on a
+    float32 model), else nothing: a layer cannot mix the two dtypes. Cast at each call, so
+    that they stay the model's own."""
+    name, p = next(iter(params.items()), (None, None))
+    if name is None or p is None or not p.is_floating_point():
+        return {}
+    try:
+        own = model.get_parameter(name)
+    except AttributeError:  # not one of the model's parameters (a head objective's buffer, say)
+        return {}
+    if own.dtype == p.dtype:
+        return {}
+    rest = [*model.named_buffers(), *((n, q) for n, q in model.named_parameters() if n not in params)]
+    return {n: t.detach().to(p.dtype) for n, t in rest if t.is_floating_point() and t.dtype != p.dtype}
+
+
 def outputs(model: nn.Module, params: Mapping[str, torch.Tensor], batch: Batch, forward: Forward | None) -> Any:
-    """The model's outputs on ``batch`` with ``params`` in place of its own."""
+    """The model's outputs on ``batch`` with ``params`` in place of its own (and its float
+    buffers and frozen parameters in their dtype, where that differs from the model's:
+    :func:`cast_state`)."""
+    tensors = {**cast_state(model, params), **params}
     if forward is None:
-        return functional_call(model, dict(params), (batch.x,))
+        return functional_call(model, tensors, (batch.x,))
     # a wrapper per call (microseconds): keeping them would keep every model alive
-    return functional_call(_Call(model, forward), {f"model.{n}": p for n, p in params.items()}, (batch.tree,))
+    return functional_call(_Call(model, forward), {f"model.{n}": p for n, p in tensors.items()}, (batch.tree,))
 
 
 def mean_loss(loss_fn: LossFn, out: Any, batch: Batch, forward: Forward | None) -> torch.Tensor:

@@ -67,7 +67,9 @@ def test_error_trace_and_stochastic_product_cost():
 
     lissa = LiSSA(scale="auto", batch_size=50, power_iters=50)
     op = Op(torch.eye(4, dtype=torch.float64))
-    assert full_products(lissa, op, 50 + 400) == 50 + 400 * 0.25
+    # the auto scale's power iterations run on minibatches too, so every product of the recursion is one
+    assert full_products(lissa, op, 50 + 400) == (50 + 400) * 0.25
+    assert full_products(lissa, op, 451, minibatch=450) == 450 * 0.25 + 1  # plus the full residual check
     assert full_products(CG(), op, 30) == 30.0
 
 
@@ -93,15 +95,17 @@ def test_jobs_measure_solvers_against_the_dense_solve(cache, tmp_path, capsys):
     row = cg["row"]
     assert row["status"] == "ok" and row["finetune_converged"] and row["pretrain_converged"]
     assert row["query_error"] <= 1e-6 and row["spearman"] >= 0.9999 and row["top10_overlap"] == 1.0
-    assert row["hvps"] == row["finetune_iterations"] + row["pretrain_iterations"]
+    # one product per iteration, and one per solve for the true residual that decides convergence
+    assert row["hvps"] == row["finetune_iterations"] + row["pretrain_iterations"] + 2
     for name, curve in cg["curves"].items():  # the traced error falls to the final error
         pts = np.array(curve)
         assert np.all(np.diff(pts[:, 0]) > 0), name
         assert pts[-1, 1] == pytest.approx(row[f"{name}_error"], rel=1e-6) and pts[0, 1] > 1e3 * pts[-1, 1]
     assert cg["curves"]["query"][0][0] > row["finetune_hvps"]  # end to end: after the finetune solve's products
 
+    # 3 iterations and the true residual at max_iter, per stage
     capped = job(cache, tmp_path, "cg_capped", "solver=cg", "solver.tol=0", "solver.max_iter=3")["row"]
-    assert capped["hvps"] == 6 and capped["query_error"] > 10 * row["query_error"]
+    assert capped["hvps"] == 8 and capped["query_error"] > 10 * row["query_error"]
     assert any("did not reach" in w for w in capped["finetune_warnings"])
 
     ident = job(cache, tmp_path, "identity", "solver=identity")["row"]

@@ -70,3 +70,31 @@ def test_models_benchmark_runs_and_reports_the_mode_it_used(tmp_path):
     assert rows["mlp_mse"]["ad_used"] == "retained" and "unsupported" in rows["mlp_mse"]["forward_mode"]
     assert rows["digits_cnn"]["hvp_forward_s"] > 0 and rows["digits_cnn"]["hvp_retained_s"] > 0
     assert rows["digits_cnn"]["retained_graph_mib"] > 0
+
+
+def test_single_lds_fit_point_benchmark_runs_and_writes_its_table(tmp_path):
+    cmd = [
+        sys.executable,
+        str(BENCH / "single_lds_fit_point.py"),
+        "--arch",
+        "lr",
+        "--epochs",
+        "1",
+        "2",
+        "--subsets",
+        "3",
+        "--test-points",
+        "5",
+        "--threads",
+        "1",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--out",
+        str(tmp_path),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    saved = json.loads((tmp_path / "single_lds_fit_point_lr.json").read_text())
+    assert [r["epochs"] for r in saved["rows"]] == [1, 2] and saved["best"] in (1, 2)
+    assert all(-1 <= r["lds"]["estimate"] <= 1 for r in saved["rows"])
+    assert "best fit point" in proc.stdout

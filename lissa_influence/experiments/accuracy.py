@@ -14,7 +14,8 @@ Gauss-Newton: that is one of the approximations measured):
   ``I(z) = −ŝᵀ∇g(z)`` against the exact scores by relative error, Pearson and Spearman
   correlation and the overlap of the ``accuracy.top_k`` largest ``|I|``;
 - vector products per right-hand side (a stochastic LiSSA minibatch product counts as
-  its fraction of the Hessian sample), iterations, convergence and wall time per solve;
+  its fraction of the Hessian sample, its final residual check as one full product),
+  iterations, convergence and wall time per solve;
   with ``accuracy.trace`` the errors after every solver iteration (the error-vs-HVP
   curves), through the solvers' ``callback``.
 
@@ -138,13 +139,16 @@ def reference(cfg: Any, pretrained, finetuned, data, test) -> dict[str, Any]:
 
 
 # -- one job ---------------------------------------------------------------------------
-def full_products(solver, op, n: int) -> float:
-    """``n`` products in full-Hessian-sample equivalents: a stochastic LiSSA minibatch
-    product costs its fraction of the sample (its power iteration runs on the full one)."""
+def full_products(solver, op, n: int, minibatch: int | None = None) -> float:
+    """``n`` products in full-Hessian-sample equivalents, of which ``minibatch`` were with a
+    stochastic LiSSA's minibatches, each costing its fraction of the sample; the rest (the
+    full product that checks its residual at the end) cost one each. ``minibatch=None``: all
+    ``n``, as a callback counts them during the recursion (``scale="auto"``'s power iteration
+    runs on minibatches too); a finished solve reports its count (``minibatch_products``)."""
     if not (isinstance(solver, LiSSA) and solver.batch_size and op.sample_size is not None):
         return float(n)
-    power = solver.power_iters if solver.scale == "auto" else 0
-    return power + (n - power) * min(1.0, solver.batch_size / op.sample_size)
+    mini = n if minibatch is None else minibatch
+    return (n - mini) + mini * min(1.0, solver.batch_size / op.sample_size)
 
 
 def _solve(solver, op, b: torch.Tensor, trace: ErrorTrace | None) -> tuple[torch.Tensor | None, dict[str, Any]]:
@@ -159,7 +163,7 @@ def _solve(solver, op, b: torch.Tensor, trace: ErrorTrace | None) -> tuple[torch
     out = {
         "status": "ok",
         "iterations": d["iterations"],
-        "hvps": full_products(solver, op, d["num_products"]) / b.shape[0],
+        "hvps": full_products(solver, op, d["num_products"], d.get("minibatch_products")) / b.shape[0],
         "converged": d["converged"],
         "seconds": d["wall_time"],
         "final_residual": d["final_residual"],

@@ -170,6 +170,7 @@ class SingleLdsSchema:
     ensemble: int = 1  # scores averaged over this many independently trained models
     ensemble_fraction: float = 1.0  # the fraction of the training set each ensemble model trains on
     fit_epochs: Optional[int] = None  # the scored models' training epochs (the fit point; null: the recipe's)
+    calibration_points: int = 50  # damping=auto: the first test points its agreement is measured on
     peers: list[str] = field(default_factory=list)  # dattri's: if_explicit, if_cg, if_lissa, if_arnoldi, trak_<k>
 
 

@@ -12,8 +12,9 @@
 3. Scores of the single-stage :class:`~lissa_influence.Influence` for every method of
    ``single_lds.methods`` (solver names, the ``solver.*`` settings otherwise) at every
    damping of ``single_lds.dampings`` (numbers, ``auto``: calibrated on
-   ``calibration.budget`` subsets of its own drawn with ``calibration.seed``, or
-   ``heuristic``), averaged over ``single_lds.ensemble`` independently trained models
+   ``calibration.budget`` subsets of its own drawn with ``calibration.seed``, measured on
+   the first ``single_lds.calibration_points`` test points, or ``heuristic``), averaged
+   over ``single_lds.ensemble`` independently trained models
    (each on a seeded ``single_lds.ensemble_fraction`` of the training set; 1: the
    full-data model alone). dattri's own methods (``single_lds.peers``) run on the same
    model, data and ground truth.
@@ -244,6 +245,8 @@ def check(cfg: Any) -> None:
         raise ValueError(f"single_lds.fraction={c.fraction} must lie strictly between 0 and 1")
     if c.ensemble < 1:
         raise ValueError(f"single_lds.ensemble={c.ensemble} must be >= 1 (models the scores are averaged over)")
+    if c.calibration_points < 1:
+        raise ValueError(f"single_lds.calibration_points={c.calibration_points} must be >= 1")
     if c.fit_epochs is not None and c.fit_epochs < 1:
         raise ValueError(f"single_lds.fit_epochs={c.fit_epochs} must be >= 1 or null (the recipe's epochs)")
     if not 0 < c.ensemble_fraction <= 1:
@@ -306,7 +309,10 @@ def run(cfg: Any, out_dir: str | Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     models = ensemble_models(cfg, cache)
     model_seconds = time.perf_counter() - t0
-    truth = calibration_truth(cfg, cache, test) if any(str(d) == "auto" for d in c.dampings) else None
+    calibrate = any(str(d) == "auto" for d in c.dampings)
+    # agreement on a few test points is enough to rank a grid, and each grid value is a full solve
+    points = min(c.calibration_points, cfg.test_points)
+    truth = calibration_truth(cfg, cache, (test[0][:points], test[1][:points])) if calibrate else None
     for method in c.methods:
         for damping in c.dampings:
             key = f"{method}@{damping}"

@@ -68,8 +68,10 @@ class SolveInfo:
     num_products: int
     wall_time: float
     residuals: list[float] = field(default_factory=list)
-    """CG: worst relative residual ``‖b − Ax‖/‖b‖`` per iteration; LiSSA: worst
-    relative update ``‖h_{t+1} − h_t‖/‖h_t‖`` per step; Explicit: the final relative residual."""
+    """CG: worst relative residual ``‖b − Ax‖/‖b‖`` per iteration, as its recurrence tracks it
+    where not computed (the last entry always is); a split-preconditioned block phase tracks
+    another norm, kept apart in ``extra["split_residuals"]``. LiSSA: worst relative update
+    ``‖h_{t+1} − h_t‖/‖h_t‖`` per step; Explicit: the final relative residual."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:

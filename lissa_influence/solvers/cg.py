@@ -55,6 +55,15 @@ class CG:
     without a new lowest residual, or the check fails), separate CG recursions finish from
     its iterate within the same ``max_iter``. With ``block=False`` the rows run as
     separate (stacked) CG recursions from the start.
+
+    Either way the true residual decides: a row whose recurrence's residual reaches ``tol``
+    is checked against ``b − Ax`` (one product), and restarted from it when that is above
+    ``tol``. A row whose restart did not halve its true residual, or whose recurrence's
+    residual ended ten times below it at ``max_iter``, has stagnated at the accuracy this
+    dtype attains on this system; the warning then says so, with the residual reached,
+    instead of asking for a larger ``max_iter``. ``info.residuals`` are ``‖b − Ax‖/‖b‖``
+    (the recurrence's where none was computed; the last entry always is computed); a
+    split block phase's ``‖M^{-1/2} r‖/‖M^{-1/2} b‖`` are in ``info.extra["split_residuals"]``.
     """
 
     tol: float = 1e-6
@@ -137,17 +146,22 @@ class CG:
         pc, built = self._preconditioner(op, B)
         products += pc.products if built and pc is not None else 0
         block = self.block and k > 1
+        extra = self._extra(block, pc, built)
         stop = None
         if block:
+            claims: torch.Tensor | None
             if pc is None:
-                X, products, it, history, stop = self._block(op, B, safe_bnorm, report, best, products)
+                X, products, it, history, stop, claims = self._block(op, B, safe_bnorm, report, best, products)
             else:  # split: block CG on M^{-1/2} A M^{-1/2}, iterates mapped back by M^{-1/2}
                 Bs = pc.apply_sqrt(B)
                 mapped = (lambda Xs, n: report(pc.apply_sqrt(Xs), n)) if report is not None else None
-                Xs, products, it, history, stop = self._block(
+                Xs, products, it, split, stop, _ = self._block(
                     _Split(op, pc), Bs, _safe(rownorm(Bs)), mapped, _Best(Bs, _safe(rownorm(Bs))), products
                 )
                 X = pc.apply_sqrt(Xs)
+                # its residuals are of another norm: kept apart, so that `residuals` are all ‖b − Ax‖/‖b‖
+                extra["split_residuals"] = split
+                history, claims = [float((rownorm(B) / safe_bnorm).max())], None
             # The block recurrence's residual can drift from B − AX (float32, ill-conditioned
             # blocks), and a split preconditioner's is another norm: check the true residual,
             # and let row CG finish from X where needed.
@@ -155,27 +169,25 @@ class CG:
             products += k
             _finite(R, "the residual after the block iterations")
             true_rel = rownorm(R) / safe_bnorm
-            best.offer(X, true_rel)
+            best.checked(X, torch.arange(k), true_rel, claims)
             if stop is None and bool((true_rel <= self.tol).all()):
-                return (X[0] if single else X), self._finish(
-                    true_rel, history, it, products, start, [], self._extra(True, pc, built)
-                )
+                none = torch.zeros(k, dtype=torch.bool)
+                return (X[0] if single else X), self._finish(true_rel, history, it, products, start, [], none, extra)
             history.append(float(true_rel.max()))
-        X, R, products, it, negative = self._rows(op, X, R, pc, safe_bnorm, products, it, history, report, best)
+        X, R, products, it, negative, stalled = self._rows(
+            op, B, X, R, pc, safe_bnorm, products, it, history, report, best
+        )
         X, R, products = best.settle(op, X, R, products)
-        extra = self._extra(block, pc, built)
         if block:
-            extra["block_stopped"] = stop or "residual above tol"
+            extra["block_stopped"] = stop or "true residual above tol"
         extra["residual_growth"] = best.growth
-        info = self._finish(rownorm(R) / safe_bnorm, history, it, products, start, negative, extra)
+        info = self._finish(rownorm(R) / safe_bnorm, history, it, products, start, negative, stalled, extra)
         return (X[0] if single else X), info
 
     def _extra(self, block: bool, pc: Preconditioner | None, built: bool) -> dict[str, Any]:
         extra: dict[str, Any] = {"block": block, "preconditioner": self.preconditioner_name}
         if pc is not None:
             extra["preconditioner_products"] = pc.products if built else 0  # paid by the solve that built it
-            if block:  # the block phase's entries of `residuals` are of the split system
-                extra["block_residual_norm"] = "‖M^{-1/2} r‖ / ‖M^{-1/2} b‖"
             curvature = getattr(pc, "curvature", None)
             if curvature is not None:  # Kronecker factors: their one-off fitting cost
                 extra["preconditioner_fit_passes"] = getattr(curvature, "fit_passes", None)
@@ -185,6 +197,7 @@ class CG:
     def _rows(
         self,
         op: LinearOperator,
+        B: torch.Tensor,
         X: torch.Tensor,
         R: torch.Tensor,
         pc: Preconditioner | None,
@@ -194,20 +207,26 @@ class CG:
         history: list[float],
         report: Callback | None,
         best: _Best,
-    ) -> tuple[torch.Tensor, torch.Tensor, int, int, list[int]]:
-        """Separate (stacked) CG recursions from ``X`` with residuals ``R``, up to ``max_iter``
-        iterations in all; ``best`` keeps each row's best iterate."""
+    ) -> tuple[torch.Tensor, torch.Tensor, int, int, list[int], torch.Tensor]:
+        """Separate (stacked) CG recursions from ``X``, whose ``R`` is the true residual
+        ``B − AX``, up to ``max_iter`` iterations in all; ``best`` keeps each row's best iterate.
+        A row stops when its true residual is at most ``tol``, at negative curvature, or when it
+        stagnates. Returns ``X``, its true residuals, products, iterations, the rows that met
+        negative curvature and a mask of the rows that stagnated."""
         Z = pc.apply(R) if pc is not None else R.clone()
         D = Z.clone()
         rz = (R * Z).sum(-1)
-        active = rownorm(R) > 0  # a zero residual (e.g. a zero right-hand side) is solved
+        rel = rownorm(R) / safe_bnorm
+        active = rel > 0  # a zero residual (e.g. a zero right-hand side) is solved
+        verified = torch.ones_like(active)  # R is B − AX computed, not the recurrence's
+        lowest = rel.clone()  # each row's lowest true residual so far
+        stalled = torch.zeros_like(active)
         negative: list[int] = []
-        while it < self.max_iter:
-            rel = rownorm(R) / safe_bnorm
-            best.offer(X, rel)
-            active &= rel > self.tol
+        if not history:
             history.append(float(rel.max()))
-            if not active.any():
+        while True:
+            active &= (rel > self.tol) & ~stalled
+            if not active.any() or it >= self.max_iter:
                 break
             it += 1
             rows = active.nonzero().squeeze(1)
@@ -235,15 +254,48 @@ class CG:
             alpha = rz[rows] / dad
             X[rows] += alpha[:, None] * D[rows]
             R[rows] -= alpha[:, None] * AD
+            verified[rows] = False
             Zr = pc.apply(R[rows]) if pc is not None else R[rows]
             rz_new = (R[rows] * Zr).sum(-1)
             beta = rz_new / rz[rows]
             D[rows] = Zr + beta[:, None] * D[rows]
             rz[rows] = rz_new
+            rel = rownorm(R) / safe_bnorm
+            # The recurrence's residual drifts from B − AX, and near the accuracy this dtype
+            # attains it keeps falling while the true one does not: the true one decides.
+            claims = rows[rel[rows] <= self.tol]
+            if len(claims):
+                T = B[claims] - op(X[claims])
+                products += len(claims)
+                _finite(T, f"the residual at iteration {it}")
+                t = rownorm(T) / safe_bnorm[claims]
+                best.checked(X, claims, t, rel[claims])
+                R[claims], verified[claims] = T, True
+                short = t > self.tol
+                # no halving since the row's last check: it is at the accuracy this dtype attains
+                stuck = short & (t > 0.5 * lowest[claims])
+                stalled[claims[stuck]] = True
+                lowest[claims] = torch.minimum(lowest[claims], t)
+                again = claims[short & ~stuck]
+                if len(again):  # restart from the true residual (residual replacement)
+                    Za = pc.apply(R[again]) if pc is not None else R[again].clone()
+                    D[again], rz[again] = Za, (R[again] * Za).sum(-1)
+                rel = rownorm(R) / safe_bnorm
+            best.offer(X, rel)
+            history.append(float(rel.max()))
             if report is not None:
                 report(X, products)
-        best.offer(X, rownorm(R) / safe_bnorm)
-        return X, R, products, it, negative
+        left = (~verified).nonzero().squeeze(1)  # cut short by max_iter or negative curvature
+        if len(left):
+            T = B[left] - op(X[left])
+            products += len(left)
+            _finite(T, "the residual of the final iterate")
+            t = rownorm(T) / safe_bnorm[left]
+            best.checked(X, left, t, rel[left])
+            # a recurrence that fell well below the true residual had left it behind
+            stalled[left[(t > self.tol) & (t > 10 * rel[left])]] = True
+            R[left] = T
+        return X, R, products, it, negative, stalled
 
     def _finish(
         self,
@@ -253,9 +305,11 @@ class CG:
         products: int,
         start: float,
         negative: list[int],
+        stalled: torch.Tensor,
         extra: dict[str, Any],
     ) -> SolveInfo:
-        """The SolveInfo of a finished solve; warns (or raises) when it did not converge."""
+        """The SolveInfo of a finished solve, from the true residuals ``final``; warns (or
+        raises) when it did not converge, saying whether more iterations would help."""
         if not history or history[-1] != float(final.max()):
             history.append(float(final.max()))
         converged = bool((final <= self.tol).all()) and not negative
@@ -269,17 +323,38 @@ class CG:
             {"relative_residuals": final.tolist(), "negative_curvature_rows": sorted(set(negative)), **extra},
         )
         if not converged and not negative:
-            msg = (
-                f"CG did not reach tol={self.tol:g} in {self.max_iter} iterations (worst relative residual "
-                f"{float(final.max()):.3g}); raise max_iter, add damping, or use preconditioner='jacobi'"
-            )
+            short = final > self.tol
+            stuck = short & stalled
+            float32 = final.dtype == torch.float32
+            stagnated = bool((stuck == short).all())
+            if stagnated:  # every row above tol had stopped falling
+                worst = float(final.max())
+                msg = (
+                    f"CG stagnated at the attainable accuracy of this dtype ({final.dtype}) on this system: its best "
+                    f"true relative residual ‖b − Ax‖/‖b‖ is {worst:.3g} (worst right-hand side, after {it} "
+                    f"iterations), above tol={self.tol:g}, and more iterations do not lower it: raising max_iter "
+                    f"will not help. Set tol={1.5 * worst:.0e} or above, or add damping (a "
+                    "better-conditioned system attains a smaller residual)"
+                    + (", or compute in float64" if float32 else "")
+                )
+            else:
+                msg = (
+                    f"CG did not reach tol={self.tol:g} in {self.max_iter} iterations (worst relative residual "
+                    f"{float(final.max()):.3g}); raise max_iter, add damping, or use preconditioner='jacobi'"
+                )
+                if stuck.any():
+                    msg += (
+                        f". Right-hand side(s) {stuck.nonzero().flatten().tolist()} stagnated at the attainable "
+                        f"accuracy of this dtype ({final.dtype}), {float(final[stuck].max()):.3g}"
+                    )
             growth = extra.get("residual_growth", 1.0)
             if growth > 10:
                 msg += (
                     f". Its residual climbed {growth:.3g} times above its best on the way ({final.dtype}): the best "
                     "iterate was kept"
-                    + ("; float32 loses conjugacy here, compute in float64" if final.dtype == torch.float32 else "")
                 )
+                if float32:  # the stagnation message already says float64
+                    msg += "; float32 loses conjugacy here" + ("" if stagnated else ", compute in float64")
             if self.on_not_converged == "raise":
                 raise NotConvergedError(msg)
             warnings.warn(msg, SolverWarning, stacklevel=3)
@@ -293,14 +368,15 @@ class CG:
         report: Callback | None,
         tracker: _Best,
         products: int,
-    ) -> tuple[torch.Tensor, int, int, list[float], str | None]:
+    ) -> tuple[torch.Tensor, int, int, list[float], str | None, torch.Tensor]:
         """Dubrulle's DR-BCG on the columns ``B.T``: ``R = Q C`` with ``Q`` orthonormal, so the
         residual norms are the column norms of the small ``C``; ``S`` are the search blocks.
-        Returns ``X``, products, iterations, the residual history and why it stopped early
-        (``None`` when the recurrence's residuals reached ``tol``). It stops early, leaving
-        the rest to row CG, when ``SᵀAS`` is not numerically positive definite (negative
-        curvature, which row CG then reports per row, or an ill-conditioned block) or when
-        the residual has not reached a new low for ``stall_iters`` iterations."""
+        Returns ``X``, products, iterations, the residual history, why it stopped early
+        (``None`` when the recurrence's residuals reached ``tol``) and the recurrence's
+        relative residuals of ``X``. It stops early, leaving the rest to row CG, when ``SᵀAS``
+        is not numerically positive definite (negative curvature, which row CG then reports
+        per row, or an ill-conditioned block) or when the residual has not reached a new low
+        for ``stall_iters`` iterations."""
         Bt = B.T  # [P, k]: columns are right-hand sides
         X = torch.zeros_like(Bt)
         Q, C = torch.linalg.qr(Bt)
@@ -313,13 +389,13 @@ class CG:
             worst = float(rel.max())
             history.append(worst)
             if worst <= self.tol:
-                return X.T.contiguous(), products, it, history, None
+                return X.T.contiguous(), products, it, history, None, rel
             if worst < best:
                 best, best_at = worst, it
             if it - best_at >= self.stall_iters:
-                return X.T.contiguous(), products, it, history, f"no progress in {self.stall_iters} iterations"
+                return X.T.contiguous(), products, it, history, f"no progress in {self.stall_iters} iterations", rel
             if it >= self.max_iter:
-                return X.T.contiguous(), products, it, history, "max_iter"
+                return X.T.contiguous(), products, it, history, "max_iter", rel
             AS = op(S.T).T
             products += S.shape[1]
             _finite(AS, f"an operator product at block iteration {it + 1}")
@@ -327,7 +403,7 @@ class CG:
             M = 0.5 * (S.T @ AS + AS.T @ S)
             chol, bad = torch.linalg.cholesky_ex(M)
             if int(bad) != 0:
-                return X.T.contiguous(), products, it, history, "SᵀAS not positive definite"
+                return X.T.contiguous(), products, it, history, "SᵀAS not positive definite", rel
             xi = torch.cholesky_inverse(chol)
             X += S @ (xi @ C)
             Q, psi = torch.linalg.qr(Q - AS @ xi)
@@ -364,39 +440,58 @@ def _finite(t: torch.Tensor, what: str) -> None:
 
 
 class _Best:
-    """Each right-hand side's best iterate over a solve (the zero vector to begin with),
-    by the residual the recurrence reports, and how far a residual climbed above its best."""
+    """Each right-hand side's best iterate over a solve (the zero vector to begin with), by
+    the residual the recurrence reports or, where one was computed, the true residual, and
+    how far a residual climbed above its best."""
 
     def __init__(self, B: torch.Tensor, safe_bnorm: torch.Tensor):
         self.B, self.safe_bnorm = B, safe_bnorm
         self.rel = rownorm(B) / safe_bnorm  # of X = 0
         self.X = torch.zeros_like(B)
+        # the last true residual found above the recurrence's: the recurrence's residuals
+        # below it are not trusted (to displace a best iterate, or to measure growth from)
+        self.floor = torch.zeros_like(self.rel)
         self.growth = 1.0
 
-    def offer(self, X: torch.Tensor, rel: torch.Tensor) -> None:
-        better = rel < self.rel
+    def offer(self, X: torch.Tensor, rel: torch.Tensor, rows: torch.Tensor | None = None, true: bool = False) -> None:
+        """Iterate ``X`` (rows ``rows`` of it, all by default) with residuals ``rel``, the
+        recurrence's or (``true``) computed."""
+        rows = torch.arange(len(self.rel)) if rows is None else rows
+        if not true:
+            rel = torch.maximum(rel, self.floor[rows])
+        better = rel < self.rel[rows]
         if better.any():
-            self.rel = torch.where(better, rel, self.rel)
-            self.X[better] = X[better]
-        ratio = rel / self.rel.clamp_min(torch.finfo(rel.dtype).tiny)
+            won = rows[better]
+            self.rel[won], self.X[won] = rel[better], X[won]
+        ratio = rel / torch.maximum(self.rel[rows], self.floor[rows]).clamp_min(torch.finfo(rel.dtype).tiny)
         self.growth = max(self.growth, float(ratio.max()))
+
+    def checked(self, X: torch.Tensor, rows: torch.Tensor, true: torch.Tensor, claims: torch.Tensor | None) -> None:
+        """The true residuals ``true`` of rows ``rows`` of ``X``, where the recurrence reported
+        ``claims`` (``None``: in another norm)."""
+        # where the best iterate is this one, its reported residual gives way to its true one
+        same = (self.X[rows] == X[rows]).all(dim=1)
+        self.rel[rows[same]] = true[same]
+        if claims is not None:  # what the recurrence reported below this was never reached
+            low = true > claims
+            self.floor[rows[low]] = true[low]
+        self.offer(X, true, rows, true=True)
 
     def settle(
         self, op: LinearOperator, X: torch.Tensor, R: torch.Tensor, products: int
     ) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """``X`` with each row that ended worse than its best replaced by the better of the
-        two by the true residual ``B − AX`` (two products a row; none when CG ended at its best)."""
+        """``X`` and its true residuals ``R``, with each row whose best iterate reported a lower
+        residual replaced by that iterate when its true residual is indeed lower (a product a
+        row; none when CG ended at its best)."""
         final = rownorm(R) / self.safe_bnorm
         rows = (self.rel < final).nonzero().squeeze(1)
         if len(rows) == 0:
             return X, R, products
-        ends = self.B[rows] - op(X[rows])
         bests = self.B[rows] - op(self.X[rows])
-        products += 2 * len(rows)
-        _finite(ends, "the residual of the final iterate")
+        products += len(rows)
         _finite(bests, "the residual of the best iterate")
-        take = rownorm(bests) < rownorm(ends)
+        take = rownorm(bests) < rownorm(R[rows])
         X, R = X.clone(), R.clone()
-        R[rows] = torch.where(take[:, None], bests, ends)
+        R[rows] = torch.where(take[:, None], bests, R[rows])
         X[rows] = torch.where(take[:, None], self.X[rows], X[rows])
         return X, R, products

@@ -60,7 +60,11 @@ class LiSSA:
     ``h ← b + (1 − damping)·h − A h / scale`` for ``depth`` steps, result ``h / scale``:
     it solves ``(A + damping·scale·I) x = b`` and converges when every eigenvalue of
     ``A`` lies in ``(−damping·scale, (2 − damping)·scale)``. ``scale="auto"`` takes
-    ``safety ×`` a power-iteration estimate of the top eigenvalue.
+    ``safety ×`` a power-iteration estimate of the top eigenvalue of the operator the
+    recursion multiplies by: the full one, or with minibatches the largest over
+    ``scale_batches`` minibatches (``power_iters`` products each), whose curvature exceeds
+    the full one's (a minibatch of fewer examples than parameters has larger nonzero
+    eigenvalues: 17 against 8 on a logistic regression of MNIST digits at batch_size=100).
 
     ``batch_size``: Hessian samples per step, used when the operator can draw
     minibatches (its ``sample_size`` is set and ``minibatch(batch_size, generator)``
@@ -81,6 +85,7 @@ class LiSSA:
     safety: float = 1.2
     power_iters: int = 50
     check_every: int = 10
+    scale_batches: int = 5
 
     name = "lissa"
 
@@ -98,13 +103,21 @@ class LiSSA:
                 f"diverges unless scale > top eigenvalue / (2 − damping); use safety > {1 / (2 - self.damping):.3g} "
                 "(1.2 by default)"
             )
-        for key in ("depth", "repeats", "power_iters", "check_every"):
+        for key in ("depth", "repeats", "power_iters", "check_every", "scale_batches"):
             at_least_one(key, getattr(self, key))
         if self.batch_size is not None:
             at_least_one("batch_size", self.batch_size)
 
     def _top_eigenvalue(self, op: LinearOperator, size: int, like: torch.Tensor) -> float:
         return power_iteration(lambda v: op(v[None])[0], size, like.dtype, like.device, self.power_iters, self.seed)
+
+    def _minibatch_top_eigenvalues(self, op: LinearOperator, size: int, like: torch.Tensor) -> list[float]:
+        """Top eigenvalues of ``scale_batches`` minibatches of ``batch_size``, drawn as the
+        recursion draws its first ones (the same seed); one when a minibatch is the whole sample."""
+        assert self.batch_size is not None and op.sample_size is not None
+        g = torch.Generator().manual_seed(self.seed)
+        count = 1 if self.batch_size >= op.sample_size else self.scale_batches
+        return [self._top_eigenvalue(op.minibatch(self.batch_size, g), size, like) for _ in range(count)]
 
     def solve(
         self, matvec: OperatorLike, b: torch.Tensor, callback: Callback | None = None
@@ -114,12 +127,19 @@ class LiSSA:
         full = aslinearoperator(matvec, b)
         B, single = as_stack(b)
         size = B.shape[1]
-        products = 0
+        stochastic = self.batch_size is not None and full.sample_size is not None
+        products = minibatch_products = 0  # the latter: products with a minibatch (the rest are full)
         lam_max = None
+        minibatch_tops: list[float] = []
         scale = self.scale
         if scale == "auto":
-            lam_max = self._top_eigenvalue(full, size, B)
-            products += self.power_iters
+            if stochastic:
+                minibatch_tops = self._minibatch_top_eigenvalues(full, size, B)
+                lam_max = max(minibatch_tops)
+                minibatch_products += len(minibatch_tops) * self.power_iters
+            else:
+                lam_max = self._top_eigenvalue(full, size, B)
+            products += (len(minibatch_tops) or 1) * self.power_iters
             if lam_max <= 0:
                 raise DivergenceError(
                     f"power iteration found top eigenvalue {lam_max:.3g} ≤ 0: the operator is not positive definite; "
@@ -130,7 +150,6 @@ class LiSSA:
             raise ValueError(f"scale must be a positive number or 'auto', got {scale!r}")
         scale = float(scale)
 
-        stochastic = self.batch_size is not None and full.sample_size is not None
         repeats = self.repeats if stochastic else 1
         g = torch.Generator().manual_seed(self.seed)
         total = torch.zeros_like(B)
@@ -143,6 +162,7 @@ class LiSSA:
                 op = full.minibatch(self.batch_size, g) if self.batch_size is not None and stochastic else full
                 h_new = B + (1.0 - self.damping) * h - op(h) / scale
                 products += B.shape[0]
+                minibatch_products += B.shape[0] if stochastic else 0
                 if callback is not None:  # the running average, counting the current recursion
                     x = (total + h_new / scale) / (r + 1)
                     callback(x[0] if single else x, products)
@@ -180,6 +200,8 @@ class LiSSA:
             {
                 "scale": scale,
                 "top_eigenvalue": lam_max,
+                "minibatch_top_eigenvalues": minibatch_tops,
+                "minibatch_products": minibatch_products,
                 "effective_damping": self.damping * scale,
                 "repeats": repeats,
                 "stochastic": stochastic,
@@ -211,7 +233,8 @@ class LiSSA:
             return DivergenceError(
                 f"LiSSA diverged {where} with scale={scale:.4g}, although that scale suits the full Hessian (top "
                 f"eigenvalue about {lam:.4g}): the minibatches of batch_size={self.batch_size} are too noisy, or "
-                "their curvature exceeds the full one. Raise batch_size (or repeats), or raise safety"
+                "their curvature exceeds the full one. Raise batch_size (or repeats), or raise safety (scale='auto' "
+                "takes safety × the largest top eigenvalue of scale_batches minibatches: raise those too)"
             )
         return DivergenceError(
             f"LiSSA diverged {where} with scale={scale:.4g}: the top eigenvalue of the damped Hessian is about "
