@@ -37,6 +37,7 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +69,7 @@ class Task:
     recipe: mnist10.Recipe
     split: mnist10.Split
 
-    @property
+    @cached_property  # digests of the split, taken once
     def key(self) -> dict[str, Any]:
         return {
             "single_lds": CACHE_VERSION,
@@ -206,13 +207,11 @@ def influence_scores(
             batch_size=cfg.batch_size,
             hvp_mode=cfg.hvp,
         ).fit(task.split.train)
-        if i == 0:
-            info = {"damping": inf.damping, "damping_rule": inf.damping_report}
-            value = inf.damping  # the resolved number, for the other members
         scores = inf.scores(test).numpy()
         total = scores if total is None else total + scores
         if i == 0:
-            info["solve"] = inf.diagnostics.get("solve")
+            info = {"damping": inf.damping, "damping_rule": inf.damping_report, "solve": inf.diagnostics.get("solve")}
+            value = inf.damping  # the resolved number, for the other members
     assert total is not None
     return total / len(models), info
 
