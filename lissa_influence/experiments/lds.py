@@ -491,12 +491,8 @@ def plot(path: Path, result: dict[str, Any], title: str) -> None:
                 ax.text(0.02, i, why, va="center", fontsize=8, color="grey")
                 continue
             color = "0.6" if name == "noise_floor" else ("tab:orange" if name == "single_stage" else "tab:blue")
-            ci = v.get("interval")
-            # a percentile interval need not contain the estimate: the bar is clipped there
-            err = None if ci is None else [[max(0.0, v["lds"] - ci["low"])], [max(0.0, ci["high"] - v["lds"])]]
-            ax.barh(i, v["lds"], color=color, alpha=0.8, xerr=err, ecolor="k", capsize=3)
+            plots.interval_bar(ax, i, v["lds"], v.get("interval"), color, 0.8, f"{v['lds']:.2f}")
             ax.plot(v["per_test_point"], [i] * len(v["per_test_point"]), "k.", ms=3)
-            ax.text(max(v["lds"], 0) + 0.02, i + 0.25, f"{v['lds']:.2f}", fontsize=8)
         ax.set_yticks(range(len(rows)), [name for name, _ in rows])
         ax.invert_yaxis()
         ax.axvline(0, color="k", lw=0.6)

@@ -244,3 +244,11 @@ def calibration_curves(path: Path, curves: dict[str, dict], title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def interval_bar(ax, row: int, value: float, interval: dict | None, color: str, alpha: float, label: str) -> None:
+    """One horizontal bar of an LDS figure with its bootstrap interval and ``label`` beside it.
+    A percentile interval need not contain the estimate: the error bar is clipped there."""
+    err = None if interval is None else [[max(0.0, value - interval["low"])], [max(0.0, interval["high"] - value)]]
+    ax.barh(row, value, color=color, alpha=alpha, xerr=err, ecolor="k", capsize=3)
+    ax.text(max(value, 0) + 0.02, row + 0.25, label, fontsize=8)

@@ -34,7 +34,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass, replace
 from functools import cached_property
@@ -50,12 +49,12 @@ from .. import confidence
 from ..damping import DampingCalibration, check_damping
 from ..influence import Influence
 from ..progress import progress_bar
-from . import config, mnist10, peers
+from . import config, mnist10, peers, plots
 from .data import tensor_digest
 from .lds import subsets
 from .pipeline import versions
 from .retraining import removed
-from .training import settings_key
+from .training import atomic_save, settings_key
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
@@ -118,7 +117,7 @@ class ModelCache:
             net.load_state_dict(torch.load(path, weights_only=True)["state_dict"])
             return net
         net = self._train(keep, seed, recipe)
-        _save(path, {"state_dict": net.state_dict(), "settings": json.dumps(settings, default=str)})
+        atomic_save(path, {"state_dict": net.state_dict(), "settings": json.dumps(settings, default=str)})
         return net
 
     def losses(self, keep: torch.Tensor, seed: int) -> np.ndarray:
@@ -128,15 +127,8 @@ class ModelCache:
             return np.asarray(torch.load(path, weights_only=True)["losses"].numpy())
         net = self._train(keep, seed, self.task.recipe)
         losses = mnist10.test_losses(net, *self.task.split.test)
-        _save(path, {"losses": losses, "settings": json.dumps(settings, default=str)})
+        atomic_save(path, {"losses": losses, "settings": json.dumps(settings, default=str)})
         return np.asarray(losses.numpy())
-
-
-def _save(path: Path, blob: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    torch.save(blob, tmp)
-    os.replace(tmp, path)  # atomic: a killed run or a parallel job never reads half a file
 
 
 def retrained_losses(cache: ModelCache, kept: list[torch.Tensor], seed: int, what: str, show: bool) -> np.ndarray:
@@ -408,10 +400,7 @@ def plot(path: Path, result: dict[str, Any], title: str) -> None:
             ax.text(0.02, i, "skipped", va="center", fontsize=8, color="grey")
             continue
         color = {"dattri": "tab:orange", "lissa_influence": "tab:blue"}.get(v.get("library", ""), "0.6")
-        ci = v["interval"]
-        err = [[max(0.0, v["lds"] - ci["low"])], [max(0.0, ci["high"] - v["lds"])]]
-        ax.barh(i, v["lds"], color=color, alpha=0.85, xerr=err, ecolor="k", capsize=3)
-        ax.text(max(v["lds"], 0) + 0.02, i + 0.25, f"{v['lds']:.3f}", fontsize=8)
+        plots.interval_bar(ax, i, v["lds"], v["interval"], color, 0.85, f"{v['lds']:.3f}")
     ax.set_yticks(range(len(rows)), [key for key, _ in rows], fontsize=8)
     ax.invert_yaxis()
     ax.axvline(0, color="k", lw=0.6)

@@ -424,16 +424,22 @@ def _load_cached(path: Path, fresh: TwoStageNet) -> tuple[TwoStageNet, TrainRepo
     return model, report
 
 
-def _save_cached(path: Path, model: TwoStageNet, report: TrainReport, settings: dict) -> None:
+def atomic_save(path: Path, blob: dict) -> None:
+    """``torch.save`` to a temporary file renamed into place: a killed run or a parallel
+    job never reads a half-written cache file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    torch.save(blob, tmp)
+    os.replace(tmp, path)
+
+
+def _save_cached(path: Path, model: TwoStageNet, report: TrainReport, settings: dict) -> None:
     blob = {
         "state_dict": model.state_dict(),
         "report": asdict(report),
         "settings": json.dumps(settings, sort_keys=True),
     }
-    torch.save(blob, tmp)
-    os.replace(tmp, path)  # atomic: parallel sweeps never read a half-written file
+    atomic_save(path, blob)
 
 
 def train_two_stage(
