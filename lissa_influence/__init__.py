@@ -11,6 +11,7 @@ training, validation) live in :mod:`lissa_influence.experiments`, which the libr
 never imports.
 """
 
+from . import hf
 from .confidence import Interval, correlation_interval, lds_interval
 from .curvature import CurvatureOperator, Objective, cross_entropy
 from .damping import CalibrationResult, DampingCalibration, heuristic_damping
@@ -20,7 +21,7 @@ from .influence import Influence
 from .kfac import KroneckerCurvature, fit_kronecker
 from .metrics import ErrorTrace, relative_error, score_agreement
 from .multistage import MultiStageInfluence
-from .operators import DenseOperator, FunctionOperator, LinearOperator, aslinearoperator
+from .operators import DampedOperator, DenseOperator, FunctionOperator, LinearOperator, aslinearoperator
 from .params import ParamBlock
 from .solvers import (
     CG,
@@ -29,6 +30,7 @@ from .solvers import (
     Explicit,
     Identity,
     LiSSA,
+    LowRank,
     NegativeCurvatureError,
     NotConvergedError,
     Nystrom,
@@ -38,6 +40,7 @@ from .solvers import (
     SolverError,
     SolverWarning,
 )
+from .task import LossWarning, eval_mode
 
 __all__ = [
     "MultiStageInfluence",
@@ -49,9 +52,11 @@ __all__ = [
     "Explicit",
     "Identity",
     "EKFAC",
+    "LowRank",
     "ExactInverse",
     "Preconditioner",
     "Nystrom",
+    "DampedOperator",
     "SolveInfo",
     "SolverError",
     "NegativeCurvatureError",
@@ -68,6 +73,9 @@ __all__ = [
     "Objective",
     "ParamBlock",
     "cross_entropy",
+    "eval_mode",
+    "LossWarning",
+    "hf",
     "relative_error",
     "score_agreement",
     "ErrorTrace",

@@ -38,7 +38,7 @@ from torch.utils._pytree import TreeSpec, tree_flatten, tree_leaves, tree_map, t
 from .batching import Batch
 from .operators import DerivedOperator, LinearOperator
 from .params import ParamBlock, Params
-from .task import Forward, LossFn, cross_entropy, mean_loss, outputs
+from .task import Forward, LossFn, check_loss_of_outputs, cross_entropy, eval_mode, mean_loss, outputs
 
 __all__ = [
     "ADMode",
@@ -545,9 +545,14 @@ class CurvatureOperator(LinearOperator):
     damping: float | torch.Tensor = 0.0
     gauss_newton: bool = False
     num_products: int = field(default=0, init=False)
+    product_path: str | None = field(default=None, init=False)
+    """How the last product was formed: ``"retained graphs"``, ``"functional (forward)"``,
+    ``"functional (reverse)"``, ``"gauss-newton, functional (...)"`` (None before any)."""
 
     def __post_init__(self) -> None:
         self.set_damping(self.damping)
+        if self.gauss_newton:
+            check_gauss_newton(self.objective, "gauss_newton=True")
 
     def set_damping(self, damping: float | torch.Tensor) -> None:
         """Change the shift ``D`` in place (a damping calibration tries several on one operator;
@@ -558,8 +563,7 @@ class CurvatureOperator(LinearOperator):
         if d.dim() > 0 and d.shape != (self.block.numel,):
             raise ValueError(f"a damping vector needs {self.block.numel} entries, got shape {tuple(d.shape)}")
         self.damping = damping
-        if "preconditioners" in self.__dict__:  # sketches of the damped operator: of the old damping
-            self.preconditioners.clear()
+        self.memo.clear()  # sketches, subspaces and eigenpairs of the damped operator: of the old damping
 
     @property
     def size(self) -> int:
@@ -588,7 +592,24 @@ class CurvatureOperator(LinearOperator):
         v = v.to(dtype=self.dtype, device=self.objective.device)
         self.num_products += 1 if v.dim() == 1 else v.shape[0]
         product = objective.ggn_vp if self.gauss_newton else objective.hvp
-        return product(self.block, v) + self.damping * v
+        # a product called by a user, outside the estimators, must not build (and leave kept)
+        # graphs of the training-mode function, nor meet attention without a double backward
+        with eval_mode(objective.model):
+            out = product(self.block, v) + self.damping * v
+        self._record_path(objective)
+        return out
+
+    def _record_path(self, objective: Objective) -> None:
+        """Which way the last product went (:attr:`product_path`)."""
+        if self.gauss_newton:
+            path = f"gauss-newton, functional ({objective.ad_used})"
+        elif objective.hvp_mode == "retained" and getattr(objective, "_graphs", {}).get(tuple(self.block.names)):
+            path = "retained graphs"
+        else:
+            path = f"functional ({objective.ad_used})"
+        if "autograd" in objective.fallbacks and not path.startswith("retained"):
+            path += ", torch.autograd"
+        self.product_path = path
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         return self._apply(v, self.objective)
@@ -610,8 +631,6 @@ class CurvatureOperator(LinearOperator):
     _kronecker: dict[tuple[str, str, int], KroneckerCurvature] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
-    # other preconditioners built from this operator's products (a Nyström sketch), reused by later solves
-    preconditioners: dict[tuple[Any, ...], Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def kronecker(
         self, kind: KroneckerKind = "ekfac", fisher: FisherType = "auto", seed: int = 0
@@ -622,7 +641,8 @@ class CurvatureOperator(LinearOperator):
         key = (kind, fisher, seed)
         if key not in self._kronecker:
             try:
-                self._kronecker[key] = fit_kronecker(self.objective, self.block, kind, fisher, seed)
+                with eval_mode(self.objective.model):  # the factors of the function the products take
+                    self._kronecker[key] = fit_kronecker(self.objective, self.block, kind, fisher, seed)
             except RuntimeError as e:  # CheckpointError: the recomputation met the fit's module hooks
                 if not (saved_tensor_hooks(e) or isinstance(e, torch.utils.checkpoint.CheckpointError)):
                     raise
@@ -642,6 +662,22 @@ class CurvatureOperator(LinearOperator):
         curvature.check_block(self.block)
         for fisher in {curvature.fisher, curvature.requested_fisher}:
             self._kronecker[(curvature.kind, fisher, curvature.seed)] = curvature
+
+
+def check_gauss_newton(objective: Objective, what: str) -> None:
+    """One forward pass on the first examples of ``objective``'s sample, refused by name
+    where its loss is not a function of the outputs (:func:`~lissa_influence.task.check_loss_of_outputs`).
+
+    Args:
+        objective: the objective whose Gauss-Newton matrix will be taken.
+        what: what asks for it, in errors.
+    """
+    if len(objective.batch) == 0:
+        return
+    first = objective.batch.select(slice(0, min(2, len(objective.batch))))
+    with eval_mode(objective.model), torch.no_grad():
+        out = objective._forward({}, first)
+    check_loss_of_outputs(out, objective.loss_fn, first, objective.forward, what)
 
 
 class _Minibatch(DerivedOperator):

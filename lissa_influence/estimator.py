@@ -34,51 +34,43 @@ from typing import Any, ClassVar, Literal, cast
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset, Subset, default_collate
 
 from . import distributed as _dist
-from .batching import Batch, DataLike, SizedDataset, as_dataset, gather, subsample_indices
+from .batching import Batch, Collate, DataLike, SizedDataset, Source, as_dataset, gather, subsample_indices
 from .curvature import ADMode, CurvatureOperator, HVPMode
 from .damping import DampingCalibration, calibrate, heuristic_damping
 from .params import Params, check_finite, named_params
 from .scoring import PerExample, ScoringMethod, score_dataset
 from .solvers import SolveInfo, Solver, SolverError
 from .solvers.base import reworded
-from .task import Forward, LossFn, check_batch, probe
+from .task import Forward, LossFn, check_batch, check_batch_mean, probe
+from .task import eval_mode as eval_mode  # its home before 0.2: the estimators import it from here
 
 HessianSamples = int | Literal["all"]
 """How many examples estimate a Hessian: a count (seeded subsample) or ``"all"``."""
 
 
-@contextlib.contextmanager
-def eval_mode(*models: nn.Module) -> Iterator[None]:
-    """Influence is a property of the deterministic (eval-mode) function.
+def trainable_params(
+    model: nn.Module, dtype: torch.dtype | None, what: str, frozen: Callable[[str], bool] | None = None
+) -> Params:
+    """The model's trainable parameters (cast to ``dtype``), checked finite.
 
-    Meanwhile attention runs in a form that has second derivatives: in eval mode
-    ``nn.TransformerEncoderLayer`` and ``nn.MultiheadAttention`` may take torch's fused
-    inference kernels, and ``scaled_dot_product_attention`` its flash kernels, none of
-    which can be differentiated twice; the math kernel can, with the same results.
+    Args:
+        model: the model.
+        dtype: the float dtype to cast to (None: the model's).
+        what: the model's name in errors.
+        frozen: also take the frozen parameters (``requires_grad=False``) whose names it
+            accepts (a fixed embedding, frozen during finetuning), in model order.
+
+    Returns:
+        The parameters by name, detached.
     """
-    modes = [m.training for m in models]
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    try:
-        torch.backends.mha.set_fastpath_enabled(False)
-        for m in models:
-            m.eval()
-        with sdpa_kernel([SDPBackend.MATH]):
-            yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
-        for m, was in zip(models, modes, strict=True):
-            m.train(was)
-
-
-def trainable_params(model: nn.Module, dtype: torch.dtype | None, what: str) -> Params:
-    """The model's trainable parameters (cast to ``dtype``), checked finite."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"{what} must be a torch.nn.Module, got {type(model).__name__}")
     params = named_params(model)
+    if frozen is not None:
+        params = {n: p.detach() for n, p in model.named_parameters() if n in params or frozen(n)}
     if not params:
         raise ValueError(f"{what} has no trainable parameters")
     if dtype is not None:
@@ -145,11 +137,37 @@ def _check_sample(
     if model is not None and loss_fn is not None and len(batch) > 0:
         with eval_mode(model):
             probe(model, params, batch, forward, loss_fn, what)
+            check_batch_mean(model, params, batch, forward, loss_fn, what)
 
 
 def check_rows(what: str, t: torch.Tensor, size: int) -> None:
     if t.dim() != 2 or t.shape[1] != size:
         raise ValueError(f"{what} must be [k, {size}] (one row per query), got shape {tuple(t.shape)}")
+
+
+def merged_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """The diagnostics of several chunks of queries as one: each solve's products,
+    iterations and seconds summed, converged only if every chunk did, the worst final
+    residual; the timings summed; each chunk's own reports under ``"chunks"``."""
+    out = dict(reports[-1])
+    for stage, last in reports[-1].items():
+        if not (isinstance(last, dict) and "num_products" in last):
+            continue
+        infos = [r[stage] for r in reports if stage in r]
+        merged = dict(last)
+        for key in ("num_products", "iterations", "wall_time"):
+            merged[key] = sum(i[key] for i in infos)
+        merged["converged"] = all(i["converged"] for i in infos)
+        finals = [i["final_residual"] for i in infos if i.get("final_residual") is not None]
+        merged["final_residual"] = max(finals) if finals else None
+        out[stage] = merged
+    times: dict[str, float] = {}
+    for r in reports:
+        for key, seconds in r.get("time", {}).items():
+            times[key] = times.get(key, 0.0) + seconds
+    out["time"] = times
+    out["chunks"] = [{k: v for k, v in r.items() if k not in ("damping", "chunks")} for r in reports]
+    return out
 
 
 @contextlib.contextmanager
@@ -191,6 +209,8 @@ class InfluenceEstimator(ABC):
     ad_mode: ADMode = "auto"
     hvp_mode: HVPMode = "retained"
     graph_budget: int = 2 * 2**30
+    collate_fn: Collate | None = None
+    query_chunk: int | None = None
 
     _old_data_keyword: ClassVar[str] = ""  # what ``data=`` was called before 0.2 (still accepted)
 
@@ -199,16 +219,120 @@ class InfluenceEstimator(ABC):
             raise ValueError(f"hvp_mode={self.hvp_mode!r}: use 'functional' or 'retained'")
         if isinstance(self.graph_budget, bool) or not isinstance(self.graph_budget, int) or self.graph_budget < 0:
             raise ValueError(f"graph_budget={self.graph_budget!r}: use a number of bytes >= 0")
-        self.diagnostics: dict[str, Any] = {}
+        chunk = self.query_chunk
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+            raise ValueError(f"query_chunk={chunk!r}: use an integer >= 1, or None for all queries in one solve")
+        self._chunked: tuple[DataLike, list[Source]] | None = None  # the last test set's chunks, kept alive
+        self._diagnostics: dict[str, Any] = {}
         self.damping_report: dict[str, Any] = {}  # how each damping was set ("given", "heuristic", "auto")
         self._calibrating = False  # True while "auto" dampings are tried on one set of calibration queries
         self._scored: SizedDataset | None = None
 
+    @property
+    def diagnostics(self) -> dict[str, Any]:
+        """The last solve's reports and timings (set by ``query_vectors``), with, once the
+        operators ran: ``"curvature"``, how each operator's products were formed
+        (``"products"``: retained graphs or functional, forward or reverse mode) and the
+        parameters its Kronecker factors left to the diagonal fallback; ``"fallbacks"``
+        (:meth:`fallbacks`), and ``"example_loop"``: where per-example derivatives ran
+        example by example because ``vmap`` could not batch the model, and why."""
+        self._diagnostics.update(self._reports())
+        return self._diagnostics
+
+    @diagnostics.setter
+    def diagnostics(self, value: dict[str, Any]) -> None:
+        self._diagnostics = dict(value)
+
+    def _reports(self) -> dict[str, Any]:
+        """What :attr:`diagnostics` adds to the solvers' reports, read from the operators."""
+        out: dict[str, Any] = {}
+        curvature: dict[str, Any] = {}
+        for name, op in vars(self).items():
+            if not isinstance(op, CurvatureOperator) or (op.product_path is None and not op._kronecker):
+                continue
+            entry: dict[str, Any] = {"products": op.product_path}
+            factors = op.kronecker_fitted("ekfac") or op.kronecker_fitted("kfac")
+            if factors is not None:
+                entry["kronecker_fallback_params"] = len(factors.fallback_index)
+                entry["kronecker_fallback"] = list(factors.fallback)
+            curvature[name] = entry
+        if curvature:
+            out["curvature"] = curvature
+        if fallbacks := self.fallbacks():
+            out["fallbacks"] = fallbacks
+            if loop := {where: f["loop"] for where, f in fallbacks.items() if "loop" in f}:
+                out["example_loop"] = loop
+        return out
+
+    def _data(self, data: DataLike | Source, what: str) -> Source:
+        """``data`` as the library reads it, batched with ``collate_fn`` where one was given
+        (and ``data`` is not a DataLoader with its own)."""
+        source = as_dataset(data, what)
+        if self.collate_fn is not None and source.collate is default_collate:
+            source = Source(source.dataset, self.collate_fn)
+        return source
+
+    def _collated(self, data: DataLike, what: str) -> DataLike:
+        """``data`` itself without a ``collate_fn`` (its identity keys a calibration's memo), else :meth:`_data`
+        (a :class:`~lissa_influence.batching.Source`, which every ``as_dataset`` takes as it is)."""
+        return data if self.collate_fn is None else cast(DataLike, self._data(data, what))
+
     # -- what each estimator defines ---------------------------------------------------
     @abstractmethod
+    def _solve_queries(self, test_data: DataLike | Source, mean: bool = False) -> torch.Tensor:
+        """``s`` for the queries of ``test_data`` in one solve per stage, setting ``diagnostics``."""
+
     def query_vectors(self, test_data: DataLike, mean: bool = False) -> torch.Tensor:
-        """``s`` per test query, ``[k, P]`` (``[1, P]`` for the mean test loss): all
-        that scoring needs. Save these to score new examples later."""
+        """``s`` per test query: all that scoring needs. Save these to score new examples later.
+
+        With ``query_chunk``, the queries are solved ``query_chunk`` at a time, and a solver
+        that keeps state on the operator (a deflated ``CG(deflate=k)``, ``LowRank``'s
+        eigenpairs) carries it from chunk to chunk; ``diagnostics`` then sums the chunks'
+        products, iterations and times, and lists each chunk's report under ``"chunks"``.
+
+        Args:
+            test_data: the test examples (a dataset, a DataLoader, a list or a tuple ``(X, Y)``).
+            mean: one query, the mean test loss, instead of one per test example.
+
+        Returns:
+            ``[k, P]``: one row per test example (``[1, P]`` with ``mean=True``).
+        """
+        self._check_fitted()
+        chunks = self._query_chunks(test_data, mean)
+        if chunks is None:
+            return self._solve_queries(self._collated(test_data, "test data"), mean)
+        parts, reports = [], []
+        for chunk in chunks:
+            parts.append(self._solve_queries(chunk, mean))
+            reports.append(self._diagnostics)
+        self.diagnostics = merged_reports(reports)
+        return torch.cat(parts)
+
+    def _query_chunks(self, test_data: DataLike, mean: bool) -> list[Source] | None:
+        """The test set in chunks of ``query_chunk`` (None: one solve). The chunks of the last
+        test set are kept, so that they stay the same objects while a calibration asks again."""
+        if self.query_chunk is None or mean:
+            return None
+        if self._chunked is not None and self._chunked[0] is test_data:
+            return self._chunked[1]
+        source = self._data(test_data, "test data")
+        n, c = len(source), self.query_chunk
+        if n <= c:
+            return None
+        chunks = [
+            Source(Subset(cast(Dataset[Any], source.dataset), range(i, min(i + c, n))), source.collate)
+            for i in range(0, n, c)
+        ]
+        self._chunked = (test_data, chunks)
+        return chunks
+
+    def release(self) -> None:
+        """Free what the operators keep between calls: the retained gradient graphs (built at
+        the first product after ``fit`` and kept while they fit in ``graph_budget``, so that
+        later ``query_vectors`` calls do not rebuild them). A later product rebuilds them."""
+        for value in vars(self).values():
+            if isinstance(value, CurvatureOperator):
+                value.objective.release_graphs()
 
     @abstractmethod
     def _scored_losses(self) -> PerExample:
@@ -262,7 +386,7 @@ class InfluenceEstimator(ABC):
         scores a contiguous share and every rank returns all scores, in dataset order."""
         given = self._renamed(data, renamed, "scores_from")
         self._check_fitted()
-        scored = self.scored_data if given is None else as_dataset(given, "scored data")
+        scored = self.scored_data if given is None else self._data(given, "scored data")
         per_example = self._scored_losses()
         t0 = time.perf_counter()
         stop = len(scored) if stop is None else stop
@@ -310,9 +434,20 @@ class InfluenceEstimator(ABC):
             self._check_fitted()
             per_example = self._scored_losses()
             t = next(iter(per_example.params.values()))
-            first = gather(as_dataset(data, "scored data"), [0], t.dtype, t.device)
+            source = self._data(data, "scored data")
+            first = gather(source, [0], t.dtype, t.device)
             check_batch(first, per_example.forward, "scored data")
-        return self.scores_from(self.query_vectors(test_data, mean), data)
+            data = cast(DataLike, source)  # as_dataset takes a Source as it is
+        chunks = self._query_chunks(test_data, mean)
+        if chunks is None:
+            return self.scores_from(self.query_vectors(test_data, mean), data)
+        # chunk by chunk: only one chunk's query vectors [query_chunk, P] are held at a time
+        parts, reports = [], []
+        for chunk in chunks:
+            parts.append(self.scores_from(self._solve_queries(chunk, mean), data))
+            reports.append(self._diagnostics)
+        self.diagnostics = merged_reports(reports)
+        return torch.cat(parts)
 
     def removal_effects(
         self, test_data: DataLike, data: DataLike | None = None, mean: bool = False, **renamed: DataLike
@@ -391,7 +526,7 @@ class InfluenceEstimator(ABC):
         """``[T, m]`` scores of the calibration queries at one damping; only the removed examples are scored."""
         set_damping(damping)
         removed = sorted({int(i) for r in calibration.removals for i in r})
-        s = self.query_vectors(calibration.test_data, calibration.mean)
+        s = self.query_vectors(self._collated(calibration.test_data, "calibration test data"), calibration.mean)
         out = np.zeros((s.shape[0], self.num_scored))
         subset = Subset(cast(Dataset[Any], self.scored_data), removed)
         out[:, removed] = self.scores_from(s, subset).double().cpu().numpy()

@@ -36,7 +36,7 @@ from .curvature import CurvatureOperator, Objective
 from .params import ParamBlock, Params, make_block
 from .solvers.base import Callback, DivergenceError, SolveInfo, SolverWarning, as_stack, check_rhs, rownorm
 from .solvers.direct import Explicit
-from .task import mean_loss, outputs
+from .task import eval_mode, mean_loss, outputs
 
 __all__ = ["ExactInverse", "head_objective"]
 
@@ -53,6 +53,10 @@ class _Replay(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         # a copy: the next layer may work in place (ReLU(inplace=True)) on what it is given
         return tree_map(torch.clone, self.features)
+
+
+def _detached(x: Any) -> Any:
+    return x.detach() if isinstance(x, torch.Tensor) else x
 
 
 def _replaced(model: nn.Module, path: str, new: nn.Module) -> nn.Module:
@@ -73,8 +77,9 @@ def _replaced(model: nn.Module, path: str, new: nn.Module) -> nn.Module:
 
 
 def embedding_module(model: nn.Module, names: Sequence[str]) -> str | None:
-    """The path of the outermost submodule whose trainable parameters are exactly
-    ``names`` (the embedding whose outputs the head reads), or None."""
+    """The path of the outermost submodule whose trainable parameters (or all parameters,
+    for a frozen embedding) are exactly ``names`` (the embedding whose outputs the head
+    reads), or None."""
     if not names:
         return None
     parts = [n.split(".")[:-1] for n in names]
@@ -86,7 +91,10 @@ def embedding_module(model: nn.Module, names: Sequence[str]) -> str | None:
     for depth in range(1, len(common) + 1):  # outermost first
         path = ".".join(common[:depth])
         module = model.get_submodule(path)
-        if {f"{path}.{n}" for n, p in module.named_parameters() if p.requires_grad} == set(names):
+        params = list(module.named_parameters())
+        trainable = {f"{path}.{n}" for n, p in params if p.requires_grad}
+        # a frozen embedding (fixed mode takes it with its frozen parameters) is all of the module's
+        if set(names) in (trainable, {f"{path}.{n}" for n, _ in params}):
             return path
     return None
 
@@ -104,7 +112,7 @@ def head_objective(
     if len(objective.batch) == 0:  # an empty shard (more ranks than examples): nothing to replay
         raise ValueError("this rank's share of the Hessian sample is empty")
     captured: list[Any] = []
-    hook = target.register_forward_hook(lambda m, args, out: captured.append(tree_map(torch.Tensor.detach, out)))
+    hook = target.register_forward_hook(lambda m, args, out: captured.append(tree_map(_detached, out)))
     feats = []
     try:
         with torch.no_grad():
@@ -116,9 +124,17 @@ def head_objective(
                 feats.append(captured[0])
     finally:
         hook.remove()
+    for leaf in tree_flatten(feats[0])[0]:
+        # a cache object (transformers' DynamicCache when use_cache is on) cannot be split by example:
+        # the caller falls back to the full network
+        if not isinstance(leaf, torch.Tensor):
+            raise ValueError(
+                f"the embedding module {embedding!r} returns a {type(leaf).__name__}, not only tensors "
+                "(a transformers model: call it with use_cache=False)"
+            )
     features = tree_map(lambda *parts: torch.cat(parts), *feats) if len(feats) > 1 else feats[0]
     for leaf in tree_flatten(features)[0]:
-        if not isinstance(leaf, torch.Tensor) or leaf.dim() == 0 or leaf.shape[0] != len(objective.batch):
+        if leaf.dim() == 0 or leaf.shape[0] != len(objective.batch):
             raise ValueError(f"the embedding module {embedding!r} does not return one output row per example")
     features = tree_map(lambda t: t.to(dtype) if t.is_floating_point() else t, features)
 
@@ -302,7 +318,8 @@ class ExactInverse:
         start = time.perf_counter()
         B, single = as_stack(b)
         before = self._factor
-        method, f, evals, factor_s, n = self._factorised(matvec)
+        with eval_mode(matvec.objective.model):  # as the operator's own products (a user may call this directly)
+            method, f, evals, factor_s, n = self._factorised(matvec)
         built = self._factor is not before
         B64 = B.to(matvec.dtype)
         if method == "cholesky":

@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from .batching import DataLike, as_dataset
+from .batching import DataLike, Source, as_dataset
 from .curvature import CurvatureOperator, Objective
 from .damping import DampingCalibration, DampingRule, check_dampings
 from .estimator import HessianSamples, InfluenceEstimator, eval_mode, hessian_sample, timed, trainable_params
@@ -48,7 +48,7 @@ class Influence(InfluenceEstimator):
         super().__post_init__()
 
     def fit(self, train_data: DataLike) -> Influence:
-        train = as_dataset(train_data, "training data")
+        train = self._data(train_data, "training data")
         self.params = trainable_params(self.model, self.dtype, "model")
         self.block = make_block(self.params, lambda n: True)
         sample = hessian_sample(
@@ -99,9 +99,8 @@ class Influence(InfluenceEstimator):
     def _scored_losses(self) -> PerExample:
         return self._per_example
 
-    def query_vectors(self, test_data: DataLike, mean: bool = False) -> torch.Tensor:
+    def _solve_queries(self, test_data: DataLike | Source, mean: bool = False) -> torch.Tensor:
         """``s = (∇²G + λI)⁻¹ ∇ℓ`` per test query, ``[k, P]``: all that scoring needs."""
-        self._check_fitted()
         test = as_dataset(test_data, "test data")
         timings: dict[str, float] = {}
         with eval_mode(self.model):
@@ -110,7 +109,6 @@ class Influence(InfluenceEstimator):
             with timed(timings, "solve"):
                 s, info = self._solve(self.solver, self.operator, grads, "influence", f"damping={self.damping:g}")
         self.diagnostics = {"solve": info.as_dict(), "time": timings, "damping": self.damping_report}
-        self.operator.objective.release_graphs()  # scoring needs no Hessian: free the kept graphs
         return s
 
 

@@ -5,7 +5,8 @@
 loss (docs/math.md, "Gauss-Newton") by a block-diagonal matrix over one
 :class:`~lissa_influence.params.ParamBlock`:
 
-- every ``nn.Linear`` and ``nn.Conv2d`` whose weight (and bias, if it has one) lie in the
+- every ``nn.Linear``, ``nn.Conv2d`` and transformers' ``Conv1D`` (GPT-2's linear layer,
+  ``x @ W + b`` with ``W`` stored ``[in, out]``) whose weight (and bias, if it has one) lie in the
   block and that runs once per forward pass is one Kronecker block ``G_l ≈ Γ ⊗ Ω``. ``Ω``
   is the second moment of the layer's inputs (with a 1 appended for the bias; im2col
   patches for a convolution), ``Γ`` that of the gradients at the layer's outputs. Extra
@@ -14,7 +15,8 @@ loss (docs/math.md, "Gauss-Newton") by a block-diagonal matrix over one
 - every other parameter of the block (normalisation layers, embeddings, a weight whose
   bias is left out of the block, shared weights) gets the *fallback*: a diagonal block
   equal to the diagonal of the same Gauss-Newton estimate (the exact GGN diagonal for
-  ``fisher="type-2"``).
+  ``fisher="type-2"``). A fit that leaves parameters to it warns once, and says how many
+  (:meth:`KroneckerCurvature.describe`).
 
 ``kind="kfac"`` takes the eigenvalues ``λ_Γ ⊗ λ_Ω``; ``kind="ekfac"`` keeps the eigenbasis
 ``Q_Γ ⊗ Q_Ω`` and replaces the eigenvalues by the diagonal of ``G_l`` in that basis
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -52,7 +55,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from .batching import Batch
 from .params import ParamBlock, Params
 from .solvers.base import check_fisher
-from .task import cross_entropy, mean_loss, outputs
+from .task import check_loss_of_outputs, cross_entropy, mean_loss, outputs
 
 if TYPE_CHECKING:
     from .curvature import Objective
@@ -86,12 +89,19 @@ class _Layer:
     q_g: torch.Tensor  # [out, out]
     lam: torch.Tensor  # [out, in(+1)]
     index: torch.Tensor  # [out, in(+1)] long
+    transposed: bool = False  # the weight is stored [in, out] (transformers' Conv1D)
 
 
-def _layer_index(block: ParamBlock, weight: str, bias: str | None, shape: torch.Size) -> torch.Tensor:
+def _layer_index(
+    block: ParamBlock, weight: str, bias: str | None, shape: torch.Size, transposed: bool = False
+) -> torch.Tensor:
     sw = block.slice_of(weight)
-    out = int(shape[0])
-    idx = torch.arange(sw.start, sw.stop).reshape(out, -1)
+    if transposed:  # W[j, o] of a [in, out] weight: the flat coordinate of output o, input j
+        out = int(shape[1])
+        idx = torch.arange(sw.start, sw.stop).reshape(-1, out).T
+    else:
+        out = int(shape[0])
+        idx = torch.arange(sw.start, sw.stop).reshape(out, -1)
     if bias is not None:
         sb = block.slice_of(bias)
         idx = torch.cat([idx, torch.arange(sb.start, sb.stop).reshape(out, 1)], dim=1)
@@ -137,6 +147,7 @@ class KroneckerCurvature:
                 layer.module: [n for n in (layer.weight, layer.bias) if n is not None] for layer in self.layers
             },
             "fallback": list(self.fallback),
+            "fallback_params": len(self.fallback_index),
             "fit_seconds": self.fit_seconds,
             "fit_passes": self.fit_passes,
         }
@@ -216,6 +227,7 @@ class KroneckerCurvature:
                     "q_a": la.q_a,
                     "q_g": la.q_g,
                     "lam": la.lam,
+                    "transposed": la.transposed,
                 }
                 for la in self.layers
             ],
@@ -232,8 +244,9 @@ class KroneckerCurvature:
         layers = []
         for la in state["layers"]:
             bias = la["bias"] or None
-            index = _layer_index(block, la["weight"], bias, shapes[la["weight"]])
-            layers.append(_Layer(la["module"], la["weight"], bias, la["q_a"], la["q_g"], la["lam"], index))
+            transposed = bool(la.get("transposed", False))  # saved before Conv1D was factored: never
+            index = _layer_index(block, la["weight"], bias, shapes[la["weight"]], transposed)
+            layers.append(_Layer(la["module"], la["weight"], bias, la["q_a"], la["q_g"], la["lam"], index, transposed))
         fallback = tuple(state["fallback"])
         return cls(
             block,
@@ -285,7 +298,7 @@ class _Spec:
     """A supported layer found in the model, and the statistics captured on it."""
 
     name: str
-    module: nn.Linear | nn.Conv2d
+    module: nn.Module  # nn.Linear, nn.Conv2d or transformers' Conv1D (_supported)
     weight: str
     bias: str | None
     inputs: list[torch.Tensor] = field(default_factory=list)
@@ -304,6 +317,19 @@ class _Spec:
             x = torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
         return x
 
+    @property
+    def transposed(self) -> bool:
+        return _is_conv1d(self.module)
+
+    @property
+    def sizes(self) -> tuple[int, int]:
+        """``(inputs, outputs)`` of the layer (inputs without the bias column)."""
+        w = self.module.weight
+        assert isinstance(w, torch.Tensor)
+        if self.transposed:
+            return int(w.shape[0]), int(w.shape[1])
+        return math.prod(w.shape[1:]), int(w.shape[0])
+
     def out_grads(self, g: torch.Tensor | None) -> torch.Tensor:
         """The gradient at the layer's output as ``[B, T, out]``."""
         (z,) = self.probes
@@ -313,8 +339,20 @@ class _Spec:
         return g.reshape(g.shape[0], -1, g.shape[-1])
 
 
+def _is_conv1d(m: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2): ``x @ weight + bias``, ``weight`` ``[in, out]``;
+    recognised by its attributes, so that transformers need not be installed."""
+    weight = getattr(m, "weight", None)
+    return (
+        type(m).__name__ == "Conv1D"
+        and isinstance(weight, torch.Tensor)
+        and weight.dim() == 2
+        and getattr(m, "nf", None) == weight.shape[1]
+    )
+
+
 def _supported(m: nn.Module) -> bool:
-    if isinstance(m, nn.Linear):
+    if isinstance(m, nn.Linear) or _is_conv1d(m):
         return True
     if isinstance(m, nn.Conv2d):
         return m.groups == 1 and m.padding_mode == "zeros" and (m.padding == "valid" or not isinstance(m.padding, str))
@@ -346,10 +384,18 @@ def _capture(specs: list[_Spec]) -> Iterator[None]:
             h.remove()
 
 
-def _one(leaves: list[Any], spec: Any, pair: bool) -> Batch:
-    """A one-example batch from one example's leaves (inside ``vmap``)."""
-    tree = tree_unflatten([t.unsqueeze(0) for t in leaves], spec)
-    return Batch(*tree) if pair else Batch(tree)
+def _examples(chunk: Batch) -> tuple[list[torch.Tensor], Callable[[list[torch.Tensor]], Batch]]:
+    """The tensor leaves of ``chunk`` (examples along dim 0), and how one example's leaves
+    (inside ``vmap``) become a one-example batch; other leaves (a None target) pass as they are."""
+    leaves, spec = tree_flatten((chunk.x, chunk.y) if chunk.pair else chunk.x)
+    kept = [isinstance(t, torch.Tensor) for t in leaves]
+
+    def one(example: list[torch.Tensor]) -> Batch:
+        it = iter(example)
+        tree = tree_unflatten([next(it).unsqueeze(0) if k else t for t, k in zip(leaves, kept, strict=True)], spec)
+        return Batch(*tree) if chunk.pair else Batch(tree)
+
+    return [t for t, k in zip(leaves, kept, strict=True) if k], one
 
 
 def _is_cross_entropy(loss_fn: Any) -> bool:
@@ -370,19 +416,19 @@ class _Fitter:
         for name, m in model.named_modules():
             if not _supported(m):
                 continue
-            mod = cast(nn.Linear | nn.Conv2d, m)
             pre = f"{name}." if name else ""
-            weight, bias = pre + "weight", (pre + "bias" if mod.bias is not None else None)
+            weight, bias = pre + "weight", (pre + "bias" if getattr(m, "bias", None) is not None else None)
             if weight not in in_block or (bias is not None and bias not in in_block):
                 continue
-            if any(uses.get(id(p), 0) != 1 for p in mod.parameters(recurse=False)):
+            if any(uses.get(id(p), 0) != 1 for p in m.parameters(recurse=False)):
                 continue  # shared weights: one Kronecker block cannot hold two layers' statistics
-            candidates.append(_Spec(name, mod, weight, bias))
+            candidates.append(_Spec(name, m, weight, bias))
         # a probe forward: only layers that run exactly once per pass are Kronecker blocks
         batch = objective.batch
         probe = batch.select(slice(0, 1))
         with torch.no_grad(), _capture(candidates):
             out = outputs(model, self.params, probe, objective.forward)
+        check_loss_of_outputs(out, objective.loss_fn, probe, objective.forward, "K-FAC / EK-FAC factors")
         self.specs = [s for s in candidates if len(s.inputs) == 1]
         owned = {n for s in self.specs for n in (s.weight, s.bias) if n is not None}
         self.fallback = tuple(n for n in block.names if n not in owned)
@@ -447,10 +493,10 @@ class _Fitter:
 
     def _output_hessians(self, o: torch.Tensor, chunk: Batch, shape: torch.Size) -> torch.Tensor:
         """``∇²_out loss_i`` of each example's loss on its own, ``[B, M, M]``."""
-        leaves, spec = tree_flatten((chunk.x, chunk.y) if chunk.pair else chunk.x)
+        leaves, example = _examples(chunk)
 
         def loss(flat: torch.Tensor, ex: list[Any]) -> torch.Tensor:
-            one = _one(ex, spec, chunk.pair)
+            one = example(ex)
             return mean_loss(self.obj.loss_fn, flat.reshape(1, *shape), one, self.obj.forward)
 
         try:
@@ -501,8 +547,8 @@ class _Fitter:
     def factors(self) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
         """First pass: ``Ω`` and ``Γ`` of every layer and the fallback diagonal, over the whole sample."""
         n = self.obj.total
-        A = [self._square(math.prod(s.module.weight.shape[1:]) + (s.bias is not None)) for s in self.specs]
-        G = [self._square(s.module.weight.shape[0]) for s in self.specs]
+        A = [self._square(s.sizes[0] + (s.bias is not None)) for s in self.specs]
+        G = [self._square(s.sizes[1]) for s in self.specs]
         diag = torch.zeros(self.fb_block.numel, dtype=self.dtype, device=self.device)
         for chunk, start in self._chunks():
             seeds: Any = None
@@ -547,11 +593,11 @@ class _Fitter:
         ``J_iᵀ s`` by a ``vjp`` of each example's outputs."""
         block, obj = self.fb_block, self.obj
         theta = block.flatten(self.params)
-        leaves, spec = tree_flatten((chunk.x, chunk.y) if chunk.pair else chunk.x)
+        leaves, example = _examples(chunk)
         stacked = tree_map(lambda *xs: torch.stack(xs, dim=1), *seeds)  # [B, K, ...] per leaf
 
         def per_example(ex: list[Any], s: Any) -> torch.Tensor:
-            one = _one(ex, spec, chunk.pair)
+            one = example(ex)
             net = lambda f: outputs(obj.model, {**self.params, **block.unflatten(f)}, one, obj.forward)
             pull = vjp(net, theta)[1]
             return cast(torch.Tensor, vmap(lambda c: pull(tree_map(lambda t: t.unsqueeze(0), c))[0])(s))
@@ -601,11 +647,21 @@ def fit_kronecker(
         lam_a, q_a = _eigh(a)
         lam_g, q_g = _eigh(g)
         bases.append((q_a, q_g))
-        index = _layer_index(block, s.weight, s.bias, s.module.weight.shape)
-        layers.append(_Layer(s.name, s.weight, s.bias, q_a, q_g, torch.outer(lam_g, lam_a), index))
+        shape = cast(torch.Tensor, s.module.weight).shape
+        index = _layer_index(block, s.weight, s.bias, shape, s.transposed)
+        layers.append(_Layer(s.name, s.weight, s.bias, q_a, q_g, torch.outer(lam_g, lam_a), index, s.transposed))
     if kind == "ekfac" and layers:
         for layer, lam in zip(layers, fitter.corrections(bases), strict=True):
             layer.lam = lam
+    if fitter.fallback:  # once per fit: the operators cache their factors
+        count = sum(math.prod(block.shapes[block.names.index(n)]) for n in fitter.fallback)
+        warnings.warn(
+            f"{kind}: {count} of {block.numel} parameters ({len(fitter.fallback)} tensors, e.g. "
+            f"{list(fitter.fallback[:3])}) are in no Linear, Conv2d or Conv1D layer that runs once per forward "
+            "and get a diagonal Gauss-Newton block; their curvature is approximated more coarsely (an exact "
+            "solver, CG or Explicit, has no such limit)",
+            stacklevel=3,
+        )
     return KroneckerCurvature(
         block,
         layers,

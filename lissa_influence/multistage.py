@@ -27,7 +27,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from .batching import DataLike, as_dataset
+from .batching import DataLike, Source
 from .curvature import CurvatureOperator, Objective
 from .damping import DampingCalibration, DampingRule, check_dampings
 from .estimator import (
@@ -51,6 +51,40 @@ Mode = Literal["fixed", "updated"]
 log = logging.getLogger(__name__)
 
 
+def default_shared(pretrained: nn.Module, finetuned: nn.Module) -> str:
+    """The shared prefix when none is given: the ``base_model_prefix`` both models declare
+    (Hugging Face models: ``"transformer"``, ``"bert"``) where both hold that submodule,
+    else ``"embedding"``.
+
+    Args:
+        pretrained: the pretrained model.
+        finetuned: the finetuned model.
+
+    Returns:
+        A module-path prefix.
+    """
+    prefix = getattr(pretrained, "base_model_prefix", None)
+    if isinstance(prefix, str) and prefix and getattr(finetuned, "base_model_prefix", None) == prefix:
+        if all(isinstance(getattr(m, prefix, None), nn.Module) for m in (pretrained, finetuned)):
+            return prefix
+    return "embedding"
+
+
+def tied_parameters(model: nn.Module, shared: list[str]) -> dict[str, str]:
+    """Names of ``model``'s parameters outside ``shared`` that are the same tensor as a
+    shared one (a tied language-model head), each with the shared name it stands for."""
+    names: dict[int, str] = {}
+    out: dict[str, str] = {}
+    wanted = set(shared)
+    for n, p in model.named_parameters(remove_duplicate=False):
+        if n in wanted:
+            names.setdefault(id(p), n)
+    for n, p in model.named_parameters(remove_duplicate=False):
+        if n not in wanted and id(p) in names:
+            out[n] = names[id(p)]
+    return out
+
+
 @dataclass(eq=False)
 class MultiStageInfluence(InfluenceEstimator):
     """Multi-stage influence (Chen et al. 2020) of pretraining examples on a finetuned
@@ -58,10 +92,14 @@ class MultiStageInfluence(InfluenceEstimator):
 
     ``shared`` picks the embedding parameters ``W`` present in both models: a name
     prefix (``"embedding"``), a list of prefixes (``["conv1", "bn1", "layer1"]``) or a
-    predicate on parameter names; the pretrained model's other parameters are ``U``, the
-    finetuned model's are ``Θ``. Losses and the optional ``pretrain_forward`` /
-    ``finetune_forward`` follow :mod:`lissa_influence.task`. ``pretrain_solver`` /
-    ``finetune_solver`` default to ``solver``.
+    predicate on parameter names; None (the default): the models' ``base_model_prefix``
+    where both have the same one (a Hugging Face ``"transformer"``, ``"bert"``), else
+    ``"embedding"``. The pretrained model's other parameters are ``U``, the finetuned
+    model's are ``Θ``; a head weight tied to a shared one (GPT-2's ``lm_head.weight``) is
+    the shared parameter, counted once in ``W``, and listed in :attr:`tied`. With
+    ``mode="fixed"`` the shared parameters may be frozen (``requires_grad=False``).
+    Losses and the optional ``pretrain_forward`` / ``finetune_forward`` follow
+    :mod:`lissa_influence.task`. ``pretrain_solver`` / ``finetune_solver`` default to ``solver``.
     ``hessian_samples`` examples (seeded, or ``"all"``) estimate each Hessian;
     ``finetune_hessian_samples`` overrides it for the finetuning stage.
 
@@ -79,7 +117,7 @@ class MultiStageInfluence(InfluenceEstimator):
 
     pretrained: nn.Module
     finetuned: nn.Module
-    shared: NameSelector = "embedding"
+    shared: NameSelector | None = None
     pretrain_loss: LossFn = cross_entropy
     finetune_loss: LossFn = cross_entropy
     mode: Mode = "fixed"
@@ -119,18 +157,41 @@ class MultiStageInfluence(InfluenceEstimator):
 
     # -- parameter blocks ---------------------------------------------------------------
     def _setup_blocks(self) -> None:
-        self.pre_params = trainable_params(self.pretrained, self.dtype, "pretrained model")
-        self.ft_params = trainable_params(self.finetuned, self.dtype, "finetuned model")
+        if self.shared is None:
+            self.shared = default_shared(self.pretrained, self.finetuned)
         is_w = name_matcher(self.shared)
+        self.pre_params = trainable_params(self.pretrained, self.dtype, "pretrained model")
+        if self.mode == "fixed":
+            # the embedding is fixed in finetuning by definition: W is what pretraining trained, frozen
+            # (requires_grad=False) in the finetuned model or not; all of it where the body is frozen in both
+            # (one module object shared by the two models). Frozen parameters of a partly trainable body stay
+            # out, as everywhere: freezing is how a user leaves parameters out of the question
+            if not any(map(is_w, self.pre_params)):
+                self.pre_params = trainable_params(self.pretrained, self.dtype, "pretrained model", is_w)
+            in_w = {n for n in self.pre_params if is_w(n)}
+            self.ft_params = trainable_params(self.finetuned, self.dtype, "finetuned model", in_w.__contains__)
+        else:
+            self.ft_params = trainable_params(self.finetuned, self.dtype, "finetuned model")
         pre_w = [n for n in self.pre_params if is_w(n)]
         ft_w = [n for n in self.ft_params if is_w(n)]
         if not pre_w or not ft_w:
             which = "pretrained" if not pre_w else "finetuned"
+            model = self.pretrained if not pre_w else self.finetuned
+            locked = [n for n, p in model.named_parameters() if not p.requires_grad and is_w(n)]
+            if locked:
+                raise ValueError(
+                    f"shared={self.shared!r} matches only frozen parameters (requires_grad=False) of the {which} "
+                    f"model: {locked[:6]}{' ...' if len(locked) > 6 else ''}. mode='fixed' takes a frozen shared "
+                    "embedding; with mode='updated' finetuning trained it, so set requires_grad=True on them"
+                )
             tops = sorted({n.split(".")[0] for n in (self.pre_params if not pre_w else self.ft_params)})
             raise ValueError(
                 f"shared={self.shared!r} matches no parameter of the {which} model; "
                 f"its top-level parameter prefixes are {tops}"
             )
+        self.tied = tied_parameters(self.pretrained, pre_w) | tied_parameters(self.finetuned, ft_w)
+        if self.tied:
+            log.info("parameters tied to the shared embedding (counted once, as W): %s", self.tied)
         if set(pre_w) != set(ft_w):
             raise ValueError(
                 f"shared={self.shared!r} names different parameters in the two models: "
@@ -166,8 +227,8 @@ class MultiStageInfluence(InfluenceEstimator):
     # -- fit ------------------------------------------------------------------------
     def fit(self, pretrain_data: DataLike, finetune_data: DataLike) -> MultiStageInfluence:
         """Draw the Hessian samples of both stages and build the damped operators."""
-        pre = as_dataset(pretrain_data, "pretraining data")
-        ft = as_dataset(finetune_data, "finetuning data")
+        pre = self._data(pretrain_data, "pretraining data")
+        ft = self._data(finetune_data, "finetuning data")
         pre_sample = hessian_sample(
             pre,
             self.hessian_samples,
@@ -325,11 +386,11 @@ class MultiStageInfluence(InfluenceEstimator):
     # -- the chain ------------------------------------------------------------------
     # query_vectors runs the three steps below; they are public so that solver
     # benchmarks (lissa_influence.experiments.accuracy) can run each solve on its own.
-    def test_gradients(self, test_data: DataLike, mean: bool = False) -> torch.Tensor:
+    def test_gradients(self, test_data: DataLike | Source, mean: bool = False) -> torch.Tensor:
         """``∇_{(W,Θ)} ℓ`` at the finetuned parameters, ``[k, |W|+|Θ|]`` (one row per test
         point, or one row for the mean test loss)."""
         self._check_fitted()
-        test = as_dataset(test_data, "test data")
+        test = self._data(test_data, "test data")
         with eval_mode(self.pretrained, self.finetuned):
             g = loss_gradients(
                 PerExample(
@@ -363,10 +424,9 @@ class MultiStageInfluence(InfluenceEstimator):
             u = 2 * self.alpha * v[:, : self.W.numel]
         return self.pre_block.embed(self.W, u)
 
-    def query_vectors(self, test_data: DataLike, mean: bool = False) -> torch.Tensor:
+    def _solve_queries(self, test_data: DataLike | Source, mean: bool = False) -> torch.Tensor:
         """``s = H_G⁻¹ [u; 0]`` per test query, ``[k, |W|+|U|]``: the two solves and the
-        mixed product of docs/math.md. Save these to score new pretraining examples later."""
-        self._check_fitted()
+        mixed product of docs/math.md."""
         ft_solver = self.finetune_stage_solver
         pre_solver = self.pretrain_solver or self.solver
         timings: dict[str, float] = {}
@@ -401,6 +461,4 @@ class MultiStageInfluence(InfluenceEstimator):
             "time": timings,
             "damping": self.damping_report,
         }
-        for op in (self.ft_operator, self.pre_operator):  # scoring needs no Hessian: free the kept graphs
-            op.objective.release_graphs()
         return s

@@ -15,8 +15,10 @@ of ``scipy.sparse.linalg.aslinearoperator``. A user-written operator subclasses
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -62,6 +64,31 @@ class LinearOperator(ABC):
     def minibatch(self, batch_size: int, generator: torch.Generator) -> LinearOperator:
         """The same operator over ``batch_size`` examples drawn with ``generator``."""
         raise NotImplementedError(f"{type(self).__name__} cannot draw minibatches (its sample_size is None)")
+
+    @property
+    def memo(self) -> dict[Hashable, Any]:
+        """What solvers keep between solves on this operator (a preconditioner's sketch, a
+        deflation subspace, low-rank eigenpairs), by their own keys. An operator that changes
+        clears it (:meth:`~lissa_influence.curvature.CurvatureOperator.set_damping` does);
+        pass the same operator object to every solve to reuse it."""
+        return self.__dict__.setdefault("_memo", {})
+
+
+@runtime_checkable
+class DampedOperator(Protocol):
+    """An operator ``A = H + D`` that knows its shift ``D``: ``damping`` is a scalar ``λ``
+    (``D = λI``) or a vector of per-coordinate shifts. Solvers that treat the shift apart
+    (EK-FAC, the low-rank solver) or key what they keep by it read it from here."""
+
+    damping: float | torch.Tensor
+
+
+def damping_key(damping: float | torch.Tensor) -> Hashable:
+    """A hashable fingerprint of a damping: the number, or a digest of a vector's entries."""
+    d = torch.as_tensor(damping, dtype=torch.float64)
+    if d.dim() == 0:
+        return float(d)
+    return hashlib.sha256(d.detach().cpu().numpy().tobytes()).hexdigest()[:20]
 
 
 class DenseOperator(LinearOperator):

@@ -17,12 +17,16 @@ parameters pass through unchanged, or cast to the parameters' dtype where those 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .batching import Batch, describe
 
@@ -32,6 +36,41 @@ Forward = Callable[[nn.Module, Any], Any]
 LossFn = Callable[[Any, Any], torch.Tensor]
 """``loss(outputs, targets)`` for ``(x, y)`` items, ``loss(outputs, batch)`` otherwise: the
 mean over the batch's examples."""
+
+
+@contextlib.contextmanager
+def eval_mode(*models: nn.Module) -> Iterator[None]:
+    """The models in eval mode, with attention that has second derivatives, restored after.
+
+    Influence is a property of the deterministic (eval-mode) function: every product,
+    gradient and score of the library runs inside this context (the operators enter it
+    themselves), and so can a user's own derivatives of the same models.
+
+    Args:
+        *models: the modules to put in eval mode (each submodule's own mode is restored).
+
+    Meanwhile attention runs in a form that has second derivatives: in eval mode
+    ``nn.TransformerEncoderLayer`` and ``nn.MultiheadAttention`` may take torch's fused
+    inference kernels, and ``scaled_dot_product_attention`` its flash kernels, none of
+    which can be differentiated twice; the math kernel can, with the same results.
+    """
+    # each submodule's own flag: a model may hold some modules in eval mode on purpose
+    modes = [(sub, sub.training) for m in models for sub in m.modules()]
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    try:
+        torch.backends.mha.set_fastpath_enabled(False)
+        for m in models:
+            m.eval()
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+        for sub, was in modes:
+            sub.training = was
+
+
+class LossWarning(UserWarning):
+    """The loss is computed in a way that makes scores inaccurate (its dtype, its batch mean)."""
 
 
 def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -116,7 +155,7 @@ def probe(
     if forward is None and loss_fn is cross_entropy:
         check_labels(batch, out, what)
     try:
-        mean_loss(loss_fn, out, one, forward)
+        value = mean_loss(loss_fn, out, one, forward)
     except (RuntimeError, IndexError, TypeError, ValueError, KeyError) as e:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(
@@ -124,7 +163,127 @@ def probe(
             f"{'the targets ' + describe(one.y) if forward is None else 'the batch'}: "
             f"{type(e).__name__}: {str(e).splitlines()[0]}"
         ) from e
+    check_loss_dtype(value, params, what)
     return out
+
+
+def check_loss_dtype(value: Any, params: Mapping[str, torch.Tensor], what: str) -> None:
+    """Warn when the loss is computed in a lower precision than the parameters: every
+    derivative is then only that accurate, and a solver asked for more never gets there.
+
+    Args:
+        value: the loss of a batch.
+        params: the parameters it was computed with.
+        what: the data, in the warning.
+    """
+    p = next(iter(params.values()), None)
+    if not isinstance(value, torch.Tensor) or p is None or not value.is_floating_point() or not p.is_floating_point():
+        return
+    if torch.finfo(value.dtype).eps > torch.finfo(p.dtype).eps:
+        warnings.warn(
+            f"{what}: the loss is {value.dtype} while the parameters are {p.dtype}, so scores are accurate to "
+            f"about {torch.finfo(value.dtype).eps:.0e} at best and a solver asked for more will not converge (a "
+            "transformers model's own loss casts the logits with .float(); lissa_influence.hf.task computes "
+            "the loss in the model's dtype)",
+            LossWarning,
+            stacklevel=4,
+        )
+
+
+def check_batch_mean(
+    model: nn.Module,
+    params: Mapping[str, torch.Tensor],
+    batch: Batch,
+    forward: Forward | None,
+    loss_fn: LossFn,
+    what: str,
+    examples: int = 4,
+) -> None:
+    """Warn when the loss of a few examples is not the mean of their one-example losses.
+
+    Curvature is taken of the batch loss, scores of the per-example losses; both are the
+    same function only when a batch's loss is the mean of its examples'. A token mean over
+    the whole padded batch (a Hugging Face model's ``outputs.loss``) or a sum is not.
+
+    Args:
+        model: the model.
+        params: its parameters.
+        batch: a batch of at least two examples (fewer: nothing to check).
+        forward: the user's forward (None: ``model(x)``).
+        loss_fn: the loss.
+        what: the data, in the warning.
+        examples: how many of the first examples to compare (a pair of equal-length
+            sequences would not tell a token mean over the batch from a per-sequence one).
+    """
+    n = min(len(batch), examples)
+    if n < 2:
+        return
+    with torch.no_grad():
+        ones = [
+            mean_loss(loss_fn, outputs(model, params, b, forward), b, forward)
+            for b in (batch.select(slice(i, i + 1)) for i in range(n))
+        ]
+        few = batch.select(slice(0, n))
+        together = mean_loss(loss_fn, outputs(model, params, few, forward), few, forward)
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 0 and t.is_floating_point() for t in (*ones, together)):
+        return
+    mean = torch.stack(ones).mean()
+    scale = max(float(t.abs()) for t in (*ones, mean, torch.ones(())))
+    tol = 1000 * torch.finfo(together.dtype).eps  # rounding of a few forward passes, batched or not
+    if abs(float(together - mean)) > tol * scale:
+        warnings.warn(
+            f"{what}: the loss of the first {n} examples together ({float(together):.6g}) is not the mean of their "
+            f"one-example losses ({float(mean):.6g}): the curvature (batch losses) and the "
+            "scores (per-example losses) would be of different functions. Return the mean over the batch of each "
+            "example's loss (for sequences: average each sequence's tokens first; a transformers model's own "
+            "outputs.loss averages tokens over the batch: use lissa_influence.hf.task)",
+            LossWarning,
+            stacklevel=4,
+        )
+
+
+def check_loss_of_outputs(out: Any, loss_fn: LossFn, batch: Batch, forward: Forward | None, what: str) -> None:
+    """Refuse, by name, outputs that Gauss-Newton curvature cannot split from the loss.
+
+    The Gauss-Newton matrix is ``Jᵀ (∇²_out loss) J``: the loss must be a function of
+    per-example outputs. A loss the model computed itself (a Hugging Face model called with
+    ``labels``, and ``loss=lambda o, b: o["loss"]``) is an output that the loss only reads,
+    so its output Hessian is zero, and the Gauss-Newton matrix with it; a cache object
+    among the outputs cannot be differentiated through.
+
+    Args:
+        out: the model's outputs on ``batch`` (a few examples).
+        loss_fn: the loss of :mod:`lissa_influence.task`.
+        batch: the batch ``out`` came from.
+        forward: the user's forward (None: ``model(x)``).
+        what: what to call the curvature in errors (``"gauss_newton=True"``, ``"EK-FAC"``).
+
+    Raises:
+        ValueError: naming the output and the change to make.
+    """
+    leaves, spec = tree_flatten(out)
+    odd = sorted({type(t).__name__ for t in leaves if not isinstance(t, torch.Tensor)})
+    if odd:
+        raise ValueError(
+            f"{what}: the model's outputs hold {', '.join(odd)} objects, which the Gauss-Newton matrix cannot "
+            "differentiate through (a transformers cache: call the model with use_cache=False, or return only "
+            "the tensors the loss needs, e.g. forward=lambda m, b: m(**b).logits; lissa_influence.hf.task does both)"
+        )
+    floats = [t.detach().requires_grad_(True) if t.is_floating_point() else t for t in leaves]
+    with torch.enable_grad():
+        value = mean_loss(loss_fn, tree_unflatten(floats, spec), batch, forward)
+        if not value.requires_grad:
+            return  # a loss of no floating output: nothing to check here (the products will say)
+        grads = torch.autograd.grad(value, [t for t in floats if t.is_floating_point()], allow_unused=True)
+    scalars = [g for t, g in zip([t for t in floats if t.is_floating_point()], grads, strict=True) if t.dim() == 0]
+    if any(g is not None and bool(g.ne(0).any()) for g in scalars):
+        raise ValueError(
+            f"{what}: the loss reads a scalar the model returned (a loss computed inside the model, such as a "
+            "Hugging Face model's outputs.loss when labels are passed), so it is not a function of per-example "
+            "outputs and its Gauss-Newton matrix would be zero. Call the model without labels and compute the "
+            "loss from its logits (lissa_influence.hf.task), or use the Hessian (gauss_newton=False, a solver "
+            "other than EK-FAC)"
+        )
 
 
 def check_labels(batch: Batch, out: Any, what: str) -> None:

@@ -145,7 +145,6 @@ def test_nystrom_cuts_the_products_of_an_ill_conditioned_solve(block):
         [torch.logspace(0, 4, 20, dtype=torch.float64), torch.linspace(0.01, 0.02, 49, dtype=torch.float64)]
     )
     op = aslinearoperator(q @ torch.diag(evals) @ q.T, torch.zeros(69, dtype=torch.float64))
-    op.preconditioners = {}  # where CG keeps the sketch, as a CurvatureOperator does
     b = torch.randn(4, 69, generator=g, dtype=torch.float64)
     _, plain = CG(tol=1e-10, max_iter=2000, block=block).solve(op, b)
     _, info = CG(tol=1e-10, max_iter=2000, block=block, preconditioner="nystrom", rank=20).solve(op, b)

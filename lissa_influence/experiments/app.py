@@ -36,6 +36,11 @@ def _main(cfg: DictConfig) -> float | None:
 
             single_lds.run(cfg, HydraConfig.get().runtime.output_dir)
             return None
+        if cfg.analysis.name == "gpt2":  # the worked Hugging Face example (docs/usage.md; the hf extra)
+            from . import gpt2
+
+            gpt2.run(cfg, HydraConfig.get().runtime.output_dir)
+            return None
         if cfg.analysis.name != "none":  # the paper's analyses (docs/analyses.md)
             from . import analyses
 

@@ -22,8 +22,9 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from ..damping import check_damping
-from ..solvers import CG, EKFAC, Explicit, Identity, LiSSA
+from ..solvers import CG, EKFAC, Explicit, Identity, LiSSA, LowRank
 from .data import DataConfig
+from .gpt2 import Gpt2Config
 from .models import ModelConfig
 from .training import TrainConfig
 
@@ -65,13 +66,15 @@ class SolverSchema:
     """One solver's settings; ``name`` picks the solver, the other keys are its options
     (keys that belong to another solver are ignored)."""
 
-    name: str = "cg"  # cg | lissa | explicit | identity | ekfac | kfac
+    name: str = "cg"  # cg | lissa | explicit | identity | ekfac | kfac | lowrank
     # CG
     tol: float = 1e-6
     max_iter: int = 200
     preconditioner: str | None = None  # null | jacobi | nystrom | ekfac | kfac
     block: bool = True  # block CG: one Krylov space for all right-hand sides
-    rank: int = 64  # preconditioner=nystrom: the sketch's rank (products spent building it)
+    rank: int = 64  # preconditioner=nystrom: the sketch's rank (products spent building it); lowrank: eigenpairs kept
+    deflate: int = 0  # CG: deflate a recycled subspace of this many vectors (0: off; docs/math.md)
+    steps: int | None = None  # lowrank: Lanczos steps (null: 2 x rank)
     # K-FAC / EK-FAC (solver.name=ekfac|kfac, or preconditioner=ekfac|kfac)
     fisher: str = "auto"  # auto | type-2 | mc | empirical
     # LiSSA
@@ -121,7 +124,7 @@ class ValidateSchema:
 class AnalysisSchema:
     """The paper's analyses (lissa_influence/experiments/analyses.py, docs/analyses.md); ``none`` runs the main job."""
 
-    name: str = "none"  # none | task_similarity | finetune_size | influential_examples | lds | single_lds
+    name: str = "none"  # none | task_similarity | finetune_size | influential_examples | lds | single_lds | gpt2
     # task_similarity (section 4.3, Figure B): one pretrained model, two finetuning tasks
     same_task_classes: list[int] | None = None  # null: data.pretrain_classes
     other_task_classes: list[int] | None = None  # required for task_similarity
@@ -210,6 +213,7 @@ class RunSchema:
     lds: LdsSchema = field(default_factory=LdsSchema)
     single_lds: SingleLdsSchema = field(default_factory=SingleLdsSchema)
     calibration: CalibrationSchema = field(default_factory=CalibrationSchema)
+    gpt2: Gpt2Config = field(default_factory=Gpt2Config)  # analysis.name=gpt2 (experiments/gpt2.py)
     mode: str = "fixed"  # fixed | updated
     alpha: float = 0.01  # proximity weight of alpha*||W - W*||^2 (mode=updated)
     seed: int = 0
@@ -227,6 +231,7 @@ class RunSchema:
     allow_unconverged: bool = False  # score even from a solve that made no progress (relative residual >= 1)
     hvp: str = "retained"  # retained (each chunk's gradient graph kept, one backward per product) | functional
     graph_budget_mib: int = 2048  # hvp=retained: the kept graphs' limit (over it: functional products)
+    query_chunk: int | None = None  # test queries per solve (null: all in one); a deflated CG recycles across chunks
     head_only: str = "auto"  # auto | true | false: fixed-mode finetune products on the head alone
     exact_finetune: str = "auto"  # auto | true | false: fixed-mode finetune solved by factoring the head in float64
 
@@ -252,7 +257,7 @@ def to_frozen(cls: type, node: Any):
     return cls(**values)
 
 
-SOLVERS = ("cg", "lissa", "explicit", "identity", "ekfac", "kfac")
+SOLVERS = ("cg", "lissa", "explicit", "identity", "ekfac", "kfac", "lowrank")
 
 
 def build_solver(node: Any):
@@ -267,7 +272,10 @@ def build_solver(node: Any):
             rank=s["rank"],
             fisher=s["fisher"],
             seed=s["seed"],
+            deflate=s["deflate"],
         )
+    if name == "lowrank":
+        return LowRank(rank=s["rank"], steps=s["steps"], seed=s["seed"])
     if name in ("ekfac", "kfac"):
         return EKFAC(kind=name, fisher=s["fisher"], seed=s["seed"])
     if name == "lissa":
@@ -364,6 +372,10 @@ def check(cfg: Any) -> None:
         tristate(key, cfg[key])
     if cfg.graph_budget_mib < 0:
         raise ValueError(f"graph_budget_mib={cfg.graph_budget_mib} must be >= 0")
+    if cfg.query_chunk is not None and cfg.query_chunk < 1:
+        raise ValueError(f"query_chunk={cfg.query_chunk} must be >= 1, or null for all queries in one solve")
+    if cfg.solver.deflate < 0:
+        raise ValueError(f"solver.deflate={cfg.solver.deflate} must be >= 0 (0: no deflation)")
     if cfg.solver.name == "lissa" and cfg.solver.scale != "auto":
         try:
             float(cfg.solver.scale)

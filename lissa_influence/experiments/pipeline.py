@@ -40,11 +40,12 @@ from ..curvature import CurvatureOperator
 from ..damping import DampingCalibration
 from ..kfac import KroneckerCurvature
 from ..multistage import MultiStageInfluence
-from ..solvers import NotConvergedError
+from ..operators import damping_key
+from ..solvers import NotConvergedError, Subspace
 from . import calibration, config, plots, rundir
 from .data import DataConfig, TwoStageData, load_two_stage, tensor_digest
 from .models import ModelConfig, TwoStageNet
-from .training import TrainConfig, TwoStageInfo, train_two_stage
+from .training import TrainConfig, TwoStageInfo, atomic_save, train_two_stage
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,7 @@ def estimator_settings(cfg: Any) -> dict[str, Any]:
         "scoring": cfg.scoring,
         "hvp_mode": cfg.hvp,
         "graph_budget": cfg.graph_budget_mib * 2**20,
+        "query_chunk": cfg.query_chunk,
     }
 
 
@@ -164,15 +166,16 @@ def _stage_operators(msi: MultiStageInfluence) -> dict[str, CurvatureOperator]:
     return {"pretrain": msi.pre_operator, "finetune": msi.ft_operator}
 
 
-def _factor_file(cfg: Any, stage: str, op: CurvatureOperator, kind: str) -> Path:
+def _factor_file(cfg: Any, stage: str, op: CurvatureOperator, kind: str, extra: str = "") -> Path:
     """Where a stage's factors are cached: keyed by what determines them (the parameters at
-    which they are taken, the Hessian sample, the block, the estimate), not by the damping."""
+    which they are taken, the Hessian sample, the block, the estimate), not by the damping
+    (``extra``: what else a cached item depends on)."""
     o = op.objective
     state = [*o.params.values(), *(b for b in o.model.buffers())]
     digest = tensor_digest(*state, *o.batch.tensors())
     spec = (
         f"{__version__}|{stage}|{kind}|{cfg.solver.fisher}|{cfg.solver.seed}|{cfg.gauss_newton}|"
-        f"{','.join(op.block.names)}"
+        f"{','.join(op.block.names)}{extra}"
     )
     key = hashlib.sha256(f"{spec}|{digest}".encode()).hexdigest()[:20]
     return Path(cfg.cache_dir).expanduser() / "factors" / f"{stage}_{kind}_{key}.pt"
@@ -210,6 +213,41 @@ def save_factors(cfg: Any, msi: MultiStageInfluence, out: Path) -> list[str]:
             (out / "factors").mkdir(exist_ok=True)
             fitted.save(out / "factors" / f"{stage}_{kind}.pt")
             saved.append(f"{stage}_{kind}")
+    return saved
+
+
+def _subspace_file(cfg: Any, stage: str, op: CurvatureOperator) -> Path:
+    """Where a stage's deflation subspace is cached: as its factors, and by damping and dtype."""
+    return _factor_file(cfg, stage, op, f"deflate{cfg.solver.deflate}", f"|{damping_key(op.damping)}|{op.dtype}")
+
+
+def load_subspaces(cfg: Any, msi: MultiStageInfluence) -> list[str]:
+    """Install cached deflation subspaces (``solver.deflate``) on the stage operators, so that
+    a rerun's first solve is already deflated; returns the stages that had one."""
+    loaded: list[str] = []
+    if cfg.solver.name != "cg" or not cfg.solver.deflate or distributed.world_size() > 1:
+        return loaded
+    for stage, op in _stage_operators(msi).items():
+        path = _subspace_file(cfg, stage, op)
+        if path.is_file():
+            subspace = Subspace.load(path, map_location=op.device)
+            op.memo[("deflation", subspace.key)] = subspace  # CG uses it only under a key that matches its solve
+            loaded.append(stage)
+    return loaded
+
+
+def save_subspaces(cfg: Any, msi: MultiStageInfluence) -> list[str]:
+    """The stage operators' deflation subspaces into the cache, for the next run."""
+    saved: list[str] = []
+    if cfg.solver.name != "cg" or not cfg.solver.deflate or distributed.world_size() > 1:
+        return saved
+    for stage, op in _stage_operators(msi).items():
+        for key, value in op.memo.items():
+            if isinstance(key, tuple) and key[0] == "deflation" and isinstance(value, Subspace):
+                path = _subspace_file(cfg, stage, op)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_save(path, value.state_dict())
+                saved.append(stage)
     return saved
 
 
@@ -301,6 +339,7 @@ def _run(cfg: Any, out_dir: str | Path) -> dict[str, Any]:
     x_test, y_test = (t[idx] for t in data.finetune_test.tensors)
     msi = calibrated_influence(cfg, pretrained, finetuned, data, info, (x_test, y_test))
     factors_loaded = load_factors(cfg, msi)
+    subspaces_loaded = load_subspaces(cfg, msi)
     s, scores, resumed = results.resumable_scores(
         msi,
         (x_test, y_test),
@@ -350,6 +389,8 @@ def _run(cfg: Any, out_dir: str | Path) -> dict[str, Any]:
         return metrics
     if kronecker_kinds(cfg):
         metrics["influence"]["factors"] = {"loaded": factors_loaded, "saved": save_factors(cfg, msi, out)}
+    if cfg.solver.name == "cg" and cfg.solver.deflate:
+        metrics["influence"]["subspaces"] = {"loaded": subspaces_loaded, "saved": save_subspaces(cfg, msi)}
     np.save(out / "scores.npy", scores.double().cpu().numpy())
     np.save(out / "query_vectors.npy", s.double().cpu().numpy())
     if cfg.query == "each":

@@ -198,6 +198,7 @@ def influence_scores(
             dtype=torch.float64,
             batch_size=cfg.batch_size,
             hvp_mode=cfg.hvp,
+            query_chunk=cfg.query_chunk,
         ).fit(task.split.train)
         scores = inf.scores(test).numpy()
         total = scores if total is None else total + scores

@@ -2,7 +2,9 @@
 
 One module per method family: :mod:`.cg` (conjugate gradient, block CG) with its
 :mod:`.preconditioners`, :mod:`.lissa` (the Neumann series), :mod:`.direct` (the dense
-solve and the identity), :mod:`.ekfac` (the Kronecker-factored approximate solve), and
+solve and the identity), :mod:`.ekfac` (the Kronecker-factored approximate solve),
+:mod:`.lowrank` (top eigenpairs from Lanczos), :mod:`.deflation` (the subspaces CG recycles
+across solves), and
 :mod:`.base` (the :class:`Solver` protocol, :class:`SolveInfo` and the errors every
 solver shares). Any object with a ``solve(A, b, callback=None) -> (x, SolveInfo)``
 method is a solver: see docs/architecture.md.
@@ -19,9 +21,11 @@ from .base import (
     SolverWarning,
 )
 from .cg import CG
+from .deflation import Subspace
 from .direct import Explicit, Identity
 from .ekfac import EKFAC
 from .lissa import LiSSA, power_iteration
+from .lowrank import LowRank
 from .preconditioners import Diagonal, Kronecker, Nystrom, Preconditioner
 
 __all__ = [
@@ -33,6 +37,8 @@ __all__ = [
     "Explicit",
     "Identity",
     "EKFAC",
+    "LowRank",
+    "Subspace",
     "power_iteration",
     "Preconditioner",
     "Diagonal",

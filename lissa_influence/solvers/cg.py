@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 import torch
 
-from ..operators import DerivedOperator, LinearOperator, OperatorLike, aslinearoperator
+from ..operators import DampedOperator, DerivedOperator, LinearOperator, OperatorLike, aslinearoperator, damping_key
 from .base import (
     Callback,
     DivergenceError,
@@ -25,6 +25,7 @@ from .base import (
     non_negative,
     rownorm,
 )
+from .deflation import Balancing, Deflated, Harvester, Recording, Subspace, operator_key
 from .preconditioners import Diagonal, Kronecker, Nystrom, Preconditioner
 
 
@@ -77,6 +78,7 @@ class CG:
     seed: int = 0
     on_negative_curvature: Literal["raise", "warn"] = "raise"
     on_not_converged: Literal["raise", "warn"] = "warn"
+    deflate: int = 0
 
     name = "cg"
 
@@ -84,8 +86,10 @@ class CG:
         non_negative("tol", self.tol)  # 0: run every iteration
         for key in ("max_iter", "jacobi_samples", "rank"):
             at_least_one(key, getattr(self, key))
-        if isinstance(self.stall_iters, bool) or not isinstance(self.stall_iters, int) or self.stall_iters < 0:
-            raise ValueError(f"stall_iters={self.stall_iters!r}: use an integer >= 0 (0 leaves all to row CG)")
+        for key, why in (("stall_iters", "0 leaves all to row CG"), ("deflate", "0: no deflation")):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{key}={value!r}: use an integer >= 0 ({why})")
         for key in ("on_negative_curvature", "on_not_converged"):
             if getattr(self, key) not in ("raise", "warn"):
                 raise ValueError(f"CG({key}={getattr(self, key)!r}): use 'raise' or 'warn'")
@@ -115,19 +119,17 @@ class CG:
         if pc in ("ekfac", "kfac"):
             kron = Kronecker(op, pc, self.fisher, self.seed)
             return kron, False  # its fitting is reported as passes, not products
-        cache = getattr(op, "preconditioners", None)
-        damping = getattr(op, "damping", None)  # the sketch is of the damped operator
-        damping_key = None if damping is None else float(torch.as_tensor(damping, dtype=torch.float64).sum())
-        key = (pc, self.rank if pc == "nystrom" else self.jacobi_samples, self.seed, like.dtype, damping_key)
-        if isinstance(cache, dict) and key in cache:
+        cache = op.memo
+        damping = damping_key(op.damping) if isinstance(op, DampedOperator) else None  # a sketch of the damped operator
+        key = (pc, self.rank if pc == "nystrom" else self.jacobi_samples, self.seed, like.dtype, damping)
+        if key in cache:
             return cache[key], False
         built: Preconditioner
         if pc == "jacobi":
             built = Diagonal.hutchinson(op, self.jacobi_samples, self.seed, like)
         else:
             built = Nystrom(op, self.rank, self.seed, like)
-        if isinstance(cache, dict):
-            cache[key] = built
+        cache[key] = built
         return built, True
 
     def solve(
@@ -137,16 +139,41 @@ class CG:
         start = time.perf_counter()
         B, single = as_stack(b)
         op = aslinearoperator(matvec, B)
-        k = B.shape[0]
         safe_bnorm = _safe(rownorm(B))
         report = (lambda X, n: callback((X[0] if single else X).clone(), n)) if callback is not None else None
-        X, R, products, it = torch.zeros_like(B), B.clone(), 0, 0
+        pc, built = self._preconditioner(op, B)
+        products = pc.products if built and pc is not None else 0
+        extra = self._extra(self.block and B.shape[0] > 1, pc, built)
+        if self.deflate:
+            X, R, products, it, history, negative, stalled = self._deflated(
+                op, B, safe_bnorm, pc, products, report, extra
+            )
+        else:
+            X, R, products, it, history, negative, stalled = self._iterate(
+                op, B, safe_bnorm, pc, products, report, extra
+            )
+        info = self._finish(rownorm(R) / safe_bnorm, history, it, products, start, negative, stalled, extra)
+        return (X[0] if single else X), info
+
+    def _iterate(
+        self,
+        op: LinearOperator,
+        B: torch.Tensor,
+        safe_bnorm: torch.Tensor,
+        pc: Preconditioner | None,
+        products: int,
+        report: Callback | None,
+        extra: dict[str, Any],
+    ) -> tuple[torch.Tensor, torch.Tensor, int, int, list[float], list[int], torch.Tensor]:
+        """Block CG (when asked, for several right-hand sides) and then row CG from its iterate,
+        on ``op``; residuals relative to ``safe_bnorm``. Returns ``X``, its true residuals
+        ``B − op(X)``, products, iterations, the residual history, the rows that met negative
+        curvature and a mask of the rows that stagnated."""
+        k = B.shape[0]
+        X, R, it = torch.zeros_like(B), B.clone(), 0
         history: list[float] = []
         best = _Best(B, safe_bnorm)
-        pc, built = self._preconditioner(op, B)
-        products += pc.products if built and pc is not None else 0
         block = self.block and k > 1
-        extra = self._extra(block, pc, built)
         stop = None
         if block:
             claims: torch.Tensor | None
@@ -171,8 +198,8 @@ class CG:
             true_rel = rownorm(R) / safe_bnorm
             best.checked(X, torch.arange(k), true_rel, claims)
             if stop is None and bool((true_rel <= self.tol).all()):
-                none = torch.zeros(k, dtype=torch.bool)
-                return (X[0] if single else X), self._finish(true_rel, history, it, products, start, [], none, extra)
+                history.append(float(true_rel.max()))
+                return X, R, products, it, history, [], torch.zeros(k, dtype=torch.bool)
             history.append(float(true_rel.max()))
         X, R, products, it, negative, stalled = self._rows(
             op, B, X, R, pc, safe_bnorm, products, it, history, report, best
@@ -181,8 +208,71 @@ class CG:
         if block:
             extra["block_stopped"] = stop or "true residual above tol"
         extra["residual_growth"] = best.growth
-        info = self._finish(rownorm(R) / safe_bnorm, history, it, products, start, negative, stalled, extra)
-        return (X[0] if single else X), info
+        return X, R, products, it, history, negative, stalled
+
+    def _deflated(
+        self,
+        op: LinearOperator,
+        B: torch.Tensor,
+        safe_bnorm: torch.Tensor,
+        pc: Preconditioner | None,
+        products: int,
+        report: Callback | None,
+        extra: dict[str, Any],
+    ) -> tuple[torch.Tensor, torch.Tensor, int, int, list[float], list[int], torch.Tensor]:
+        """:meth:`_iterate` on ``Π A x̃ = Π b`` with the subspace kept on ``op`` for this
+        damping and dtype (none yet: on ``A`` itself), ``x = Q b + Πᵀ x̃``, checked against
+        ``b − A x`` (``k`` products; row CG on ``A`` finishes any row above ``tol``). Every
+        product is harvested into the subspace kept for the next solve (module
+        :mod:`~lissa_influence.solvers.deflation`)."""
+        k = B.shape[0]
+        key = operator_key(op, B.dtype)
+        subspace: Subspace | None = op.memo.get(("deflation", key))
+        harvester = Harvester(self.deflate, 2 * self.deflate + 2 * k, subspace, key)
+        rec = Recording(op, harvester)
+        report_extra: dict[str, Any] = {"used": 0}
+        if subspace is None:
+            X, R, products, it, history, negative, stalled = self._iterate(
+                rec, B, safe_bnorm, pc, products, report, extra
+            )
+        else:
+            report_extra["used"] = subspace.size
+            X0 = subspace.coarse(B)
+            if self.block and k > 1:  # block CG on Π A x̃ = Π b: one Krylov space, the small end removed
+                mapped = (lambda Xt, n: report(X0 + subspace.project_t(Xt), n)) if report is not None else None
+                Xt, _, products, it, history, negative, stalled = self._iterate(
+                    Deflated(rec, subspace), subspace.project(B), safe_bnorm, pc, products, mapped, extra
+                )
+                X = X0 + subspace.project_t(Xt)
+            else:
+                X, history, negative, it = X0, [], [], 0
+            # the true residual of x (in exact arithmetic the deflated one): a stale subspace is caught here
+            R = B - rec(X)
+            products += k
+            _finite(R, "the residual of the deflated solution")
+            rel = rownorm(R) / safe_bnorm
+            history.append(float(rel.max()))
+            short = int((rel > self.tol).sum())
+            if short and not negative:
+                # row CG on A itself, preconditioned by the balancing form of the subspace: robust to
+                # rounding and to a subspace that does not fit (it then costs products, never accuracy)
+                if self.block and k > 1:
+                    report_extra["finished_without"] = short
+                best = _Best(B, safe_bnorm)
+                best.checked(X, torch.arange(k), rel, None)
+                X, R, products, it, negative, stalled = self._rows(
+                    rec, B, X, R, Balancing(subspace, pc), safe_bnorm, products, it, history, report, best
+                )
+                X, R, products = best.settle(rec, X, R, products)
+            else:
+                stalled = torch.zeros(k, dtype=torch.bool)
+        harvested = harvester.subspace()
+        if harvested is not None:
+            op.memo[("deflation", key)] = harvested
+            report_extra["kept"] = harvested.size
+            report_extra["smallest_ritz_values"] = harvested.values[:4].tolist()
+        extra["deflation"] = report_extra
+        return X, R, products, it, history, negative, stalled
 
     def _extra(self, block: bool, pc: Preconditioner | None, built: bool) -> dict[str, Any]:
         extra: dict[str, Any] = {"block": block, "preconditioner": self.preconditioner_name}
