@@ -281,7 +281,8 @@ class MultiStageInfluence(InfluenceEstimator):
             self.pre_objective, self.pre_block, self.pretrain_damping, self.gauss_newton
         )
         self._exact: ExactInverse | None = None
-        self._finetune_memo: tuple[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor, SolveInfo]] | None = None
+        # per calibration query set (or chunk of it): the data itself, kept alive so that its id stays its own
+        self._finetune_memo: dict[tuple[Any, ...], tuple[Any, tuple[torch.Tensor, torch.Tensor, SolveInfo]]] = {}
         self.finetune_path = "full network"
         ft_objective, ft_block = self.ft_objective, self.ft_block
         if self.mode == "fixed":
@@ -434,8 +435,8 @@ class MultiStageInfluence(InfluenceEstimator):
         # while a calibration tries pretraining dampings, the finetune solve of its queries is the same
         memo_key = (id(test_data), mean, float(self.finetune_damping))
         with eval_mode(self.pretrained, self.finetuned):
-            if self._calibrating and self._finetune_memo is not None and self._finetune_memo[0] == memo_key:
-                g, v, infos["finetune"] = self._finetune_memo[1]
+            if self._calibrating and memo_key in self._finetune_memo:
+                g, v, infos["finetune"] = self._finetune_memo[memo_key][1]
             else:
                 with timed(timings, "test_gradients"):
                     g = self.test_gradients(test_data, mean)
@@ -449,7 +450,10 @@ class MultiStageInfluence(InfluenceEstimator):
                     )
                     v = v.to(g.dtype)
                     infos["finetune"].extra["path"] = self.finetune_path
-                self._finetune_memo = (memo_key, (g, v, infos["finetune"])) if self._calibrating else None
+                if self._calibrating:
+                    self._finetune_memo[memo_key] = (test_data, (g, v, infos["finetune"]))
+                else:
+                    self._finetune_memo.clear()
             with timed(timings, "mixed_product"):
                 b = self.pretrain_rhs(v, g)
             with timed(timings, "pretrain_solve"):
