@@ -6,7 +6,8 @@ in the same process; the per-call setup of a ResNet-18 apart from its per-produc
     python benchmarks/bench_queries.py --settings digits:fixed --queries 20   # a quick look
 
 Workload (docs/benchmarks.md, "Many queries"): ``--queries`` test points of the finetuning
-task scored in chunks of ``--chunk`` (``query_chunk``), for each ``--settings`` entry
+task scored in chunks of ``--chunk`` (each method chunk by chunk, round-robin, so that
+background load hits all alike), for each ``--settings`` entry
 ``data:mode`` (the main job's models, trained or loaded from ``--cache-dir``). Per method:
 products per query (both stages), seconds per query, and the worst relative error of the
 query vectors ``s`` against the explicit solve (``Explicit(method="eigh")`` on both stages).
@@ -35,7 +36,7 @@ from typing import Any
 import torch
 from torch.utils.data import Subset, TensorDataset
 
-from lissa_influence import CG, EKFAC, Explicit, Influence, LowRank, SolverWarning
+from lissa_influence import CG, EKFAC, Explicit, Influence, LowRank, MultiStageInfluence, SolverWarning
 
 from _common import ROOT, finish, markdown, setup_threads, table
 
@@ -63,57 +64,81 @@ def multistage(args: argparse.Namespace, data_name: str, mode: str) -> dict[str,
     idx = pipeline.test_indices(len(data.finetune_test), args.queries, cfg.seed).tolist()
     test = Subset(data.finetune_test, idx)
 
-    def build(solver: Any, chunk: int | None):
-        c = cfg.copy()
-        msi = pipeline.build_influence(c, pre, ft, data)
-        msi.solver, msi.query_chunk = solver, chunk
-        msi.finetune_solver = None if mode == "fixed" else solver
-        return msi
+    def build(solver: Any):
+        """The main job's estimator with ``solver`` for both stages (fixed mode: the exact head
+        unless the solver is an approximation, which replaces both inverses)."""
+        msi = MultiStageInfluence(
+            pre,
+            ft,
+            shared="embedding",
+            mode=cfg.mode,
+            alpha=cfg.alpha,
+            solver=solver,
+            pretrain_damping=float(cfg.pretrain.damping),
+            finetune_damping=float(cfg.finetune.damping),
+            hessian_samples=cfg.pretrain.hessian_samples,
+            finetune_hessian_samples=cfg.finetune.hessian_samples,
+            **pipeline.estimator_settings(cfg),
+        )
+        return msi.fit(data.pretrain_train, data.finetune_train)
 
     t0 = time.perf_counter()
-    ref = build(Explicit(method="eigh", max_params=20_000), None)
+    ref = build(Explicit(method="eigh", max_params=20_000))
     s_ref = ref.query_vectors(test)
     t_ref = time.perf_counter() - t0
     sizes = {"pretrain": ref.pre_operator.size, "finetune": ref.ft_operator.size}
     print(f"{data_name} {mode}: operators {sizes}, explicit reference {t_ref:.0f}s")
+    # every method chunk by chunk, round-robin: background load hits them alike (their own
+    # operators keep what a solver recycles from chunk to chunk)
+    estimators = {name: build(make()) for name, make in methods(args.tol, args.deflate, args.rank).items()}
+    k = args.chunk
+    chunks = [Subset(test, list(range(i, min(i + k, len(idx))))) for i in range(0, len(idx), k)]
+    parts: dict[str, list[torch.Tensor]] = {n: [] for n in estimators}
+    seconds = {n: 0.0 for n in estimators}
+    per_chunk: dict[str, list[int]] = {n: [] for n in estimators}
+    converged = dict.fromkeys(estimators, True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SolverWarning)
+        for chunk in chunks:
+            for name, msi in estimators.items():
+                t0 = time.perf_counter()
+                parts[name].append(msi.query_vectors(chunk))
+                seconds[name] += time.perf_counter() - t0
+                d = msi.diagnostics
+                per_chunk[name].append(sum(d[st]["num_products"] for st in ("finetune", "pretrain")))
+                converged[name] &= all(d[st]["converged"] for st in ("finetune", "pretrain"))
     rows = []
-    for name, make in methods(args.tol, args.deflate, args.rank).items():
-        msi = build(make(), args.chunk)
-        t0 = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", SolverWarning)
-            s = msi.query_vectors(test)
-        seconds = time.perf_counter() - t0
-        chunks = msi.diagnostics["chunks"]
-        per_chunk = [sum(c[st]["num_products"] for st in ("finetune", "pretrain")) for c in chunks]
+    for name in estimators:
+        s = torch.cat(parts[name])
         err = float((torch.linalg.vector_norm(s - s_ref, dim=1) / torch.linalg.vector_norm(s_ref, dim=1)).max())
-        k = args.chunk
+        p = per_chunk[name]
         rows.append(
             {
                 "method": name,
-                "products_per_query": sum(per_chunk) / len(idx),
-                "products_per_query_after_first": sum(per_chunk[1:]) / max(1, len(idx) - k),
-                "first_chunk_per_query": per_chunk[0] / k,
-                "seconds_per_query": seconds / len(idx),
+                "products_per_query": sum(p) / len(idx),
+                "products_per_query_after_first": sum(p[1:]) / max(1, len(idx) - k),
+                "first_chunk_per_query": p[0] / k,
+                "seconds_per_query": seconds[name] / len(idx),
                 "max_error": err,
-                "converged": all(c[st]["converged"] for c in chunks for st in ("finetune", "pretrain")),
-                "products_by_chunk": per_chunk,
+                "converged": converged[name],
+                "products_by_chunk": p,
             }
         )
-        print(
-            table(
-                ["method", "prod/q", "after 1st", "s/q", "max err"],
+    print(
+        table(
+            ["method", "prod/q", "after 1st", "s/q", "max err"],
+            [
                 [
-                    [
-                        name,
-                        rows[-1]["products_per_query"],
-                        rows[-1]["products_per_query_after_first"],
-                        rows[-1]["seconds_per_query"],
-                        err,
-                    ]
-                ],
-            )
+                    r["method"],
+                    r["products_per_query"],
+                    r["products_per_query_after_first"],
+                    r["seconds_per_query"],
+                    r["max_error"],
+                ]
+                for r in rows
+            ],
         )
+    )
     return {"data": data_name, "mode": mode, "sizes": sizes, "reference_seconds": t_ref, "rows": rows}
 
 
@@ -149,32 +174,37 @@ def pydvl_side_by_side(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
 
     def ours(solver):
-        inf = Influence(model, solver=solver, damping=lam, hessian_samples=m, batch_size=m, query_chunk=k).fit(train)
-        t0 = time.perf_counter()
-        s = inf.query_vectors(TensorDataset(tx, ty))
-        return s, time.perf_counter() - t0, inf.diagnostics["solve"]["num_products"]
+        return Influence(model, solver=solver, damping=lam, hessian_samples=m, batch_size=m).fit(train)
 
-    ref, _, _ = ours(Explicit(method="eigh"))
-    results = {}
-    for name, solver in {
-        "ours block CG": CG(tol=args.tol, max_iter=3000),
-        f"ours deflated CG ({args.deflate[-1]})": CG(tol=args.tol, max_iter=3000, deflate=args.deflate[-1]),
-    }.items():
-        s, sec, prods = ours(solver)
-        results[name] = (s, sec, prods)
-    loader = DataLoader(train, batch_size=m)
-    inf = CgInfluence(
-        model,
-        F.cross_entropy,
-        regularization=lam,
-        rtol=args.tol**0.5,
-        atol=0.0,
-        maxiter=3000,
-        solve_simultaneously=True,
-    ).fit(loader)
-    t0 = time.perf_counter()
-    s = torch.cat([inf.influence_factors(tx[i : i + k], ty[i : i + k]) for i in range(0, len(ty), k)])
-    results["pyDVL CgInfluence (block)"] = (s, time.perf_counter() - t0, None)
+    ref = ours(Explicit(method="eigh")).query_vectors(TensorDataset(tx, ty))
+    runs: dict[str, Any] = {
+        "ours block CG": ours(CG(tol=args.tol, max_iter=3000)),
+        f"ours deflated CG ({args.deflate[-1]})": ours(CG(tol=args.tol, max_iter=3000, deflate=args.deflate[-1])),
+        "pyDVL CgInfluence (block)": CgInfluence(
+            model,
+            F.cross_entropy,
+            regularization=lam,
+            rtol=args.tol**0.5,
+            atol=0.0,
+            maxiter=3000,
+            solve_simultaneously=True,
+        ).fit(DataLoader(train, batch_size=m)),
+    }
+    parts: dict[str, list[torch.Tensor]] = {n: [] for n in runs}
+    secs = dict.fromkeys(runs, 0.0)
+    prods: dict[str, int | None] = {n: (None if n.startswith("pyDVL") else 0) for n in runs}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i in range(0, len(ty), k):  # chunk by chunk, round-robin
+            for name, est in runs.items():
+                t0 = time.perf_counter()
+                if name.startswith("pyDVL"):
+                    parts[name].append(est.influence_factors(tx[i : i + k], ty[i : i + k]))
+                else:
+                    parts[name].append(est.query_vectors(TensorDataset(tx[i : i + k], ty[i : i + k])))
+                    prods[name] += est.diagnostics["solve"]["num_products"]
+                secs[name] += time.perf_counter() - t0
+    results = {n: (torch.cat(parts[n]), secs[n], prods[n]) for n in runs}
     for name, (s, sec, prods) in results.items():
         err = float((torch.linalg.vector_norm(s - ref, dim=1) / torch.linalg.vector_norm(ref, dim=1)).max())
         out[name] = {

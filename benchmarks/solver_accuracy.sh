@@ -38,6 +38,7 @@ else
   # fast curvature: preconditioned CG, the Kronecker approximations, the HVP implementations
   run cg_pc solver=cg solver.tol=1e-8 solver.max_iter=2000 solver.preconditioner=nystrom,kfac,ekfac
   run kronecker solver=ekfac,kfac
+  run lowrank solver=lowrank solver.rank=16,64,256,1024
   run hvp solver=cg solver.tol=1e-8 solver.max_iter=2000 hvp=functional,retained
 fi
 python -m lissa_influence.experiments.accuracy "$OUT"

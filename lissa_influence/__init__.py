@@ -11,22 +11,32 @@ training, validation) live in :mod:`lissa_influence.experiments`, which the libr
 never imports.
 """
 
-from . import hf
+from . import hf, influence
 from .confidence import Interval, correlation_interval, lds_interval
-from .curvature import CurvatureOperator, Objective, cross_entropy
+from .curvature import CurvatureOperator
 from .damping import CalibrationResult, DampingCalibration, heuristic_damping
 from .estimator import InfluenceEstimator
-from .head import ExactInverse
 from .influence import Influence
 from .kfac import KroneckerCurvature, fit_kronecker
 from .metrics import ErrorTrace, relative_error, score_agreement
 from .multistage import MultiStageInfluence
-from .operators import DampedOperator, DenseOperator, FunctionOperator, LinearOperator, aslinearoperator
+from .objective import Objective
+from .operators import (
+    DampedOperator,
+    DenseOperator,
+    FisherType,
+    FunctionOperator,
+    KroneckerKind,
+    LinearOperator,
+    ModelOperator,
+    aslinearoperator,
+)
 from .params import ParamBlock
 from .solvers import (
     CG,
     EKFAC,
     DivergenceError,
+    ExactInverse,
     Explicit,
     Identity,
     LiSSA,
@@ -40,7 +50,12 @@ from .solvers import (
     SolverError,
     SolverWarning,
 )
-from .task import LossWarning, eval_mode
+from .task import LossWarning, Task, cross_entropy, eval_mode
+
+# MultiStageInfluence lived in lissa_influence.influence before 0.2; that module no longer
+# imports the multi-stage one, so the old import path is kept from here (this package's
+# __init__ runs before any of its modules is imported)
+influence.MultiStageInfluence = MultiStageInfluence  # type: ignore[attr-defined]
 
 __all__ = [
     "MultiStageInfluence",
@@ -68,6 +83,10 @@ __all__ = [
     "FunctionOperator",
     "aslinearoperator",
     "CurvatureOperator",
+    "ModelOperator",
+    "FisherType",
+    "KroneckerKind",
+    "Task",
     "KroneckerCurvature",
     "fit_kronecker",
     "Objective",

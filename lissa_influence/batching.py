@@ -49,6 +49,10 @@ class Batch:
     ``Batch(x, y)`` holds ``(x, y)`` pairs, for which the default forward ``model(x)``
     applies; ``Batch(tree)`` (``y`` left out) holds any other item structure, a dict or
     a tuple of several tensors, which takes a ``forward(model, batch)``.
+
+    Args:
+        x: the inputs of ``(x, y)`` pairs, or the whole item tree.
+        y: the targets of pairs (None: ``x`` is the item tree).
     """
 
     x: Any
@@ -67,7 +71,14 @@ class Batch:
         return _leading(self.tree)
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
-        """The batch with ``fn`` applied to every tensor leaf."""
+        """The batch with ``fn`` applied to every tensor leaf.
+
+        Args:
+            fn: maps a tensor to a tensor.
+
+        Returns:
+            A new :class:`Batch`.
+        """
 
         def leaf(t: Any) -> Any:
             return fn(t) if isinstance(t, torch.Tensor) else t
@@ -75,14 +86,34 @@ class Batch:
         return Batch(tree_map(leaf, self.x), tree_map(leaf, self.y) if self.pair else None)
 
     def select(self, index: slice | torch.Tensor) -> Batch:
-        """The examples at ``index`` (a slice or index tensor along the first dimension)."""
+        """The examples at ``index``.
+
+        Args:
+            index: a slice or an index tensor along the first dimension.
+
+        Returns:
+            A new :class:`Batch`.
+        """
         return self.map(lambda t: t[index])
 
     def chunks(self, size: int) -> Iterator[Batch]:
+        """The batch in consecutive chunks.
+
+        Args:
+            size: examples per chunk (the last may hold fewer).
+
+        Yields:
+            One :class:`Batch` per chunk, in order.
+        """
         for start in range(0, len(self), size):
             yield self.select(slice(start, start + size))
 
     def tensors(self) -> list[torch.Tensor]:
+        """The tensor leaves of the batch.
+
+        Returns:
+            Every tensor in :attr:`tree`, in flattening order.
+        """
         return [t for t in tree_flatten(self.tree)[0] if isinstance(t, torch.Tensor)]
 
 
@@ -95,7 +126,12 @@ def _leading(tree: Any) -> int:
 
 @dataclass(frozen=True)
 class Source:
-    """Indexable examples and how to collate them into a batch (what :func:`as_dataset` returns)."""
+    """Indexable examples and how to collate them into a batch (what :func:`as_dataset` returns).
+
+    Args:
+        dataset: the examples.
+        collate: turns a list of items into a batch (torch's default collate unless given).
+    """
 
     dataset: SizedDataset
     collate: Collate = default_collate
@@ -112,7 +148,14 @@ def _is_pair(item: Any) -> bool:
 
 
 def describe(item: Any) -> str:
-    """A short description of an item's structure, for error messages."""
+    """A short description of an item's structure, for error messages.
+
+    Args:
+        item: a tensor, or a tuple, list or dict of them.
+
+    Returns:
+        E.g. ``"a dict with keys ['ids', 'mask']"``.
+    """
     if isinstance(item, torch.Tensor):
         return f"a tensor of shape {tuple(item.shape)}"
     if isinstance(item, dict):
@@ -123,7 +166,16 @@ def describe(item: Any) -> str:
 
 
 def as_dataset(data: DataLike | Source, what: str = "data") -> Source:
-    """``data`` as a :class:`Source`, checked non-empty."""
+    """``data`` as a :class:`Source`, checked non-empty.
+
+    Args:
+        data: a ``Dataset``, a ``DataLoader`` (its dataset and ``collate_fn``), a list of
+            items, ``(X, Y)`` tensors, or a :class:`Source` (returned as it is).
+        what: the data, in errors.
+
+    Returns:
+        The :class:`Source`.
+    """
     if isinstance(data, Source):
         return data
     collate: Collate = default_collate
@@ -161,7 +213,17 @@ def _cast(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Te
 def gather(
     data: SizedDataset, indices: Sequence[int] | torch.Tensor, dtype: torch.dtype, device: torch.device
 ) -> Batch:
-    """Materialise the examples at ``indices`` as one batch on ``device``."""
+    """Materialise the examples at ``indices`` as one batch on ``device``.
+
+    Args:
+        data: the dataset.
+        indices: which examples, in order.
+        dtype: the float dtype of the batch's floating tensors.
+        device: where the batch goes.
+
+    Returns:
+        The collated :class:`Batch`.
+    """
     source = data if isinstance(data, Source) else as_dataset(data)  # type: ignore[arg-type]
     idx = torch.as_tensor(indices, dtype=torch.long)
     base = source.dataset
@@ -193,14 +255,35 @@ def iter_batches(
     start: int = 0,
     stop: int | None = None,
 ) -> Iterator[Batch]:
-    """Stream ``data[start:stop]`` in order, one batch at a time."""
+    """Stream ``data[start:stop]`` in order, one batch at a time.
+
+    Args:
+        data: the dataset.
+        batch_size: examples per batch.
+        dtype: the float dtype of the batches' floating tensors.
+        device: where the batches go.
+        start: the first example.
+        stop: one past the last (None: the end).
+
+    Yields:
+        One :class:`Batch` per ``batch_size`` examples.
+    """
     stop = len(data) if stop is None else stop
     for lo in range(start, stop, batch_size):
         yield gather(data, range(lo, min(lo + batch_size, stop)), dtype, device)
 
 
 def subsample_indices(n: int, size: int, seed: int) -> torch.Tensor:
-    """``size`` distinct indices out of ``n``, drawn once with ``seed`` (all of them, in order, when ``size >= n``)."""
+    """``size`` distinct indices out of ``n``, drawn once with ``seed``.
+
+    Args:
+        n: how many items there are.
+        size: how many to draw (all of them, in order, when ``size >= n``).
+        seed: the draw's seed.
+
+    Returns:
+        A long tensor of the indices.
+    """
     if size >= n:
         return torch.arange(n)
     g = torch.Generator().manual_seed(seed)

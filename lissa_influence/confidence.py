@@ -26,8 +26,9 @@ class Interval:
 
     Args:
         estimate: the statistic on the data as measured.
-        low, high: the ``level`` percentile interval over the resamples that define it
-            (a resample where the statistic is undefined, e.g. a constant column, is dropped).
+        low: the lower end of the ``level`` percentile interval over the resamples that define
+            it (a resample where the statistic is undefined, e.g. a constant column, is dropped).
+        high: its upper end.
         level: the coverage, e.g. 0.95.
         resamples: how many resamples defined the interval.
     """
@@ -39,10 +40,22 @@ class Interval:
     resamples: int
 
     def excludes(self, value: float) -> bool:
-        """Whether ``value`` lies outside the interval (e.g. 0: a correlation that is resolved)."""
+        """Whether ``value`` lies outside the interval (e.g. 0: a correlation that is resolved).
+
+        Args:
+            value: the value to test.
+
+        Returns:
+            True when ``value < low`` or ``value > high``.
+        """
         return not self.low <= value <= self.high
 
     def as_dict(self) -> dict[str, float]:
+        """The interval as plain numbers.
+
+        Returns:
+            ``{"estimate", "low", "high", "level", "resamples"}``.
+        """
         return asdict(self)
 
     def __str__(self) -> str:
@@ -68,7 +81,8 @@ def correlation(predicted: np.ndarray, actual: np.ndarray, kind: Correlation = "
     """Pearson or Spearman between ``predicted`` and ``actual`` along axis 0, per column.
 
     Args:
-        predicted, actual: ``[n]`` or ``[n, T]`` arrays of the same shape.
+        predicted: ``[n]`` or ``[n, T]``.
+        actual: an array of the same shape.
         kind: ``"pearson"`` or ``"spearman"``.
 
     Returns:
@@ -136,8 +150,12 @@ def correlation_interval(
     resampling the K removals.
 
     Args:
-        predicted, actual: ``[K]`` arrays, one entry per removal.
-        kind, resamples, level, seed: as :func:`correlation` and :func:`bootstrap`.
+        predicted: ``[K]``, one entry per removal.
+        actual: ``[K]``.
+        kind: as :func:`correlation`.
+        resamples: as :func:`bootstrap`.
+        level: as :func:`bootstrap`.
+        seed: as :func:`bootstrap`.
 
     Returns:
         The :class:`Interval`.
@@ -164,8 +182,11 @@ def lds_interval(
     quoted) ignores that the M subsets are a sample too.
 
     Args:
-        predicted, actual: ``[M, T]`` arrays.
-        resamples, level, seed: as :func:`bootstrap`.
+        predicted: ``[M, T]``.
+        actual: ``[M, T]``.
+        resamples: as :func:`bootstrap`.
+        level: as :func:`bootstrap`.
+        seed: as :func:`bootstrap`.
 
     Returns:
         The :class:`Interval`.

@@ -36,7 +36,12 @@ DEFAULT_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
 
 def check_damping(name: str, value: Any) -> None:
-    """A damping is a finite number >= 0, ``"auto"`` or ``"heuristic"``."""
+    """Refuse a damping that is not a finite number >= 0, ``"auto"`` or ``"heuristic"``.
+
+    Args:
+        name: its keyword, in the error.
+        value: the damping.
+    """
     if isinstance(value, str):
         if value not in ("auto", "heuristic"):
             raise ValueError(f"{name}={value!r}: use a number >= 0, 'auto' (calibrated) or 'heuristic'")
@@ -46,7 +51,12 @@ def check_damping(name: str, value: Any) -> None:
 
 
 def check_dampings(dampings: dict[str, Any], calibration: DampingCalibration | None) -> None:
-    """Every damping valid; ``"auto"`` only with retrained ground truth to calibrate against."""
+    """Every damping valid; ``"auto"`` only with retrained ground truth to calibrate against.
+
+    Args:
+        dampings: the dampings by keyword.
+        calibration: the ground truth, or None.
+    """
     for name, value in dampings.items():
         check_damping(name, value)
     auto = [name for name, value in dampings.items() if value == "auto"]
@@ -114,7 +124,14 @@ class DampingCalibration:
         return a[:, None] if a.ndim == 1 else a
 
     def removal_matrix(self, m: int) -> np.ndarray:
-        """``[R, m]``: 1 where a removal leaves an example out."""
+        """``[R, m]``: 1 where a removal leaves an example out.
+
+        Args:
+            m: the number of scored examples.
+
+        Returns:
+            A float array.
+        """
         out = np.zeros((len(self.removals), m))
         for r, removal in enumerate(self.removals):
             idx = np.asarray(removal, dtype=np.int64)
@@ -124,12 +141,26 @@ class DampingCalibration:
         return out
 
     def predicted(self, scores: np.ndarray) -> np.ndarray:
-        """``[R, T]`` predicted changes ``Σ_{z removed} −I_t(z)/m`` from ``[T, m]`` scores (docs/math.md)."""
+        """The changes of the test losses that ``scores`` predict for each removal (docs/math.md).
+
+        Args:
+            scores: ``[T, m]`` influence scores.
+
+        Returns:
+            ``[R, T]``: ``Σ_{z removed} −I_t(z)/m``.
+        """
         m = scores.shape[1]
         return -self.removal_matrix(m) @ scores.T / m
 
     def agreement(self, scores: np.ndarray) -> float:
-        """The metric between predicted and retrained losses over the removals, averaged over queries."""
+        """The metric between predicted and retrained losses over the removals, averaged over queries.
+
+        Args:
+            scores: ``[T, m]`` influence scores.
+
+        Returns:
+            The mean correlation.
+        """
         per_query = np.atleast_1d(correlation(self.predicted(scores), self.actual_matrix, self.metric))
         return float(np.nanmean(per_query)) if np.isfinite(per_query).any() else math.nan
 
@@ -155,6 +186,11 @@ class CalibrationResult:
     errors: dict[str, str] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
+        """The result as plain numbers and lists.
+
+        Returns:
+            A JSON-ready dict.
+        """
         return {
             "stage": self.stage,
             "grid": list(self.grid),
@@ -231,7 +267,8 @@ def heuristic_damping(operator: LinearOperator, fraction: float = 0.1, probes: i
     Args:
         operator: the undamped curvature of the stage.
         fraction: the share of the mean eigenvalue (Kronfluence uses 0.1 for EK-FAC).
-        probes, seed: as :func:`mean_eigenvalue`.
+        probes: as :func:`mean_eigenvalue`.
+        seed: as :func:`mean_eigenvalue`.
 
     Returns:
         The damping, > 0.

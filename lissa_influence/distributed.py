@@ -30,40 +30,69 @@ T = TypeVar("T")
 
 
 def is_distributed() -> bool:
-    """An initialised process group with more than one rank."""
+    """Whether an initialised process group with more than one rank runs.
+
+    Returns:
+        True under ``torchrun`` with several ranks.
+    """
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def rank() -> int:
+    """This process's rank.
+
+    Returns:
+        0 without a process group.
+    """
     return dist.get_rank() if is_distributed() else 0
 
 
 def world_size() -> int:
+    """The number of ranks.
+
+    Returns:
+        1 without a process group.
+    """
     return dist.get_world_size() if is_distributed() else 1
 
 
 def is_main() -> bool:
-    """Rank 0 (or a single process): the rank that writes files and prints."""
+    """Whether this is rank 0 (or a single process): the rank that writes files and prints.
+
+    Returns:
+        True on rank 0.
+    """
     return rank() == 0
 
 
 def default_backend() -> str:
-    """``gloo`` on a CPU-only machine; with CUDA, NCCL for CUDA tensors and gloo for CPU
-    tensors (a combined backend, so the CPU pipeline and GPU models both work)."""
+    """The process group's backend for this machine.
+
+    ``gloo`` on a CPU-only machine; with CUDA, NCCL for CUDA tensors and gloo for CPU
+    tensors (a combined backend, so the CPU pipeline and GPU models both work).
+
+    Returns:
+        The backend string.
+    """
     return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
 
 
 def init_from_env(backend: str | None = None, timeout_s: float | None = None) -> bool:
-    """Join the process group described by the launcher's environment (``torchrun`` sets
-    ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``).
+    """Join the process group described by the launcher's environment.
 
-    A no-op, returning False, when ``WORLD_SIZE`` is unset or 1; a no-op when the group is
-    already initialised (e.g. by the caller, or by an earlier job of a Hydra multirun).
-    ``backend`` defaults to :func:`default_backend`. With CUDA each rank uses the GPU
-    ``LOCAL_RANK``. Returns :func:`is_distributed`.
+    ``torchrun`` sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``,
+    ``MASTER_PORT``. A no-op, returning False, when ``WORLD_SIZE`` is unset or 1; a no-op
+    when the group is already initialised (e.g. by the caller, or by an earlier job of a
+    Hydra multirun). With CUDA each rank uses the GPU ``LOCAL_RANK``. A SLURM job started
+    by submitit (hydra-submitit-launcher) with several tasks and no ``WORLD_SIZE`` gets
+    these variables from ``submitit.helpers.TorchDistributedEnvironment``.
 
-    A SLURM job started by submitit (hydra-submitit-launcher) with several tasks and no
-    ``WORLD_SIZE`` gets these variables from ``submitit.helpers.TorchDistributedEnvironment``.
+    Args:
+        backend: the backend (None: :func:`default_backend`).
+        timeout_s: the collectives' timeout in seconds (None: torch's default).
+
+    Returns:
+        :func:`is_distributed`.
     """
     if dist.is_available() and dist.is_initialized():
         return is_distributed()
@@ -90,9 +119,23 @@ def init_from_env(backend: str | None = None, timeout_s: float | None = None) ->
 
 
 def shard_range(n: int, rank: int, world: int) -> tuple[int, int]:
-    """``[start, stop)`` of rank ``rank``'s contiguous share of ``n`` items: sizes differ by
-    at most one (the first ``n % world`` ranks take one more); ranks in order cover
-    ``0..n`` exactly, so concatenating their results restores the original order."""
+    """``[start, stop)`` of rank ``rank``'s contiguous share of ``n`` items.
+
+    Sizes differ by at most one (the first ``n % world`` ranks take one more); ranks in
+    order cover ``0..n`` exactly, so concatenating their results restores the original order.
+
+    Args:
+        n: the number of items.
+        rank: the rank.
+        world: the number of ranks.
+
+    Returns:
+        ``(start, stop)``.
+
+    Example:
+        >>> [shard_range(5, r, 2) for r in range(2)]
+        [(0, 3), (3, 5)]
+    """
     if world < 1 or not 0 <= rank < world:
         raise ValueError(f"rank {rank} is not in a world of {world}")
     base, extra = divmod(n, world)
@@ -101,8 +144,16 @@ def shard_range(n: int, rank: int, world: int) -> tuple[int, int]:
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """The sum of ``t`` over all ranks (a new tensor; ``t`` is left alone). Every rank gets
-    the same bits: the collectives reduce once and then distribute the result."""
+    """The sum of ``t`` over all ranks (a new tensor; ``t`` is left alone).
+
+    Every rank gets the same bits: the collectives reduce once and then distribute the result.
+
+    Args:
+        t: this rank's tensor.
+
+    Returns:
+        The sum (a copy of ``t`` in one process).
+    """
     if not is_distributed():
         return t
     out = t.detach().contiguous().clone()
@@ -111,7 +162,15 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 
 def broadcast_(t: torch.Tensor, src: int = 0) -> torch.Tensor:
-    """Overwrite ``t`` in place with rank ``src``'s copy (returned for chaining)."""
+    """Overwrite ``t`` in place with rank ``src``'s copy.
+
+    Args:
+        t: the tensor.
+        src: the rank whose copy wins.
+
+    Returns:
+        ``t``, for chaining.
+    """
     if is_distributed():
         if t.is_contiguous():
             dist.broadcast(t, src)
@@ -123,7 +182,15 @@ def broadcast_(t: torch.Tensor, src: int = 0) -> torch.Tensor:
 
 
 def broadcast_module(module: torch.nn.Module, src: int = 0) -> torch.nn.Module:
-    """Every parameter and buffer of ``module`` set to rank ``src``'s values."""
+    """Every parameter and buffer of ``module`` set to rank ``src``'s values.
+
+    Args:
+        module: the module.
+        src: the rank whose values win.
+
+    Returns:
+        ``module``.
+    """
     if is_distributed():
         with torch.no_grad():
             for t in module.state_dict().values():
@@ -133,8 +200,17 @@ def broadcast_module(module: torch.nn.Module, src: int = 0) -> torch.nn.Module:
 
 def all_gather_cat(local: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Every rank's ``local`` concatenated along ``dim`` in rank order, on every rank.
+
     Sizes along ``dim`` may differ between ranks (blocks are padded for the collective);
-    the other dimensions must agree."""
+    the other dimensions must agree.
+
+    Args:
+        local: this rank's block.
+        dim: the dimension to concatenate along.
+
+    Returns:
+        The concatenation.
+    """
     if not is_distributed():
         return local
     world = world_size()
@@ -153,12 +229,21 @@ def all_gather_cat(local: torch.Tensor, dim: int = -1) -> torch.Tensor:
 
 
 def barrier() -> None:
+    """Wait until every rank gets here (nothing in one process)."""
     if is_distributed():
         dist.barrier()
 
 
 def broadcast_object(obj: T, src: int = 0) -> T:
-    """Rank ``src``'s (picklable) ``obj`` on every rank."""
+    """Rank ``src``'s (picklable) ``obj`` on every rank.
+
+    Args:
+        obj: this rank's object.
+        src: the rank whose object wins.
+
+    Returns:
+        Rank ``src``'s object.
+    """
     if not is_distributed():
         return obj
     box: list[Any] = [obj if rank() == src else None]
@@ -167,9 +252,17 @@ def broadcast_object(obj: T, src: int = 0) -> T:
 
 
 def on_rank0(fn: Callable[[], T]) -> T:
-    """Run ``fn`` on rank 0 only and return its result on every rank; an exception on rank
-    0 is raised on every rank (so that no rank waits forever in a later collective).
-    Use it for file-system work (reading a manifest, checking a results folder)."""
+    """Run ``fn`` on rank 0 only and return its result on every rank.
+
+    An exception on rank 0 is raised on every rank (so that no rank waits forever in a
+    later collective). Use it for file-system work (reading a manifest, checking a results folder).
+
+    Args:
+        fn: the work.
+
+    Returns:
+        ``fn()``'s result, on every rank.
+    """
     if not is_distributed():
         return fn()
     payload: Any = None
@@ -194,8 +287,11 @@ def on_rank0(fn: Callable[[], T]) -> T:
 
 @contextlib.contextmanager
 def rank0_first() -> Iterator[None]:
-    """Rank 0 runs the block first (downloads, training into the shared weight cache), the
-    other ranks after it (reading what rank 0 wrote). Single process: just the block."""
+    """Rank 0 runs the block first, the other ranks after it.
+
+    For downloads and training into the shared weight cache: the other ranks read what
+    rank 0 wrote. Single process: just the block.
+    """
     if is_distributed() and rank() != 0:
         dist.barrier()
     try:

@@ -21,15 +21,13 @@ rounding.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import operator
 import time
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, cast
+from typing import Any, ClassVar, cast
 
 import numpy as np
 import torch
@@ -37,144 +35,30 @@ from torch import nn
 from torch.utils.data import Dataset, Subset, default_collate
 
 from . import distributed as _dist
-from .batching import Batch, Collate, DataLike, SizedDataset, Source, as_dataset, gather, subsample_indices
-from .curvature import ADMode, CurvatureOperator, HVPMode
+from .batching import Collate, DataLike, SizedDataset, Source, as_dataset, gather
+from .curvature import CurvatureOperator
 from .damping import DampingCalibration, calibrate, heuristic_damping
-from .params import Params, check_finite, named_params
+from .objective import ADMode, HVPMode, Objective
+from .params import Params
+from .reports import check_rows, merged_reports, timed
+from .sample import HessianSamples, hessian_sample, rank_world, trainable_params
 from .scoring import PerExample, ScoringMethod, score_dataset
 from .solvers import SolveInfo, Solver, SolverError
 from .solvers.base import reworded
-from .task import Forward, LossFn, check_batch, check_batch_mean, probe
+from .task import Task, check_batch
 from .task import eval_mode as eval_mode  # its home before 0.2: the estimators import it from here
 
-HessianSamples = int | Literal["all"]
-"""How many examples estimate a Hessian: a count (seeded subsample) or ``"all"``."""
-
-
-def trainable_params(
-    model: nn.Module, dtype: torch.dtype | None, what: str, frozen: Callable[[str], bool] | None = None
-) -> Params:
-    """The model's trainable parameters (cast to ``dtype``), checked finite.
-
-    Args:
-        model: the model.
-        dtype: the float dtype to cast to (None: the model's).
-        what: the model's name in errors.
-        frozen: also take the frozen parameters (``requires_grad=False``) whose names it
-            accepts (a fixed embedding, frozen during finetuning), in model order.
-
-    Returns:
-        The parameters by name, detached.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"{what} must be a torch.nn.Module, got {type(model).__name__}")
-    params = named_params(model)
-    if frozen is not None:
-        params = {n: p.detach() for n, p in model.named_parameters() if n in params or frozen(n)}
-    if not params:
-        raise ValueError(f"{what} has no trainable parameters")
-    if dtype is not None:
-        params = {n: p.to(dtype) for n, p in params.items()}
-    check_finite(f"{what} parameter", params)
-    return params
-
-
-def rank_world(distributed: bool) -> tuple[int, int]:
-    return (_dist.rank(), _dist.world_size()) if distributed and _dist.is_distributed() else (0, 1)
-
-
-def hessian_sample(
-    data: SizedDataset,
-    size: HessianSamples,
-    seed: int,
-    params: Params,
-    what: str,
-    distributed: bool,
-    forward: Forward | None = None,
-    model: nn.Module | None = None,
-    loss_fn: LossFn | None = None,
-) -> dict[str, Any]:
-    """The seeded Hessian sample as :class:`~lissa_influence.curvature.Objective` keyword
-    arguments: all of it, or under torch.distributed this rank's contiguous shard of the
-    same draw (every rank draws with the same seed), its place in the sample and the
-    cross-rank sum."""
-    asked = size
-    if size == "all":
-        size = len(data)
-    else:
-        try:  # any integer (numpy's too), but not a bool, a float or another string
-            size = operator.index(size) if not isinstance(size, bool) else 0
-        except TypeError:
-            size = 0
-        if size < 1:
-            raise ValueError(f"hessian_samples must be a positive number or 'all', got {asked!r}")
-    if size > len(data):
-        warnings.warn(
-            f"hessian_samples={size} exceeds the {len(data)} {what} examples; using all of them "
-            "(hessian_samples='all' asks for that)",
-            stacklevel=3,
-        )
-    t = next(iter(params.values()))
-    indices = subsample_indices(len(data), size, seed)
-    rank, world = rank_world(distributed)
-    if world == 1:
-        batch = gather(data, indices, t.dtype, t.device)
-        _check_sample(batch, params, forward, model, loss_fn, f"{what} data")
-        return {"batch": batch}
-    lo, hi = _dist.shard_range(len(indices), rank, world)
-    batch = gather(data, indices[lo:hi], t.dtype, t.device)
-    _check_sample(batch, params, forward, model, loss_fn, f"{what} data (rank {rank})")
-    return {"batch": batch, "sample_size": len(indices), "sample_offset": lo, "reduce": _dist.all_reduce_sum}
-
-
-def _check_sample(
-    batch: Batch, params: Params, forward: Forward | None, model: nn.Module | None, loss_fn: LossFn | None, what: str
-) -> None:
-    """The Hessian sample: the structure the forward needs, finite values, and one example
-    through the model and the loss (labels against the classes, for cross-entropy)."""
-    check_batch(batch, forward, what)
-    check_finite(f"{what} (Hessian sample)", batch.tensors())
-    if model is not None and loss_fn is not None and len(batch) > 0:
-        with eval_mode(model):
-            probe(model, params, batch, forward, loss_fn, what)
-            check_batch_mean(model, params, batch, forward, loss_fn, what)
-
-
-def check_rows(what: str, t: torch.Tensor, size: int) -> None:
-    if t.dim() != 2 or t.shape[1] != size:
-        raise ValueError(f"{what} must be [k, {size}] (one row per query), got shape {tuple(t.shape)}")
-
-
-def merged_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
-    """The diagnostics of several chunks of queries as one: each solve's products,
-    iterations and seconds summed, converged only if every chunk did, the worst final
-    residual; the timings summed; each chunk's own reports under ``"chunks"``."""
-    out = dict(reports[-1])
-    for stage, last in reports[-1].items():
-        if not (isinstance(last, dict) and "num_products" in last):
-            continue
-        infos = [r[stage] for r in reports if stage in r]
-        merged = dict(last)
-        for key in ("num_products", "iterations", "wall_time"):
-            merged[key] = sum(i[key] for i in infos)
-        merged["converged"] = all(i["converged"] for i in infos)
-        finals = [i["final_residual"] for i in infos if i.get("final_residual") is not None]
-        merged["final_residual"] = max(finals) if finals else None
-        out[stage] = merged
-    times: dict[str, float] = {}
-    for r in reports:
-        for key, seconds in r.get("time", {}).items():
-            times[key] = times.get(key, 0.0) + seconds
-    out["time"] = times
-    out["chunks"] = [{k: v for k, v in r.items() if k not in ("damping", "chunks")} for r in reports]
-    return out
-
-
-@contextlib.contextmanager
-def timed(timings: dict[str, float], key: str) -> Iterator[None]:
-    t0 = time.perf_counter()
-    yield
-    timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
+__all__ = [
+    "HessianSamples",
+    "InfluenceEstimator",
+    "check_rows",
+    "eval_mode",
+    "hessian_sample",
+    "merged_reports",
+    "rank_world",
+    "timed",
+    "trainable_params",
+]
 
 
 @dataclass(eq=False, kw_only=True)
@@ -197,6 +81,20 @@ class InfluenceEstimator(ABC):
     State after ``fit``: :attr:`is_fitted`, :attr:`scored_data` (the examples that
     :meth:`scores` scores by default), ``diagnostics`` (solver reports and timings of
     the last solve; after scoring, the :meth:`fallbacks` taken, if any).
+
+    Args:
+        gauss_newton: the Gauss-Newton matrix in place of every Hessian.
+        dtype: the float dtype of products and scores (None: the model's).
+        batch_size: examples per chunk of products and per batch of scoring.
+        scoring: ``"auto"``, ``"jvp"`` or ``"grad"`` (:mod:`~lissa_influence.scoring`).
+        jvp_max_queries: where ``scoring="auto"`` changes from jvp to per-example gradients.
+        progress: show progress bars.
+        distributed: split the work across the ranks of an initialised process group.
+        ad_mode: ``"auto"``, ``"forward"`` or ``"reverse"`` second derivatives.
+        hvp_mode: ``"retained"`` or ``"functional"`` Hessian-vector products.
+        graph_budget: bytes the retained graphs may take.
+        collate_fn: collates items of the data given as a dataset or a list.
+        query_chunk: queries solved at a time (None: all in one solve).
     """
 
     gauss_newton: bool = False
@@ -248,10 +146,12 @@ class InfluenceEstimator(ABC):
         out: dict[str, Any] = {}
         curvature: dict[str, Any] = {}
         for name, op in vars(self).items():
-            if not isinstance(op, CurvatureOperator) or (op.product_path is None and not op._kronecker):
+            if not isinstance(op, CurvatureOperator):
+                continue
+            factors = op.kronecker_fitted("ekfac") or op.kronecker_fitted("kfac")
+            if op.product_path is None and factors is None:
                 continue
             entry: dict[str, Any] = {"products": op.product_path}
-            factors = op.kronecker_fitted("ekfac") or op.kronecker_fitted("kfac")
             if factors is not None:
                 entry["kronecker_fallback_params"] = len(factors.fallback_index)
                 entry["kronecker_fallback"] = list(factors.fallback)
@@ -364,8 +264,14 @@ class InfluenceEstimator(ABC):
 
     # -- scoring -----------------------------------------------------------------------
     def as_query_vectors(self, s: torch.Tensor | np.ndarray) -> torch.Tensor:
-        """Query vectors (e.g. loaded from ``query_vectors.npy``) checked against the
-        scored block, ``[k, P]``, in the dtype and device of the scored parameters."""
+        """Query vectors (e.g. loaded from ``query_vectors.npy``) checked against the scored block.
+
+        Args:
+            s: ``[k, P]``, a tensor or an array.
+
+        Returns:
+            ``s`` in the dtype and device of the scored parameters.
+        """
         self._check_fitted()
         per_example = self._scored_losses()
         t = next(iter(per_example.params.values()))
@@ -381,9 +287,22 @@ class InfluenceEstimator(ABC):
         stop: int | None = None,
         **renamed: DataLike,
     ) -> torch.Tensor:
-        """``I(z) = −sᵀ∇g(z)`` for the given query vectors, ``[k, n]``, over every
-        scored example (or ``data``, or its ``[start:stop]``). Distributed: each rank
-        scores a contiguous share and every rank returns all scores, in dataset order."""
+        """``I(z) = −sᵀ∇g(z)`` for the given query vectors.
+
+        Distributed: each rank scores a contiguous share and every rank returns all scores,
+        in dataset order.
+
+        Args:
+            s: ``[k, P]`` query vectors (:meth:`query_vectors`).
+            data: the examples to score (None: :attr:`scored_data`).
+            start: the first example scored.
+            stop: one past the last (None: the end).
+            **renamed: ``data`` under its name before 0.2 (``train_data=`` / ``pretrain_data=``),
+                with a DeprecationWarning.
+
+        Returns:
+            ``[k, n]`` scores of the examples ``[start:stop]``.
+        """
         given = self._renamed(data, renamed, "scores_from")
         self._check_fitted()
         scored = self.scored_data if given is None else self._data(given, "scored data")
@@ -412,10 +331,15 @@ class InfluenceEstimator(ABC):
         return -d
 
     def fallbacks(self) -> dict[str, dict[str, str]]:
-        """What ran otherwise than asked, and why, by where: ``"scored examples"`` (their
-        gradients and scores) and each curvature operator (by attribute name): ``"loop"``
-        (a model vmap cannot batch), ``"reverse"`` (a loss without forward mode),
-        ``"autograd"`` (a gradient-checkpointed model, differentiated by torch.autograd)."""
+        """What ran otherwise than asked, and why, by where.
+
+        ``"scored examples"`` (their gradients and scores) and each curvature operator (by
+        attribute name): ``"loop"`` (a model vmap cannot batch), ``"reverse"`` (a loss without
+        forward mode), ``"autograd"`` (a gradient-checkpointed model, differentiated by torch.autograd).
+
+        Returns:
+            ``{where: {fallback: why}}``.
+        """
         out: dict[str, dict[str, str]] = {}
         if self.is_fitted and (scored := self._scored_losses().fallbacks):
             out["scored examples"] = dict(scored)
@@ -427,8 +351,17 @@ class InfluenceEstimator(ABC):
     def scores(
         self, test_data: DataLike, data: DataLike | None = None, mean: bool = False, **renamed: DataLike
     ) -> torch.Tensor:
-        """``[n_test, n]`` (``[1, n]`` with ``mean=True``: the mean test loss as one
-        query): ``I(z)`` of every scored example (or of ``data``) for each test query."""
+        """``I(z)`` of every scored example (or of ``data``) for each test query.
+
+        Args:
+            test_data: the test examples.
+            data: the examples to score (None: :attr:`scored_data`).
+            mean: one query, the mean test loss, instead of one per test example.
+            **renamed: ``data`` under its name before 0.2, with a DeprecationWarning.
+
+        Returns:
+            ``[n_test, n]`` (``[1, n]`` with ``mean=True``).
+        """
         data = self._renamed(data, renamed, "scores")
         if data is not None:  # a scored dataset the model cannot take fails before the solves, not after
             self._check_fitted()
@@ -452,7 +385,17 @@ class InfluenceEstimator(ABC):
     def removal_effects(
         self, test_data: DataLike, data: DataLike | None = None, mean: bool = False, **renamed: DataLike
     ) -> torch.Tensor:
-        """Predicted change of each test loss when each scored example is removed: ``−I(z)/m``."""
+        """Predicted change of each test loss when each scored example is removed: ``−I(z)/m``.
+
+        Args:
+            test_data: the test examples.
+            data: the examples to score (None: :attr:`scored_data`).
+            mean: one query, the mean test loss, instead of one per test example.
+            **renamed: ``data`` under its name before 0.2, with a DeprecationWarning.
+
+        Returns:
+            ``[n_test, n]`` (``[1, n]`` with ``mean=True``).
+        """
         data = self._renamed(data, renamed, "removal_effects")
         return -self.scores(test_data, data, mean) / self.num_scored
 
@@ -517,8 +460,13 @@ class InfluenceEstimator(ABC):
         self.damping_report = report
 
     @property
+    def seed(self) -> int:
+        """The seed of the Hessian samples' draw; every estimator declares it as a field of its own."""
+        raise NotImplementedError
+
+    @property
     def _damping_seed(self) -> int:
-        return int(getattr(self, "seed", 0))
+        return int(self.seed)
 
     def _calibration_scores(
         self, set_damping: Callable[[float], None], calibration: DampingCalibration, damping: float
@@ -533,6 +481,21 @@ class InfluenceEstimator(ABC):
         return out
 
     # -- helpers of the estimators --------------------------------------------------------
+    def _objective(self, model: nn.Module, task: Task, params: Params, sample: dict[str, Any]) -> Objective:
+        """The one place an estimator builds an :class:`~lissa_influence.objective.Objective`:
+        ``task`` for ``model`` at ``params`` over a Hessian sample (:func:`hessian_sample`),
+        with the estimator's chunk size and AD settings."""
+        return Objective.from_task(
+            model,
+            task,
+            params,
+            chunk_size=self.batch_size,
+            ad_mode=self.ad_mode,
+            hvp_mode=self.hvp_mode,
+            graph_budget=self.graph_budget,
+            **sample,
+        )
+
     def _same_on_all_ranks(self, t: torch.Tensor) -> torch.Tensor:
         """Rank 0's copy of a right-hand side: every rank computes it, but nondeterministic
         (GPU) kernels could differ in the last bits, and the solvers must see identical

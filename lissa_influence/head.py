@@ -3,7 +3,7 @@
 With the embedding fixed, the finetuning objective depends on the head ``Θ`` only, and
 every finetune product ran the whole network to recompute the same embedding outputs.
 :func:`head_objective` computes those outputs once for the Hessian sample (a forward
-hook on the embedding module) and returns an :class:`~lissa_influence.curvature.Objective`
+hook on the embedding module) and returns an :class:`~lissa_influence.objective.Objective`
 of ``Θ`` alone, in which the embedding module replays them: the model's own forward
 still runs around it, so any head (a Linear, an MLP, a transformer's classifier) and any
 ``forward`` / ``loss`` work. It is used only after a check: the head objective's loss
@@ -12,35 +12,29 @@ that calls its embedding twice, or transforms the input only on the way to it.
 
 Its products cost a small fraction of the full ones (no convolution runs), and a head
 of up to some thousands of parameters is small enough to factor exactly
-(:class:`ExactInverse`), in float64, which removes the finetune solve's ill-conditioning
-(damping 1e-8 on a softmax head whose Hessian is singular) from the chain.
+(:class:`~lissa_influence.solvers.direct.ExactInverse`, re-exported here, its home before
+0.2), in float64, which removes the finetune solve's ill-conditioning (damping 1e-8 on a
+softmax head whose Hessian is singular) from the chain.
 """
 
 from __future__ import annotations
 
 import copy
-import logging
-import math
-import time
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
-from torch.func import hessian, jacrev
-from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 from .batching import Batch
-from .curvature import CurvatureOperator, Objective
+from .objective import Objective
+from .operators import ModelOperator
 from .params import ParamBlock, Params, make_block
-from .solvers.base import Callback, DivergenceError, SolveInfo, SolverWarning, as_stack, check_rhs, rownorm
-from .solvers.direct import Explicit
-from .task import eval_mode, mean_loss, outputs
+from .solvers.direct import ExactInverse  # its home before 0.2
+from .task import mean_loss, outputs
 
-__all__ = ["ExactInverse", "head_objective"]
-
-log = logging.getLogger(__name__)
+__all__ = ["ExactInverse", "embedding_module", "head_objective"]
 
 
 class _Replay(nn.Module):
@@ -77,9 +71,18 @@ def _replaced(model: nn.Module, path: str, new: nn.Module) -> nn.Module:
 
 
 def embedding_module(model: nn.Module, names: Sequence[str]) -> str | None:
-    """The path of the outermost submodule whose trainable parameters (or all parameters,
-    for a frozen embedding) are exactly ``names`` (the embedding whose outputs the head
-    reads), or None."""
+    """The path of the outermost submodule whose parameters are exactly ``names``.
+
+    Its trainable parameters, or all of them for a frozen embedding: the embedding whose
+    outputs the head reads.
+
+    Args:
+        model: the finetuned model.
+        names: the embedding's parameter names.
+
+    Returns:
+        The module path, or None.
+    """
     if not names:
         return None
     parts = [n.split(".")[:-1] for n in names]
@@ -102,10 +105,24 @@ def embedding_module(model: nn.Module, names: Sequence[str]) -> str | None:
 def head_objective(
     objective: Objective, embedding: str, theta: ParamBlock, dtype: torch.dtype | None = None
 ) -> tuple[Objective, ParamBlock]:
-    """``objective`` restricted to the block ``theta`` with the embedding module at path
-    ``embedding`` replaced by its precomputed outputs on the Hessian sample, in ``dtype``
-    (None: the objective's). Raises ValueError when the head objective does not
-    reproduce the full one (loss and ``∇_Θ`` on the first chunk)."""
+    """``objective`` restricted to the block ``theta``, the embedding replaced by its outputs.
+
+    The embedding module at path ``embedding`` is replaced by its precomputed outputs on the
+    Hessian sample.
+
+    Args:
+        objective: the full finetuning objective.
+        embedding: the embedding module's path.
+        theta: the head's block.
+        dtype: the head objective's dtype (None: the objective's).
+
+    Returns:
+        ``(head objective, its block)``.
+
+    Raises:
+        ValueError: the head objective does not reproduce the full one (loss and ``∇_Θ`` on
+            the first chunk), or the embedding's outputs cannot be replayed.
+    """
     model, forward = objective.model, objective.forward
     dtype = dtype or objective.dtype
     target = model.get_submodule(embedding)
@@ -195,166 +212,15 @@ def _check_same(full: Objective, theta: ParamBlock, head: Objective, block: Para
         )
 
 
-def dense_curvature(op: CurvatureOperator, block_size: int = 256) -> tuple[torch.Tensor, str]:
-    """The dense damped matrix of ``op`` and how it was formed.
+def dense_curvature(op: ModelOperator, block_size: int = 256) -> tuple[torch.Tensor, str]:
+    """The dense damped matrix of ``op`` and how it was formed (its home before 0.2; now
+    :meth:`~lissa_influence.curvature.CurvatureOperator.dense`).
 
-    Where the curvature is a Gauss-Newton matrix (``op.gauss_newton``, or a head whose
-    outputs are linear in its parameters, as a softmax's linear layer: then the Hessian
-    *is* the GGN, checked on one random vector), it is assembled as ``Σ Jᵀ (∇²_out L) J``
-    from the outputs' Jacobian, a few large matrix products per chunk; otherwise from
-    ``P`` products with basis vectors.
+    Args:
+        op: a :class:`~lissa_influence.operators.ModelOperator`.
+        block_size: basis vectors per stacked product.
 
-    On a shard of the sample (torch.distributed: the objective's ``reduce``), each rank
-    assembles its share and the shares are summed, so every rank factors the same matrix."""
-    n = op.shape[0]
-    damping = torch.as_tensor(op.damping, dtype=op.dtype, device=op.device)
-    objective = op.objective
-    v = torch.randn(n, dtype=op.dtype, generator=torch.Generator().manual_seed(0)).to(op.device)
-    try:  # reduced products: every rank takes the same decision
-        ggn = op.gauss_newton or _close(objective.hvp(op.block, v), objective.ggn_vp(op.block, v))
-    except (RuntimeError, NotImplementedError):  # no Gauss-Newton products for this model
-        ggn = False
-    if ggn:
-        part: torch.Tensor | None = None
-        try:
-            part = _gauss_newton_matrix(objective, op.block)
-        except (RuntimeError, NotImplementedError, MemoryError):  # outputs too large, or not batchable
-            pass
-        if objective.reduce is not None:  # the ranks agree on the route before summing, or their collectives differ
-            failed = objective.reduce(torch.tensor([float(part is None)], dtype=op.dtype, device=op.device))
-            part = None if float(failed[0]) > 0 or part is None else objective.reduce(part)
-        if part is not None:
-            return 0.5 * (part + part.T) + torch.diag(damping.expand(n)), "gauss-newton jacobian"
-    like = torch.zeros(1, dtype=op.dtype, device=op.device)
-    return Explicit(max_params=n, block_size=block_size).matrix(op, n, like), "products with basis vectors"
-
-
-def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return float((a - b).norm()) <= 1e-9 * max(float(b.norm()), torch.finfo(b.dtype).tiny)
-
-
-def _gauss_newton_matrix(objective: Objective, block: ParamBlock, max_outputs: int = 2048) -> torch.Tensor:
-    """``(1/N) Σ_i J_iᵀ ∇²_{o_i} ℓ_i J_i`` over this process's examples (``N`` the whole
-    sample's size; not reduced across ranks), in chunks of at most ``max_outputs`` output
-    entries (the output Hessian of a chunk is dense)."""
-    theta = objective.point(block)
-    total = theta.new_zeros(block.numel, block.numel)
-    if len(objective.batch) == 0:  # an empty shard adds nothing
-        return total
-    first = next(objective.batch.chunks(1))
-    per_example = sum(leaf.numel() for leaf in tree_flatten(objective._forward(block.unflatten(theta), first))[0])
-    if per_example > max_outputs:
-        raise MemoryError(f"{per_example} outputs per example")
-    chunk = max(1, max_outputs // per_example)
-    n_total = objective.total
-    for c in objective.batch.chunks(chunk):
-        leaves, spec = tree_flatten(objective._forward(block.unflatten(theta), c))
-        shapes = [t.shape for t in leaves]
-
-        def flat_outputs(f: torch.Tensor, c: Batch = c) -> torch.Tensor:
-            return torch.cat([t.reshape(-1) for t in tree_flatten(objective._forward(block.unflatten(f), c))[0]])
-
-        def loss_of(o: torch.Tensor, c: Batch = c, shapes: list[torch.Size] = shapes, spec: Any = spec) -> torch.Tensor:
-            parts, at = [], 0
-            for shape in shapes:
-                size = math.prod(shape)
-                parts.append(o[at : at + size].reshape(shape))
-                at += size
-            return mean_loss(objective.loss_fn, tree_unflatten(parts, spec), c, objective.forward)
-
-        o = flat_outputs(theta).detach()
-        J = jacrev(flat_outputs)(theta)  # [outputs, P]
-        H = hessian(loss_of)(o)  # [outputs, outputs], block diagonal over examples
-        total += (len(c) / n_total) * (J.T @ (H @ J))
-    return total
-
-
-class ExactInverse:
-    """``(∇²_ΘΘ F + λI)⁻¹`` of a small head, formed densely from products and factored
-    once (Cholesky; eigenvalues when it is not positive definite), then applied to any
-    number of right-hand sides. The :class:`~lissa_influence.solvers.Solver` the
-    fixed-embedding finetune solve uses by default where the head fits."""
-
-    name = "exact"
-
-    def __init__(self, max_params: int = 10_000, block_size: int = 256):
-        self.max_params, self.block_size = max_params, block_size
-        self.assembly = ""
-        # the operator it was built for, that operator's damping then, and the factor
-        self._factor: tuple[CurvatureOperator, torch.Tensor, tuple[str, torch.Tensor, torch.Tensor | None, float, int]]
-        self._factor = None  # type: ignore[assignment]
-
-    def _factorised(self, op: CurvatureOperator) -> tuple[str, torch.Tensor, torch.Tensor | None, float, int]:
-        damping = torch.as_tensor(op.damping).detach().clone()
-        cached = self._factor
-        if cached is None or cached[0] is not op or not torch.equal(cached[1], damping):
-            t0 = time.perf_counter()
-            n = op.shape[0]
-            if n > self.max_params:
-                raise MemoryError(f"the exact head inverse refuses {n} parameters (limit {self.max_params})")
-            a, self.assembly = dense_curvature(op, self.block_size)
-            if not torch.isfinite(a).all():
-                raise DivergenceError("the head's Hessian holds NaN or inf; check the damping and the parameters")
-            chol, info = torch.linalg.cholesky_ex(a)
-            entry: tuple[str, torch.Tensor, torch.Tensor | None, float, int]
-            if int(info) == 0:
-                entry = ("cholesky", chol, None, time.perf_counter() - t0, n)
-            else:  # not positive definite (a head far from its minimum): the pseudo-inverse on |λ|
-                evals, evecs = torch.linalg.eigh(a)
-                log.warning(
-                    "the damped head Hessian is not positive definite (eigenvalues from %.3g); solving on |λ|",
-                    float(evals[0]),
-                )
-                mag = evals.abs()
-                inv = torch.where(mag > torch.finfo(mag.dtype).eps * mag.max(), 1 / mag, torch.zeros_like(mag))
-                entry = ("eigh", evecs, inv, time.perf_counter() - t0, n)
-            self._factor = (op, damping, entry)  # one operator at a time: a refit replaces it
-        return self._factor[2]
-
-    def solve(self, matvec: Any, b: torch.Tensor, callback: Callback | None = None) -> tuple[torch.Tensor, SolveInfo]:
-        if not isinstance(matvec, CurvatureOperator):
-            raise TypeError("ExactInverse solves a CurvatureOperator (it caches the factor per operator)")
-        check_rhs(b)
-        start = time.perf_counter()
-        B, single = as_stack(b)
-        before = self._factor
-        with eval_mode(matvec.objective.model):  # as the operator's own products (a user may call this directly)
-            method, f, evals, factor_s, n = self._factorised(matvec)
-        built = self._factor is not before
-        B64 = B.to(matvec.dtype)
-        if method == "cholesky":
-            X = torch.cholesky_solve(B64.T, f).T
-        else:
-            assert evals is not None  # here the inverse magnitudes, small ones cut to 0
-            X = ((B64 @ f) * evals) @ f.T
-        resid = float((rownorm(matvec(X) - B64) / rownorm(B64).clamp_min(torch.finfo(B64.dtype).tiny)).max())
-        X = X.to(B.dtype)
-        # the residual check's products, and what forming the matrix took: n basis-vector
-        # products, or the two that showed the Hessian equals the Gauss-Newton matrix
-        products = B.shape[0] + ((n if self.assembly.startswith("products") else 2) if built else 0)
-        converged = resid <= torch.finfo(matvec.dtype).eps ** 0.5
-        if not converged:
-            warnings.warn(
-                f"the exact head solve left a relative residual of {resid:.3g} ({method}): the damped head Hessian "
-                "is (nearly) singular; add finetune damping",
-                SolverWarning,
-                stacklevel=2,
-            )
-        info = SolveInfo(
-            "exact",
-            converged,
-            1,
-            products,
-            time.perf_counter() - start,
-            [resid],
-            {
-                "method": method,
-                "dtype": str(matvec.dtype),
-                "factor_seconds": factor_s,
-                "size": n,
-                "assembly": self.assembly,
-            },
-        )
-        if callback is not None:
-            callback(X[0] if single else X, products)
-        return (X[0] if single else X), info
+    Returns:
+        ``(matrix, how)``.
+    """
+    return op.dense(block_size)

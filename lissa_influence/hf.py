@@ -54,7 +54,7 @@ def _logits(out: Any) -> torch.Tensor:
         return out
     if isinstance(out, Mapping) and "logits" in out:
         return out["logits"]
-    logits = getattr(out, "logits", None)
+    logits = getattr(out, "logits", None)  # a user model's output object (ModelOutput): not a contract of ours
     if isinstance(logits, torch.Tensor):
         return logits
     raise TypeError(f"the model returned {type(out).__name__} without logits; use a model with a task head")
@@ -120,7 +120,14 @@ class Task:
         return _logits(model(**inputs))
 
     def labels(self, batch: Mapping[str, Any]) -> torch.Tensor:
-        """The labels of ``batch`` (for ``"causal-lm"`` without them: the unpadded ``input_ids``)."""
+        """The labels of ``batch``.
+
+        Args:
+            batch: a tokenizer-style dict.
+
+        Returns:
+            ``batch[labels_key]``; for ``"causal-lm"`` without them, the unpadded ``input_ids``.
+        """
         if self.labels_key in batch:
             return batch[self.labels_key]
         if self.kind != "causal-lm":

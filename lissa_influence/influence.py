@@ -9,15 +9,19 @@ import torch
 from torch import nn
 
 from .batching import DataLike, Source, as_dataset
-from .curvature import CurvatureOperator, Objective
+from .curvature import CurvatureOperator
 from .damping import DampingCalibration, DampingRule, check_dampings
-from .estimator import HessianSamples, InfluenceEstimator, eval_mode, hessian_sample, timed, trainable_params
+from .estimator import InfluenceEstimator
 from .params import make_block
+from .reports import timed
+from .sample import HessianSamples, hessian_sample, trainable_params
 from .scoring import PerExample, loss_gradients
 from .solvers import CG, Solver
-from .task import Forward, LossFn, cross_entropy
+from .task import Forward, LossFn, Task, cross_entropy, eval_mode
 
-__all__ = ["Influence", "MultiStageInfluence"]
+# MultiStageInfluence lived in this module before 0.2: lissa_influence/__init__.py sets it here,
+# so that the old import path keeps working without this module importing the multi-stage one
+__all__ = ["Influence"]
 
 
 @dataclass(eq=False)
@@ -28,6 +32,17 @@ class Influence(InfluenceEstimator):
     ``"all"``); ``scores(test_data, train_data)`` returns ``[n_test, n_train]``
     (``[1, n_train]`` with ``mean=True``: the mean test loss as one query). ``loss`` and
     the optional ``forward(model, batch)`` follow :mod:`lissa_influence.task`.
+
+    Args:
+        model: the trained model.
+        loss: the training loss.
+        solver: the solver of ``(∇²G + λI) s = ∇ℓ``.
+        damping: ``λ``, or ``"auto"`` (calibrated) / ``"heuristic"``.
+        hessian_samples: examples in the Hessian sample (or ``"all"``).
+        seed: the seed of the Hessian sample's draw.
+        forward: the model's forward (None: ``model(x)``).
+        calibration: retrained ground truth for ``damping="auto"``.
+        heuristic_fraction: the share of the mean eigenvalue ``damping="heuristic"`` takes.
     """
 
     model: nn.Module
@@ -48,38 +63,25 @@ class Influence(InfluenceEstimator):
         super().__post_init__()
 
     def fit(self, train_data: DataLike) -> Influence:
+        """Draw the Hessian sample and build the damped operator.
+
+        Args:
+            train_data: the training examples (a dataset, a DataLoader, a list or ``(X, Y)``).
+
+        Returns:
+            ``self``, fitted.
+        """
         train = self._data(train_data, "training data")
         self.params = trainable_params(self.model, self.dtype, "model")
         self.block = make_block(self.params, lambda n: True)
         sample = hessian_sample(
-            train,
-            self.hessian_samples,
-            self.seed,
-            self.params,
-            "training",
-            self.distributed,
-            self.forward,
-            self.model,
-            self.loss,
+            train, self.hessian_samples, self.seed, self.params, "training", self.distributed, self.task, self.model
         )
         self.damping = 0.0 if isinstance(self._requested_damping, str) else float(self._requested_damping)
         self.operator = CurvatureOperator(
-            Objective(
-                self.model,
-                self.loss,
-                self.params,
-                chunk_size=self.batch_size,
-                forward=self.forward,
-                ad_mode=self.ad_mode,
-                hvp_mode=self.hvp_mode,
-                graph_budget=self.graph_budget,
-                **sample,
-            ),
-            self.block,
-            self.damping,
-            self.gauss_newton,
+            self._objective(self.model, self.task, self.params, sample), self.block, self.damping, self.gauss_newton
         )
-        self._per_example = PerExample(self.model, self.loss, self.params, self.block, self.forward, self.ad_mode)
+        self._per_example = PerExample.from_task(self.model, self.task, self.params, self.block, self.ad_mode)
         self._fitted_on(train)
         self._resolve_dampings(
             [("influence", self._requested_damping, self._set_damping, self.operator)],
@@ -87,6 +89,11 @@ class Influence(InfluenceEstimator):
             self.heuristic_fraction,
         )
         return self
+
+    @property
+    def task(self) -> Task:
+        """The model's forward and loss as one :class:`~lissa_influence.task.Task`."""
+        return Task(self.loss, self.forward)
 
     def _set_damping(self, damping: float) -> None:
         self.damping = damping
@@ -110,7 +117,3 @@ class Influence(InfluenceEstimator):
                 s, info = self._solve(self.solver, self.operator, grads, "influence", f"damping={self.damping:g}")
         self.diagnostics = {"solve": info.as_dict(), "time": timings, "damping": self.damping_report}
         return s
-
-
-# MultiStageInfluence lived in this module before 0.2: the old import path keeps working.
-from .multistage import MultiStageInfluence  # noqa: E402

@@ -16,15 +16,33 @@ import torch
 
 
 def relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """``‖x − ref‖_F / ‖ref‖_F`` over all rows."""
+    """``‖x − ref‖_F / ‖ref‖_F`` over all rows.
+
+    Args:
+        x: the estimate.
+        ref: the reference, of the same shape.
+
+    Returns:
+        The relative error (in float64).
+    """
     return float(torch.linalg.norm((x - ref).double()) / torch.linalg.norm(ref.double()).clamp_min(1e-300))
 
 
 def score_agreement(scores: torch.Tensor, ref: torch.Tensor, top_k: int = 10) -> dict[str, float]:
-    """Agreement of ``[k, n]`` scores with reference scores: relative error, and per
-    query (then averaged) Pearson, Spearman and the overlap fraction of the ``top_k``
-    examples of largest ``|I|`` (key ``top{top_k}_overlap``). A query whose scores are
-    constant has no correlation: NaN."""
+    """Agreement of ``[k, n]`` scores with reference scores.
+
+    Relative error, and per query (then averaged) Pearson, Spearman and the overlap
+    fraction of the ``top_k`` examples of largest ``|I|``. A query whose scores are constant
+    has no correlation: NaN.
+
+    Args:
+        scores: ``[k, n]``.
+        ref: ``[k, n]`` reference scores.
+        top_k: how many of the largest ``|I|`` to compare.
+
+    Returns:
+        ``{"scores_error", "pearson", "spearman", "top{top_k}_overlap"}``.
+    """
     from scipy import stats  # imported on use: scipy.stats takes a second to import
 
     a, b = scores.double().cpu().numpy(), ref.double().cpu().numpy()
@@ -53,6 +71,13 @@ class ErrorTrace:
     costs its fraction of the sample); ``offsets`` adds the products spent before this
     solve (for end-to-end curves over several solves). ``points[name]`` collects
     ``[products per right-hand side, relative error]`` pairs.
+
+    Args:
+        targets: reference solutions by name.
+        rows: right-hand sides per solve.
+        cost: turns a product count into full-product equivalents.
+        offsets: products spent before this solve, by name.
+        points: the recorded ``[products, error]`` pairs, by name.
     """
 
     targets: dict[str, torch.Tensor]

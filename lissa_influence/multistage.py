@@ -28,23 +28,18 @@ import torch
 from torch import nn
 
 from .batching import DataLike, Source
-from .curvature import CurvatureOperator, Objective
+from .curvature import CurvatureOperator
 from .damping import DampingCalibration, DampingRule, check_dampings
-from .estimator import (
-    HessianSamples,
-    InfluenceEstimator,
-    check_rows,
-    eval_mode,
-    hessian_sample,
-    timed,
-    trainable_params,
-)
-from .head import ExactInverse, embedding_module, head_objective
+from .estimator import InfluenceEstimator
+from .head import embedding_module, head_objective
+from .objective import Objective
 from .params import NameSelector, ParamBlock, make_block, name_matcher
+from .reports import check_rows, timed
+from .sample import HessianSamples, hessian_sample, trainable_params
 from .scoring import PerExample, loss_gradients
-from .solvers import CG, SolveInfo, Solver
+from .solvers import CG, ExactInverse, SolveInfo, Solver, is_approximate
 from .solvers.base import at_least_one, non_negative
-from .task import Forward, LossFn, cross_entropy
+from .task import Forward, LossFn, Task, cross_entropy, eval_mode
 
 Mode = Literal["fixed", "updated"]
 
@@ -63,6 +58,7 @@ def default_shared(pretrained: nn.Module, finetuned: nn.Module) -> str:
     Returns:
         A module-path prefix.
     """
+    # getattr on the user's models for Hugging Face's optional base_model_prefix: not a contract of ours
     prefix = getattr(pretrained, "base_model_prefix", None)
     if isinstance(prefix, str) and prefix and getattr(finetuned, "base_model_prefix", None) == prefix:
         if all(isinstance(getattr(m, prefix, None), nn.Module) for m in (pretrained, finetuned)):
@@ -71,8 +67,17 @@ def default_shared(pretrained: nn.Module, finetuned: nn.Module) -> str:
 
 
 def tied_parameters(model: nn.Module, shared: list[str]) -> dict[str, str]:
-    """Names of ``model``'s parameters outside ``shared`` that are the same tensor as a
-    shared one (a tied language-model head), each with the shared name it stands for."""
+    """The parameters of ``model`` outside ``shared`` that are the same tensor as a shared one.
+
+    A tied language-model head, say.
+
+    Args:
+        model: the model.
+        shared: the names of the shared parameters.
+
+    Returns:
+        ``{tied name: the shared name it stands for}``.
+    """
     names: dict[int, str] = {}
     out: dict[str, str] = {}
     wanted = set(shared)
@@ -113,6 +118,31 @@ class MultiStageInfluence(InfluenceEstimator):
 
     The chain (docs/math.md) runs in :meth:`query_vectors`: :meth:`test_gradients`, the
     finetune solve of :meth:`finetune_rhs`, :meth:`pretrain_rhs`, the pretrain solve.
+
+    Args:
+        pretrained: the pretrained model.
+        finetuned: the finetuned model.
+        shared: the embedding parameters ``W`` (a prefix, a list of prefixes or a predicate).
+        pretrain_loss: the pretraining loss.
+        finetune_loss: the finetuning loss.
+        mode: ``"fixed"`` or ``"updated"`` embedding during finetuning.
+        alpha: the proximity weight ``α`` of ``α‖W − W*‖²`` (``mode="updated"``).
+        solver: solves both stages unless overridden.
+        pretrain_solver: the pretraining stage's solver (None: ``solver``).
+        finetune_solver: the finetuning stage's solver (None: the exact head inverse where it
+            applies, else ``solver``).
+        pretrain_damping: ``λ`` of the pretraining Hessian, or ``"auto"`` / ``"heuristic"``.
+        finetune_damping: ``λ`` of the finetuning Hessian, or ``"auto"`` / ``"heuristic"``.
+        hessian_samples: examples per Hessian sample (or ``"all"``).
+        finetune_hessian_samples: the finetuning stage's (None: ``hessian_samples``).
+        seed: the seed of the Hessian samples' draws.
+        pretrain_forward: the pretrained model's forward (None: ``model(x)``).
+        finetune_forward: the finetuned model's forward (None: ``model(x)``).
+        head_only: finetune products on the head alone (``"auto"``: where the model allows it).
+        exact_finetune: solve the finetune stage exactly in float64 (``"auto"``: where it applies).
+        exact_max_params: the largest head solved exactly.
+        calibration: retrained ground truth for ``"auto"`` dampings.
+        heuristic_fraction: the share of the mean eigenvalue a ``"heuristic"`` damping takes.
     """
 
     pretrained: nn.Module
@@ -148,7 +178,7 @@ class MultiStageInfluence(InfluenceEstimator):
         self._requested_damping = {"finetune": self.finetune_damping, "pretrain": self.pretrain_damping}
         check_dampings({f"{k}_damping": v for k, v in self._requested_damping.items()}, self.calibration)
         non_negative("alpha", self.alpha)
-        for key in ("head_only", "exact_finetune"):
+        for key in ("head_only", "exact_finetune"):  # getattr on own fields, by name: not contract probing
             if getattr(self, key) not in (True, False, "auto"):
                 raise ValueError(f"{key}={getattr(self, key)!r}: use True, False or 'auto'")
         at_least_one("exact_max_params", self.exact_max_params)
@@ -226,9 +256,18 @@ class MultiStageInfluence(InfluenceEstimator):
 
     # -- fit ------------------------------------------------------------------------
     def fit(self, pretrain_data: DataLike, finetune_data: DataLike) -> MultiStageInfluence:
-        """Draw the Hessian samples of both stages and build the damped operators."""
+        """Draw the Hessian samples of both stages and build the damped operators.
+
+        Args:
+            pretrain_data: the pretraining examples (the ones scored).
+            finetune_data: the finetuning examples.
+
+        Returns:
+            ``self``, fitted.
+        """
         pre = self._data(pretrain_data, "pretraining data")
         ft = self._data(finetune_data, "finetuning data")
+        pre_task, ft_task = self.pretrain_task, self.finetune_task
         pre_sample = hessian_sample(
             pre,
             self.hessian_samples,
@@ -236,44 +275,15 @@ class MultiStageInfluence(InfluenceEstimator):
             self.pre_params,
             "pretraining",
             self.distributed,
-            self.pretrain_forward,
+            pre_task,
             self.pretrained,
-            self.pretrain_loss,
         )
         ft_n = self.finetune_hessian_samples or self.hessian_samples
         ft_sample = hessian_sample(
-            ft,
-            ft_n,
-            self.seed + 1,
-            self.ft_params,
-            "finetuning",
-            self.distributed,
-            self.finetune_forward,
-            self.finetuned,
-            self.finetune_loss,
+            ft, ft_n, self.seed + 1, self.ft_params, "finetuning", self.distributed, ft_task, self.finetuned
         )
-        self.pre_objective = Objective(
-            self.pretrained,
-            self.pretrain_loss,
-            self.pre_params,
-            chunk_size=self.batch_size,
-            forward=self.pretrain_forward,
-            ad_mode=self.ad_mode,
-            hvp_mode=self.hvp_mode,
-            graph_budget=self.graph_budget,
-            **pre_sample,
-        )
-        self.ft_objective = Objective(
-            self.finetuned,
-            self.finetune_loss,
-            self.ft_params,
-            chunk_size=self.batch_size,
-            forward=self.finetune_forward,
-            ad_mode=self.ad_mode,
-            hvp_mode=self.hvp_mode,
-            graph_budget=self.graph_budget,
-            **ft_sample,
-        )
+        self.pre_objective = self._objective(self.pretrained, pre_task, self.pre_params, pre_sample)
+        self.ft_objective = self._objective(self.finetuned, ft_task, self.ft_params, ft_sample)
         # a damping given by rule starts at 0 and is resolved once the operators exist
         initial = {k: 0.0 if isinstance(v, str) else float(v) for k, v in self._requested_damping.items()}
         self.pretrain_damping, self.finetune_damping = initial["pretrain"], initial["finetune"]
@@ -293,8 +303,8 @@ class MultiStageInfluence(InfluenceEstimator):
         self.ft_operator = CurvatureOperator(
             ft_objective, ft_block, self._finetune_shift(self.finetune_damping), self.gauss_newton
         )
-        self._per_example = PerExample(
-            self.pretrained, self.pretrain_loss, self.pre_params, self.pre_block, self.pretrain_forward, self.ad_mode
+        self._per_example = PerExample.from_task(
+            self.pretrained, pre_task, self.pre_params, self.pre_block, self.ad_mode
         )
         self._fitted_on(pre)
         # the finetune stage first: its damping changes the pretraining right-hand side
@@ -307,6 +317,16 @@ class MultiStageInfluence(InfluenceEstimator):
             self.heuristic_fraction,
         )
         return self
+
+    @property
+    def pretrain_task(self) -> Task:
+        """The pretrained model's forward and loss as one :class:`~lissa_influence.task.Task`."""
+        return Task(self.pretrain_loss, self.pretrain_forward)
+
+    @property
+    def finetune_task(self) -> Task:
+        """The finetuned model's forward and loss as one :class:`~lissa_influence.task.Task`."""
+        return Task(self.finetune_loss, self.finetune_forward)
 
     def _finetune_shift(self, damping: float) -> float | torch.Tensor:
         """The finetune operator's shift: ``λ_ft``, plus ``2α`` on the W block when the embedding is
@@ -330,7 +350,7 @@ class MultiStageInfluence(InfluenceEstimator):
     def _head(self) -> tuple[Objective, ParamBlock] | None:
         """The head-only finetune objective (fixed mode), in float64 when it will be solved exactly."""
         # an approximation chosen for every inverse (identity ablation, EK-FAC) is kept for this one too
-        chosen_approximation = getattr(self.solver, "approximate", False) and self.exact_finetune is not True
+        chosen_approximation = is_approximate(self.solver) and self.exact_finetune is not True
         exact = self.finetune_solver is None and self.exact_finetune is not False and not chosen_approximation
         fits = self.Theta.numel <= self.exact_max_params
         if self.exact_finetune is True and not (exact and fits):
@@ -388,19 +408,21 @@ class MultiStageInfluence(InfluenceEstimator):
     # query_vectors runs the three steps below; they are public so that solver
     # benchmarks (lissa_influence.experiments.accuracy) can run each solve on its own.
     def test_gradients(self, test_data: DataLike | Source, mean: bool = False) -> torch.Tensor:
-        """``∇_{(W,Θ)} ℓ`` at the finetuned parameters, ``[k, |W|+|Θ|]`` (one row per test
-        point, or one row for the mean test loss)."""
+        """``∇_{(W,Θ)} ℓ`` at the finetuned parameters.
+
+        Args:
+            test_data: the test examples.
+            mean: one row, the mean test loss, instead of one per test point.
+
+        Returns:
+            ``[k, |W|+|Θ|]``.
+        """
         self._check_fitted()
         test = self._data(test_data, "test data")
         with eval_mode(self.pretrained, self.finetuned):
             g = loss_gradients(
-                PerExample(
-                    self.finetuned,
-                    self.finetune_loss,
-                    self.ft_params,
-                    self.W + self.Theta,
-                    self.finetune_forward,
-                    self.ad_mode,
+                PerExample.from_task(
+                    self.finetuned, self.finetune_task, self.ft_params, self.W + self.Theta, self.ad_mode
                 ),
                 test,
                 self.batch_size,
@@ -409,13 +431,29 @@ class MultiStageInfluence(InfluenceEstimator):
         return self._same_on_all_ranks(g)
 
     def finetune_rhs(self, g: torch.Tensor) -> torch.Tensor:
-        """The right-hand side of the finetune solve: ``∇_Θ ℓ`` (fixed) or ``∇_{(W,Θ)} ℓ`` (updated)."""
+        """The right-hand side of the finetune solve.
+
+        Args:
+            g: test gradients (:meth:`test_gradients`).
+
+        Returns:
+            ``∇_Θ ℓ`` (fixed) or ``∇_{(W,Θ)} ℓ`` (updated), one row per query.
+        """
         check_rows("g (test gradients)", g, self.W.numel + self.Theta.numel)
         return g[:, self.W.numel :] if self.mode == "fixed" else g
 
     def pretrain_rhs(self, v: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """``[u; 0]`` on the pretraining block from the finetune solution ``v``:
-        ``u = ∇_W ℓ − (∇²_WΘ F) v`` (fixed) or ``u = 2α [v]_W`` (updated)."""
+        """``[u; 0]`` on the pretraining block from the finetune solution ``v``.
+
+        ``u = ∇_W ℓ − (∇²_WΘ F) v`` (fixed) or ``u = 2α [v]_W`` (updated).
+
+        Args:
+            v: the finetune solution, one row per query.
+            g: test gradients (:meth:`test_gradients`).
+
+        Returns:
+            One row per query on the pretraining block.
+        """
         check_rows("v (finetune solution)", v, self.ft_block.numel)
         check_rows("g (test gradients)", g, self.W.numel + self.Theta.numel)
         if self.mode == "fixed":

@@ -16,6 +16,15 @@ def progress_bar(total: int | None = None, desc: str = "", enabled: bool = True,
     file or a pipe the erasing carriage returns would leave a half line in front of
     whatever is printed next, so there every bar ends its own line instead, and redraws
     at most every 10 seconds.
+
+    Args:
+        total: the count the bar runs to.
+        desc: its label.
+        enabled: show it.
+        **kwargs: more tqdm settings.
+
+    Returns:
+        The bar.
     """
     live = sys.stderr.isatty() or "ipykernel" in sys.modules
     kwargs.setdefault("mininterval", 0.1 if live else 10.0)  # a log file gets a line every 10 s, not 10 a second

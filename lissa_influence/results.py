@@ -58,7 +58,14 @@ class ResultsMismatchError(ValueError):
 
 
 def config_hash(config: Mapping[str, Any]) -> str:
-    """A stable hash of a (JSON-serialisable) configuration."""
+    """A stable hash of a (JSON-serialisable) configuration.
+
+    Args:
+        config: the configuration.
+
+    Returns:
+        A hex digest.
+    """
     text = json.dumps(config, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -73,7 +80,15 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def config_diff(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
-    """``key: old -> new`` for every differing leaf of two nested configs."""
+    """``key: old -> new`` for every differing leaf of two nested configs.
+
+    Args:
+        a: the old configuration.
+        b: the new one.
+
+    Returns:
+        One line per differing key (dotted), sorted.
+    """
     fa, fb = _flatten(a), _flatten(b)
     return [
         f"{k}: {fa.get(k, '<absent>')!r} -> {fb.get(k, '<absent>')!r}"
@@ -111,6 +126,15 @@ class ShardStore:
     (naming the differing keys when the manifest holds the config); a new folder gets a
     fresh manifest. Single-process file logic: under torch.distributed only rank 0
     opens a store (see :func:`resumable_scores`).
+
+    Args:
+        root: the folder.
+        config_hash: the hash of the run's configuration.
+        n: scored examples.
+        k: queries.
+        shard_size: examples per shard.
+        config: the configuration, to name differing keys in a refusal.
+        dtype: the scores' dtype.
     """
 
     def __init__(
@@ -159,6 +183,14 @@ class ShardStore:
     # -- manifest -------------------------------------------------------------------
     @staticmethod
     def read_manifest(root: str | os.PathLike[str]) -> dict[str, Any] | None:
+        """The manifest of the store at ``root``.
+
+        Args:
+            root: the store's folder.
+
+        Returns:
+            The manifest, or None where there is none.
+        """
         path = Path(root) / MANIFEST
         if not path.exists():
             return None
@@ -172,8 +204,19 @@ class ShardStore:
     def check_folder(
         cls, root: str | os.PathLike[str], config_hash: str, config: Mapping[str, Any] | None = None
     ) -> bool:
-        """Fail early (before any training) if ``root`` holds results of another config;
-        True when there is something to resume."""
+        """Fail early (before any training) if ``root`` holds results of another config.
+
+        Args:
+            root: the store's folder.
+            config_hash: the hash of this run's configuration.
+            config: the configuration, to name the differing keys.
+
+        Returns:
+            True when there is something to resume.
+
+        Raises:
+            ResultsMismatchError: the folder was written for another configuration.
+        """
         existing = cls.read_manifest(root)
         if existing is not None and existing.get("config_hash") != config_hash:
             raise ResultsMismatchError(cls._mismatch_message(Path(root), existing, config_hash, config))
@@ -204,7 +247,7 @@ class ShardStore:
             )
         if m.get("config_hash") != self.config_hash:
             raise ResultsMismatchError(self._mismatch_message(self.root, m, self.config_hash, config))
-        for key in ("n", "k", "shard_size", "dtype"):
+        for key in ("n", "k", "shard_size", "dtype"):  # getattr on own attributes, by key name: not contract probing
             if m.get(key) != getattr(self, key):
                 raise ResultsMismatchError(
                     f"{self.root} was written with {key}={m.get(key)!r}, this run has {key}={getattr(self, key)!r} "
@@ -218,11 +261,27 @@ class ShardStore:
 
     # -- shards -----------------------------------------------------------------------
     def bounds(self, i: int) -> tuple[int, int]:
+        """The examples of shard ``i``.
+
+        Args:
+            i: the shard's index.
+
+        Returns:
+            ``(start, stop)``.
+        """
         if not 0 <= i < self.num_shards:
             raise IndexError(f"shard {i} out of range 0..{self.num_shards - 1}")
         return i * self.shard_size, min((i + 1) * self.shard_size, self.n)
 
     def shard_file(self, i: int) -> Path:
+        """The file of shard ``i``.
+
+        Args:
+            i: the shard's index.
+
+        Returns:
+            Its path.
+        """
         return self.root / f"shard_{i:05d}.npy"
 
     @property
@@ -230,8 +289,14 @@ class ShardStore:
         return sorted(self.manifest["complete"])
 
     def pending(self) -> list[int]:
-        """Shards still to compute: not listed as complete, or whose file fails
-        :meth:`verify` (then dropped from the manifest, with a warning naming the file)."""
+        """Shards still to compute.
+
+        Not listed as complete, or whose file fails :meth:`verify` (then dropped from the
+        manifest, with a warning naming the file).
+
+        Returns:
+            Their indices, in order.
+        """
         done = set()
         for i in self.manifest["complete"]:
             problem = self.verify(i)
@@ -245,8 +310,15 @@ class ShardStore:
         return [i for i in range(self.num_shards) if i not in done]
 
     def verify(self, i: int) -> str | None:
-        """None for a shard file that is there, whole (the checksum written with it), of
-        the shape the manifest gives and finite; else what is wrong with it."""
+        """What is wrong with the file of shard ``i``, if anything.
+
+        Args:
+            i: the shard's index.
+
+        Returns:
+            None for a file that is there, whole (the checksum written with it), of the shape
+            the manifest gives and finite; else what is wrong with it.
+        """
         path = self.shard_file(i)
         if not path.is_file():
             return "is missing"
@@ -265,6 +337,12 @@ class ShardStore:
         return None
 
     def write(self, i: int, scores: np.ndarray | torch.Tensor) -> None:
+        """Write shard ``i`` (atomically, with its checksum) and mark it complete.
+
+        Args:
+            i: the shard's index.
+            scores: ``[k, stop − start]``.
+        """
         lo, hi = self.bounds(i)
         a = scores.detach().cpu().numpy() if torch.is_tensor(scores) else np.asarray(scores)
         a = np.ascontiguousarray(a, dtype=self.dtype)
@@ -276,11 +354,23 @@ class ShardStore:
         self._save_manifest()
 
     def read(self, i: int) -> np.ndarray:
+        """The scores of shard ``i``.
+
+        Args:
+            i: the shard's index.
+
+        Returns:
+            ``[k, stop − start]``.
+        """
         array: np.ndarray = np.load(self.shard_file(i))
         return array
 
     def assemble(self) -> np.ndarray:
-        """All scores ``[k, n]``; every shard must be complete."""
+        """All scores; every shard must be complete.
+
+        Returns:
+            ``[k, n]``.
+        """
         missing = self.pending()
         if missing:
             raise RuntimeError(f"{self.root}: shards {missing[:10]} are not computed yet")
@@ -288,6 +378,12 @@ class ShardStore:
 
     # -- query vectors ------------------------------------------------------------------
     def save_query_vectors(self, s: np.ndarray | torch.Tensor, info: Mapping[str, Any] | None = None) -> None:
+        """Keep the query vectors and their solve diagnostics with the store.
+
+        Args:
+            s: ``[k, P]``.
+            info: the solve diagnostics.
+        """
         a = s.detach().cpu().numpy() if torch.is_tensor(s) else np.asarray(s)
         _save_json(self.root / SOLVE_INFO, dict(info or {}))
         _save_npy(self.root / QUERY_VECTORS, np.ascontiguousarray(a))
@@ -300,7 +396,11 @@ class ShardStore:
         self._save_manifest()
 
     def load_query_vectors(self) -> tuple[np.ndarray, dict[str, Any]] | None:
-        """The saved ``s`` and its solve diagnostics, or None when not saved yet."""
+        """The saved query vectors and their solve diagnostics.
+
+        Returns:
+            ``(s, info)``, or None when not saved yet.
+        """
         if not self.manifest.get("query_vectors") or not (self.root / QUERY_VECTORS).exists():
             return None
         info_path = self.root / SOLVE_INFO
@@ -320,18 +420,30 @@ def resumable_scores(
     on_shard: Callable[[int, int, int], None] | None = None,
     on_solved: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-    """Query vectors and scores of a fitted estimator (:class:`~lissa_influence.MultiStageInfluence`
-    or :class:`~lissa_influence.Influence`), kept in a :class:`ShardStore` at ``root``.
+    """Query vectors and scores of a fitted estimator, kept in a :class:`ShardStore` at ``root``.
 
     Loads ``s`` from the store or solves (``estimator.query_vectors(test_data, mean)``)
     and saves it; then scores every shard not yet complete
-    (``estimator.scores_from(s, data, start, stop)``; ``data`` defaults to the
-    estimator's ``scored_data``) and writes it as soon as it is done. Returns
-    ``(s, scores [k, n], info)`` with ``info`` holding the solve diagnostics and what was
-    resumed. Under torch.distributed every rank must call it (the solves and the scoring
-    are collective); only rank 0 touches the files. ``on_shard(index, start, stop)`` is
-    called after each shard is written; ``on_solved(diagnostics)`` after the solve (or
-    its reload) and before any scoring, to refuse a solve that is not good enough.
+    (``estimator.scores_from(s, data, start, stop)``) and writes it as soon as it is done.
+    Under torch.distributed every rank must call it (the solves and the scoring are
+    collective); only rank 0 touches the files.
+
+    Args:
+        estimator: a fitted :class:`~lissa_influence.MultiStageInfluence` or
+            :class:`~lissa_influence.Influence`.
+        test_data: the test examples.
+        root: the store's folder.
+        config_hash: the hash of the run's configuration (a store of another is refused).
+        shard_size: examples per shard.
+        mean: one query, the mean test loss.
+        data: the examples to score (None: the estimator's ``scored_data``).
+        config: the configuration, to name differing keys in a refusal.
+        on_shard: called as ``on_shard(index, start, stop)`` after each shard is written.
+        on_solved: called with the solve diagnostics after the solve (or its reload) and
+            before any scoring, to refuse a solve that is not good enough.
+
+    Returns:
+        ``(s, scores [k, n], info)``, ``info`` holding the solve diagnostics and what was resumed.
     """
     if not estimator.is_fitted:
         raise RuntimeError("call fit(...) on the estimator before resumable_scores")

@@ -29,10 +29,10 @@ from torch import nn
 from torch.func import grad, jvp, vmap
 
 from .batching import Batch, SizedDataset, iter_batches
-from .curvature import ADMode, autograd_grad, load_forward_ad, no_forward_ad, reason, saved_tensor_hooks
+from .objective import ADMode, autograd_grad, load_forward_ad, no_forward_ad, reason, saved_tensor_hooks
 from .params import ParamBlock, Params
 from .progress import progress_bar
-from .task import Forward, LossFn, check_batch, check_labels, cross_entropy, mean_loss, outputs, probe
+from .task import Forward, LossFn, Task, check_batch, check_labels, cross_entropy, mean_loss, outputs, probe
 
 ScoringMethod = Literal["auto", "jvp", "grad"]
 
@@ -51,6 +51,15 @@ class PerExample:
     differentiate (gradient checkpointing) gets them from ``torch.autograd``; all with the
     same results, up to rounding. ``fallbacks`` records which of them happened and why
     (``"loop"``, ``"reverse"``, ``"autograd"``).
+
+    Args:
+        model: the model.
+        loss_fn: the loss.
+        params: every trainable parameter, by name.
+        block: the block the gradients are taken in.
+        forward: the model's forward (None: ``model(x)``).
+        ad_mode: ``"auto"``, ``"forward"`` or ``"reverse"``.
+        fallbacks: what ran otherwise than asked, and why (filled as it runs).
     """
 
     model: nn.Module
@@ -62,6 +71,29 @@ class PerExample:
     fallbacks: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
     _worked: set[str] = field(default_factory=set, compare=False, repr=False)  # paths that ran once: no fallback
     _seen: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)  # a probe's outputs, per dataset
+
+    @classmethod
+    def from_task(
+        cls, model: nn.Module, task: Task, params: Params, block: ParamBlock, ad_mode: ADMode = "auto"
+    ) -> PerExample:
+        """The per-example losses of ``task`` (its forward and loss) for ``model`` at ``params``.
+
+        Args:
+            model: the model.
+            task: the forward and the loss.
+            params: every trainable parameter, by name.
+            block: the block the gradients are taken in.
+            ad_mode: forward- or reverse-mode derivatives (:data:`~lissa_influence.objective.ADMode`).
+
+        Returns:
+            The :class:`PerExample`.
+        """
+        return cls(model, task.loss, params, block, task.forward, ad_mode)
+
+    @property
+    def task(self) -> Task:
+        """The forward and the loss as one :class:`~lissa_influence.task.Task`."""
+        return Task(self.loss_fn, self.forward)
 
     def _loss_one(self, flat: torch.Tensor, example: Any, pair: bool) -> torch.Tensor:
         """The loss of one example (its tensors without the batch dimension, as ``vmap`` passes them)."""
@@ -96,7 +128,15 @@ class PerExample:
             return result
 
     def losses(self, flat: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """``[B]``: each example's loss."""
+        """Each example's loss.
+
+        Args:
+            flat: the block's parameters as one flat vector.
+            batch: the examples.
+
+        Returns:
+            ``[B]``.
+        """
         return self._per_example(
             lambda: vmap(partial(self._loss_one, pair=batch.pair), in_dims=(None, 0))(flat, batch.tree),
             lambda i: self._loss_of(flat, batch.select(slice(i, i + 1))),
@@ -104,7 +144,14 @@ class PerExample:
         )
 
     def gradients(self, batch: Batch) -> torch.Tensor:
-        """``[B, P]``: the gradient of each example's loss."""
+        """The gradient of each example's loss in the block.
+
+        Args:
+            batch: the examples.
+
+        Returns:
+            ``[B, P]``.
+        """
         theta = self.block.flatten(self.params)
         if "autograd" not in self.fallbacks:
             try:
@@ -127,7 +174,18 @@ class PerExample:
     def directional(
         self, batch: Batch, S: torch.Tensor, method: ScoringMethod = "auto", jvp_max_queries: int = 3
     ) -> torch.Tensor:
-        """``[k, B]``: ``S[i]ᵀ ∇loss(example j)``."""
+        """``S[i]ᵀ ∇loss(example j)``.
+
+        Args:
+            batch: the examples.
+            S: ``[k, P]`` directions (query vectors).
+            method: ``"jvp"`` (forward-mode directional derivatives), ``"grad"`` (per-example
+                gradients) or ``"auto"`` (jvp up to ``jvp_max_queries`` directions).
+            jvp_max_queries: where ``"auto"`` changes to per-example gradients.
+
+        Returns:
+            ``[k, B]``.
+        """
         if method == "auto":
             method = "jvp" if S.shape[0] <= jvp_max_queries else "grad"
         if method not in ("jvp", "grad"):
@@ -149,7 +207,17 @@ class PerExample:
 
 
 def loss_gradients(per_example: PerExample, data: SizedDataset, batch_size: int, mean: bool) -> torch.Tensor:
-    """Gradients of the test losses ``[n_test, P]``, or ``[1, P]`` of their mean."""
+    """Gradients of the test losses.
+
+    Args:
+        per_example: the losses.
+        data: the test examples.
+        batch_size: examples per batch.
+        mean: the gradient of their mean instead.
+
+    Returns:
+        ``[n_test, P]``, or ``[1, P]`` of their mean.
+    """
     dtype, device = _dtype_device(per_example.params)
     rows: list[torch.Tensor] = []
     for b in iter_batches(data, batch_size, dtype, device):
@@ -175,8 +243,24 @@ def score_dataset(
     stop: int | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
-    """``[k, n]``: ``S[i]ᵀ ∇loss(z_j)`` for every example ``z_j`` of ``data[start:stop]``,
-    streamed in batches so memory does not grow with ``n``."""
+    """``S[i]ᵀ ∇loss(z_j)`` for every example ``z_j`` of ``data[start:stop]``.
+
+    Streamed in batches, so memory does not grow with ``n``.
+
+    Args:
+        per_example: the losses.
+        data: the examples to score.
+        S: ``[k, P]`` query vectors.
+        batch_size: examples per batch.
+        method: as :meth:`PerExample.directional`.
+        jvp_max_queries: as :meth:`PerExample.directional`.
+        start: the first example.
+        stop: one past the last (None: the end).
+        progress: show a progress bar.
+
+    Returns:
+        ``[k, stop − start]``.
+    """
     dtype, device = _dtype_device(per_example.params)
     S = S.to(dtype=dtype, device=device)
     stop = len(data) if stop is None else stop
@@ -208,9 +292,7 @@ def _check(per_example: PerExample, batch: Batch, what: str, first: bool) -> Non
     default cross-entropy, against the classes the first one showed."""
     check_batch(batch, per_example.forward, what)
     if first:
-        per_example._seen[what] = probe(
-            per_example.model, per_example.params, batch, per_example.forward, per_example.loss_fn, what
-        )
+        per_example._seen[what] = probe(per_example.model, per_example.params, batch, per_example.task, what)
     elif per_example.forward is None and per_example.loss_fn is cross_entropy and what in per_example._seen:
         check_labels(batch, per_example._seen[what], what)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -74,7 +75,74 @@ class LossWarning(UserWarning):
 
 
 def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The mean cross-entropy of ``outputs`` (logits ``[B, C]``) against class indices ``targets``.
+
+    Args:
+        outputs: the logits.
+        targets: the class of each example, ``[B]``.
+
+    Returns:
+        The mean loss, a scalar.
+
+    Example:
+        >>> import torch
+        >>> float(cross_entropy(torch.zeros(2, 4), torch.tensor([0, 3]))) == float(torch.log(torch.tensor(4.0)))
+        True
+    """
     return nn.functional.cross_entropy(outputs, targets)
+
+
+@dataclass(frozen=True)
+class Task:
+    """The contract between a model and its loss: how a batch becomes outputs, and their mean loss.
+
+    One object that :class:`~lissa_influence.objective.Objective`,
+    :class:`~lissa_influence.scoring.PerExample`, :func:`probe` and the estimators take in
+    place of a separate ``forward`` and ``loss`` (:mod:`lissa_influence.hf`'s ``Task`` has
+    the same two members).
+
+    Args:
+        loss: ``loss(outputs, y)`` for ``(x, y)`` items with no ``forward``, else
+            ``loss(outputs, batch)``; the mean over the batch's examples.
+        forward: ``forward(model, batch) -> outputs`` (None: ``model(x)`` on ``(x, y)`` pairs).
+
+    Example:
+        >>> import torch
+        >>> from lissa_influence.batching import Batch
+        >>> model = torch.nn.Linear(3, 2)
+        >>> batch = Batch(torch.zeros(4, 3), torch.zeros(4, dtype=torch.long))
+        >>> Task().mean_loss(model, dict(model.named_parameters()), batch).shape
+        torch.Size([])
+    """
+
+    loss: LossFn = cross_entropy
+    forward: Forward | None = None
+
+    def outputs(self, model: nn.Module, params: Mapping[str, torch.Tensor], batch: Batch) -> Any:
+        """The model's outputs on ``batch`` with ``params`` in place of its own (:func:`outputs`).
+
+        Args:
+            model: the model.
+            params: parameters (and buffers) to substitute, by name.
+            batch: the batch.
+
+        Returns:
+            Whatever ``forward`` (or ``model(x)``) returns.
+        """
+        return outputs(model, params, batch, self.forward)
+
+    def mean_loss(self, model: nn.Module, params: Mapping[str, torch.Tensor], batch: Batch) -> torch.Tensor:
+        """The mean loss of ``model`` at ``params`` over ``batch``.
+
+        Args:
+            model: the model.
+            params: parameters (and buffers) to substitute, by name.
+            batch: the batch.
+
+        Returns:
+            The loss, a scalar.
+        """
+        return mean_loss(self.loss, self.outputs(model, params, batch), batch, self.forward)
 
 
 class _Call(nn.Module):
@@ -90,7 +158,13 @@ class _Call(nn.Module):
 
 
 def check_batch(batch: Batch, forward: Forward | None, what: str) -> None:
-    """A batch that the default forward cannot take fails here, saying what it received."""
+    """A batch that the default forward cannot take fails here, saying what it received.
+
+    Args:
+        batch: the batch.
+        forward: the user's forward (None: ``model(x)``).
+        what: the data, in the error.
+    """
     if forward is None and not batch.pair:
         raise TypeError(
             f"{what}: the items batch to {describe(batch.x)}, not (x, y) pairs, so the default forward model(x) "
@@ -101,10 +175,19 @@ def check_batch(batch: Batch, forward: Forward | None, what: str) -> None:
 
 
 def cast_state(model: nn.Module, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The model's floating buffers (BatchNorm statistics) and frozen parameters in the dtype
-    of ``params`` where ``params`` are a cast of its parameters (``dtype=torch.float64`` on a
-    float32 model), else nothing: a layer cannot mix the two dtypes. Cast at each call, so
-    that they stay the model's own."""
+    """The model's floating buffers and frozen parameters in the dtype of ``params``.
+
+    Where ``params`` are a cast of its parameters (``dtype=torch.float64`` on a float32
+    model): a layer cannot mix the two dtypes. Cast at each call, so that they stay the
+    model's own.
+
+    Args:
+        model: the model.
+        params: the parameters used in its place.
+
+    Returns:
+        The cast tensors by name (nothing where no cast is needed).
+    """
     name, p = next(iter(params.items()), (None, None))
     if name is None or p is None or not p.is_floating_point():
         return {}
@@ -119,9 +202,20 @@ def cast_state(model: nn.Module, params: Mapping[str, torch.Tensor]) -> dict[str
 
 
 def outputs(model: nn.Module, params: Mapping[str, torch.Tensor], batch: Batch, forward: Forward | None) -> Any:
-    """The model's outputs on ``batch`` with ``params`` in place of its own (and its float
-    buffers and frozen parameters in their dtype, where that differs from the model's:
-    :func:`cast_state`)."""
+    """The model's outputs on ``batch`` with ``params`` in place of its own.
+
+    Its float buffers and frozen parameters in their dtype, where that differs from the
+    model's (:func:`cast_state`).
+
+    Args:
+        model: the model.
+        params: parameters (and buffers) to substitute, by name.
+        batch: the batch.
+        forward: the user's forward (None: ``model(x)``).
+
+    Returns:
+        Whatever the forward returns.
+    """
     tensors = {**cast_state(model, params), **params}
     if forward is None:
         return functional_call(model, tensors, (batch.x,))
@@ -130,20 +224,35 @@ def outputs(model: nn.Module, params: Mapping[str, torch.Tensor], batch: Batch, 
 
 
 def mean_loss(loss_fn: LossFn, out: Any, batch: Batch, forward: Forward | None) -> torch.Tensor:
-    """``loss(outputs, y)`` for pairs with the default forward, ``loss(outputs, batch)`` otherwise."""
+    """``loss(outputs, y)`` for pairs with the default forward, ``loss(outputs, batch)`` otherwise.
+
+    Args:
+        loss_fn: the loss.
+        out: the model's outputs.
+        batch: the batch.
+        forward: the user's forward (None: ``model(x)``).
+
+    Returns:
+        The mean loss.
+    """
     return loss_fn(out, batch.y if forward is None else batch.tree)
 
 
-def probe(
-    model: nn.Module,
-    params: Mapping[str, torch.Tensor],
-    batch: Batch,
-    forward: Forward | None,
-    loss_fn: LossFn,
-    what: str,
-) -> Any:
+def probe(model: nn.Module, params: Mapping[str, torch.Tensor], batch: Batch, task: Task, what: str) -> Any:
     """One forward pass and loss on the first example of ``batch``, so that data the model or
-    the loss cannot take fails by name here, not deep inside torch; the outputs."""
+    the loss cannot take fails by name here, not deep inside torch.
+
+    Args:
+        model: the model.
+        params: its parameters, by name.
+        batch: the data (its first example is run).
+        task: the forward and the loss.
+        what: the data, in errors.
+
+    Returns:
+        The model's outputs on the first example.
+    """
+    forward, loss_fn = task.forward, task.loss
     one = batch.select(slice(0, 1))
     try:
         out = outputs(model, params, one, forward)
@@ -287,7 +396,13 @@ def check_loss_of_outputs(out: Any, loss_fn: LossFn, batch: Batch, forward: Forw
 
 
 def check_labels(batch: Batch, out: Any, what: str) -> None:
-    """Class labels for the default cross-entropy: integers in ``[0, classes)``."""
+    """Class labels for the default cross-entropy: integers in ``[0, classes)``.
+
+    Args:
+        batch: the batch.
+        out: the model's outputs on it (their last dimension counts the classes).
+        what: the data, in the error.
+    """
     y = batch.y
     if not isinstance(y, torch.Tensor) or not isinstance(out, torch.Tensor) or out.dim() != 2:
         return

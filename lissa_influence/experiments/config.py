@@ -445,7 +445,8 @@ def _check_calibration(cfg: Any) -> None:
 
 
 def _check_validate(v: Any) -> None:
-    if getattr(v, "test_index", None) is not None:  # the old spelling: fail rather than validate another point
+    # getattr on a config object by a key name (the old spelling): fail rather than validate another point
+    if getattr(v, "test_index", None) is not None:
         new = "mean" if v.test_index < 0 else v.test_index
         raise ValueError(
             f"validate.test_index was replaced by validate.test_point: write validate.test_point={new} "

@@ -123,7 +123,7 @@ class TwoStageData:
             "name": self.name,
             "pretrain_classes": list(self.pretrain_classes),
             "finetune_classes": list(self.finetune_classes),
-            "sizes": {
+            "sizes": {  # getattr on own fields, by name: not contract probing
                 split: len(getattr(self, split))
                 for split in ("pretrain_train", "pretrain_test", "finetune_train", "finetune_test")
             },
@@ -209,7 +209,7 @@ def _check_config(cfg: DataConfig) -> None:
         raise ValueError(
             f"data.image_size must be a positive size in pixels or null (native size), got {cfg.image_size}"
         )
-    for what in ("finetune_subsample", "test_per_stage"):
+    for what in ("finetune_subsample", "test_per_stage"):  # a config object, by key name: not contract probing
         value = getattr(cfg, what)
         if value is not None and value < 1:
             raise ValueError(f"data.{what} must be a positive count or null (keep all), got {value}")

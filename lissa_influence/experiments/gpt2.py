@@ -8,7 +8,7 @@ downloaded; the models are built from configs. Needs ``pip install ".[hf]"``.
 
 ``lissa-influence experiment=gpt2_text`` runs it (``analysis.name=gpt2``), writing
 ``scores_fixed.npy``, ``scores_updated.npy`` and ``gpt2.json``; docs/usage.md shows the same
-steps as library calls, and tests/test_hf.py runs them.
+steps as library calls, and tests/lib/test_hf.py runs them.
 """
 
 from __future__ import annotations

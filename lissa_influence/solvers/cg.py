@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 import torch
 
-from ..operators import DampedOperator, DerivedOperator, LinearOperator, OperatorLike, aslinearoperator, damping_key
+from ..operators import DampedOperator, DerivedOperator, FisherType, LinearOperator, OperatorLike, damping_key
 from .base import (
     Callback,
     DivergenceError,
@@ -18,15 +18,15 @@ from .base import (
     NotConvergedError,
     SolveInfo,
     SolverWarning,
-    as_stack,
+    accepts_matvec,
     at_least_one,
     check_fisher,
-    check_rhs,
     non_negative,
+    open_solve,
     rownorm,
 )
 from .deflation import Balancing, Deflated, Harvester, Recording, Subspace, operator_key
-from .preconditioners import Diagonal, Kronecker, Nystrom, Preconditioner
+from .preconditioners import Diagonal, Kronecker, NamedPreconditioner, Nystrom, Preconditioner
 
 
 @dataclass
@@ -65,6 +65,22 @@ class CG:
     instead of asking for a larger ``max_iter``. ``info.residuals`` are ``‖b − Ax‖/‖b‖``
     (the recurrence's where none was computed; the last entry always is computed); a
     split block phase's ``‖M^{-1/2} r‖/‖M^{-1/2} b‖`` are in ``info.extra["split_residuals"]``.
+
+    Args:
+        tol: the relative residual ``‖b − Ax‖/‖b‖`` each right-hand side must reach (0: run
+            every iteration).
+        max_iter: iterations at most.
+        preconditioner: None, ``"jacobi"``, ``"nystrom"``, ``"ekfac"``, ``"kfac"``, a diagonal
+            tensor or a :class:`~lissa_influence.solvers.preconditioners.Preconditioner`.
+        block: block CG for several right-hand sides.
+        stall_iters: block iterations without a new lowest residual before row CG takes over.
+        jacobi_samples: Rademacher probes of the Jacobi diagonal.
+        rank: the Nyström sketch's rank.
+        fisher: the Fisher estimate of Kronecker preconditioners.
+        seed: the seed of the sketches and probes.
+        on_negative_curvature: ``"raise"`` or ``"warn"`` (the row keeps its best iterate).
+        on_not_converged: ``"warn"`` or ``"raise"``.
+        deflate: the size of the subspace recycled across solves (0: no deflation).
     """
 
     tol: float = 1e-6
@@ -74,16 +90,18 @@ class CG:
     stall_iters: int = 50
     jacobi_samples: int = 32
     rank: int = 64
-    fisher: Literal["auto", "type-2", "mc", "empirical"] = "auto"
+    fisher: FisherType = "auto"
     seed: int = 0
     on_negative_curvature: Literal["raise", "warn"] = "raise"
     on_not_converged: Literal["raise", "warn"] = "warn"
     deflate: int = 0
 
     name = "cg"
+    approximate = False  # solves to tol
 
     def __post_init__(self) -> None:
         non_negative("tol", self.tol)  # 0: run every iteration
+        # getattr on this dataclass's own fields, by name: not contract probing
         for key in ("max_iter", "jacobi_samples", "rank"):
             at_least_one(key, getattr(self, key))
         for key, why in (("stall_iters", "0 leaves all to row CG"), ("deflate", "0: no deflation")):
@@ -106,7 +124,9 @@ class CG:
         pc = self.preconditioner
         if pc is None or isinstance(pc, str):
             return pc
-        return "diagonal" if torch.is_tensor(pc) else str(getattr(pc, "name", type(pc).__name__))
+        if torch.is_tensor(pc):
+            return "diagonal"
+        return pc.name if isinstance(pc, NamedPreconditioner) else type(pc).__name__
 
     def _preconditioner(self, op: LinearOperator, like: torch.Tensor) -> tuple[Preconditioner | None, bool]:
         """The preconditioner, and whether this solve built it (a sketch is kept on a
@@ -132,15 +152,26 @@ class CG:
         cache[key] = built
         return built, True
 
+    @accepts_matvec
     def solve(
-        self, matvec: OperatorLike, b: torch.Tensor, callback: Callback | None = None
+        self, A: OperatorLike, b: torch.Tensor, callback: Callback | None = None
     ) -> tuple[torch.Tensor, SolveInfo]:
-        check_rhs(b)
+        """Solve ``A x = b`` (:meth:`lissa_influence.solvers.Solver.solve`).
+
+        Args:
+            A: the operator (symmetric positive definite), a dense matrix or a function ``v ↦ A v``.
+            b: ``[P]`` or a stack ``[k, P]`` of right-hand sides.
+            callback: called as ``callback(x, num_products)`` after each iteration.
+
+        Returns:
+            ``(x, info)``: ``x`` of the shape of ``b``; ``info.extra`` holds the block,
+            preconditioner and deflation diagnostics.
+        """
         start = time.perf_counter()
-        B, single = as_stack(b)
-        op = aslinearoperator(matvec, B)
+        opening = open_solve(A, b)
+        op, B = opening.op, opening.B
         safe_bnorm = _safe(rownorm(B))
-        report = (lambda X, n: callback((X[0] if single else X).clone(), n)) if callback is not None else None
+        report = (lambda X, n: callback(opening.shaped(X).clone(), n)) if callback is not None else None
         pc, built = self._preconditioner(op, B)
         products = pc.products if built and pc is not None else 0
         extra = self._extra(self.block and B.shape[0] > 1, pc, built)
@@ -153,7 +184,7 @@ class CG:
                 op, B, safe_bnorm, pc, products, report, extra
             )
         info = self._finish(rownorm(R) / safe_bnorm, history, it, products, start, negative, stalled, extra)
-        return (X[0] if single else X), info
+        return opening.shaped(X), info
 
     def _iterate(
         self,
@@ -164,11 +195,12 @@ class CG:
         products: int,
         report: Callback | None,
         extra: dict[str, Any],
+        rows: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor, int, int, list[float], list[int], torch.Tensor]:
-        """Block CG (when asked, for several right-hand sides) and then row CG from its iterate,
-        on ``op``; residuals relative to ``safe_bnorm``. Returns ``X``, its true residuals
-        ``B − op(X)``, products, iterations, the residual history, the rows that met negative
-        curvature and a mask of the rows that stagnated."""
+        """Block CG (when asked, for several right-hand sides) and then row CG from its iterate
+        (``rows=False``: block CG only), on ``op``; residuals relative to ``safe_bnorm``. Returns
+        ``X``, its true residuals ``B − op(X)``, products, iterations, the residual history, the
+        rows that met negative curvature and a mask of the rows that stagnated."""
         k = B.shape[0]
         X, R, it = torch.zeros_like(B), B.clone(), 0
         history: list[float] = []
@@ -197,10 +229,11 @@ class CG:
             _finite(R, "the residual after the block iterations")
             true_rel = rownorm(R) / safe_bnorm
             best.checked(X, torch.arange(k), true_rel, claims)
-            if stop is None and bool((true_rel <= self.tol).all()):
-                history.append(float(true_rel.max()))
-                return X, R, products, it, history, [], torch.zeros(k, dtype=torch.bool)
             history.append(float(true_rel.max()))
+            if not rows or (stop is None and bool((true_rel <= self.tol).all())):
+                if stop is not None:
+                    extra["block_stopped"] = stop
+                return X, R, products, it, history, [], torch.zeros(k, dtype=torch.bool)
         X, R, products, it, negative, stalled = self._rows(
             op, B, X, R, pc, safe_bnorm, products, it, history, report, best
         )
@@ -237,35 +270,9 @@ class CG:
             )
         else:
             report_extra["used"] = subspace.size
-            X0 = subspace.coarse(B)
-            if self.block and k > 1:  # block CG on Π A x̃ = Π b: one Krylov space, the small end removed
-                mapped = (lambda Xt, n: report(X0 + subspace.project_t(Xt), n)) if report is not None else None
-                Xt, _, products, it, history, negative, stalled = self._iterate(
-                    Deflated(rec, subspace), subspace.project(B), safe_bnorm, pc, products, mapped, extra
-                )
-                X = X0 + subspace.project_t(Xt)
-            else:
-                X, history, negative, it = X0, [], [], 0
-            # the true residual of x (in exact arithmetic the deflated one): a stale subspace is caught here
-            R = B - rec(X)
-            products += k
-            _finite(R, "the residual of the deflated solution")
-            rel = rownorm(R) / safe_bnorm
-            history.append(float(rel.max()))
-            short = int((rel > self.tol).sum())
-            if short and not negative:
-                # row CG on A itself, preconditioned by the balancing form of the subspace: robust to
-                # rounding and to a subspace that does not fit (it then costs products, never accuracy)
-                if self.block and k > 1:
-                    report_extra["finished_without"] = short
-                best = _Best(B, safe_bnorm)
-                best.checked(X, torch.arange(k), rel, None)
-                X, R, products, it, negative, stalled = self._rows(
-                    rec, B, X, R, Balancing(subspace, pc), safe_bnorm, products, it, history, report, best
-                )
-                X, R, products = best.settle(rec, X, R, products)
-            else:
-                stalled = torch.zeros(k, dtype=torch.bool)
+            X, R, products, it, history, negative, stalled = self._refined(
+                rec, subspace, B, safe_bnorm, pc, products, report, extra, report_extra
+            )
         harvested = harvester.subspace()
         if harvested is not None:
             op.memo[("deflation", key)] = harvested
@@ -274,14 +281,76 @@ class CG:
         extra["deflation"] = report_extra
         return X, R, products, it, history, negative, stalled
 
+    def _refined(
+        self,
+        rec: LinearOperator,
+        subspace: Subspace,
+        B: torch.Tensor,
+        safe_bnorm: torch.Tensor,
+        pc: Preconditioner | None,
+        products: int,
+        report: Callback | None,
+        extra: dict[str, Any],
+        report_extra: dict[str, Any],
+    ) -> tuple[torch.Tensor, torch.Tensor, int, int, list[float], list[int], torch.Tensor]:
+        """Deflated solves of ``A x = B``: block CG on ``Π A x̃ = Π r`` for the current residual
+        ``r`` (iterative refinement: the deflated recurrence attains a residual some orders
+        above the dtype's, a pass on the remainder recovers them), each pass's result checked
+        against ``B − A x``; what is still above ``tol`` after a pass that did not halve it
+        goes to row CG on ``A`` with the balancing preconditioner, which is robust to
+        rounding and to a subspace that does not fit (it then costs products, never accuracy)."""
+        k = B.shape[0]
+        X, R = torch.zeros_like(B), B
+        history: list[float] = []
+        negative: list[int] = []
+        it, passes = 0, 0
+        rel = rownorm(R) / safe_bnorm
+        while self.block and k > 1 and passes < 3 and it < self.max_iter:
+            passes += 1
+            X0 = subspace.coarse(R)
+            mapped = (
+                (lambda Xt, n, base=X + X0: report(base + subspace.project_t(Xt), n)) if report is not None else None
+            )
+            # block iterations only: row CG on the singular Π A meets its null space in rounding
+            Xt, _, products, it, steps, negative, _ = self._iterate(
+                Deflated(rec, subspace), subspace.project(R), safe_bnorm, pc, products, mapped, extra, rows=False
+            )
+            history.extend(steps)
+            X = X + X0 + subspace.project_t(Xt)
+            R = B - rec(X)  # the true residual (in exact arithmetic the deflated one): a stale subspace shows here
+            products += k
+            _finite(R, "the residual of the deflated solution")
+            before, rel = rel, rownorm(R) / safe_bnorm
+            history.append(float(rel.max()))
+            if bool((rel <= self.tol).all()) or bool((rel > 0.5 * before).any()):
+                break
+        report_extra["passes"] = passes
+        if not self.block or k == 1:  # row form: x₀ = Q b, then the balancing rows below
+            X = subspace.coarse(B)
+            R = B - rec(X)
+            products += k
+            rel = rownorm(R) / safe_bnorm
+            history.append(float(rel.max()))
+        short = int((rel > self.tol).sum())
+        if not short or negative:
+            return X, R, products, it, history, negative, torch.zeros(k, dtype=torch.bool)
+        if passes:
+            report_extra["finished_without"] = short
+        best = _Best(B, safe_bnorm)
+        best.checked(X, torch.arange(k), rel, None)
+        X, R, products, it, negative, stalled = self._rows(
+            rec, B, X, R, Balancing(subspace, pc), safe_bnorm, products, it, history, report, best
+        )
+        X, R, products = best.settle(rec, X, R, products)
+        return X, R, products, it, history, negative, stalled
+
     def _extra(self, block: bool, pc: Preconditioner | None, built: bool) -> dict[str, Any]:
         extra: dict[str, Any] = {"block": block, "preconditioner": self.preconditioner_name}
         if pc is not None:
             extra["preconditioner_products"] = pc.products if built else 0  # paid by the solve that built it
-            curvature = getattr(pc, "curvature", None)
-            if curvature is not None:  # Kronecker factors: their one-off fitting cost
-                extra["preconditioner_fit_passes"] = getattr(curvature, "fit_passes", None)
-                extra["preconditioner_fit_seconds"] = getattr(curvature, "fit_seconds", None)
+            if isinstance(pc, Kronecker):  # Kronecker factors: their one-off fitting cost
+                extra["preconditioner_fit_passes"] = pc.curvature.fit_passes
+                extra["preconditioner_fit_seconds"] = pc.curvature.fit_seconds
         return extra
 
     def _rows(
@@ -335,7 +404,7 @@ class CG:
                 )
                 if self.on_negative_curvature == "raise":
                     raise NegativeCurvatureError(msg)
-                warnings.warn(msg + " Those rows keep their best iterate (truncated CG).", SolverWarning, stacklevel=3)
+                warnings.warn(msg + " Those rows keep their best iterate (truncated CG).", SolverWarning, stacklevel=4)
                 active[rows[bad]] = False
                 keep = ~bad
                 rows, AD, dad = rows[keep], AD[keep], dad[keep]
@@ -447,7 +516,7 @@ class CG:
                     msg += "; float32 loses conjugacy here" + ("" if stagnated else ", compute in float64")
             if self.on_not_converged == "raise":
                 raise NotConvergedError(msg)
-            warnings.warn(msg, SolverWarning, stacklevel=3)
+            warnings.warn(msg, SolverWarning, stacklevel=4)
         return info
 
     def _block(

@@ -1,8 +1,9 @@
-"""Direct solvers: the dense matrix from products (:class:`Explicit`) and the identity."""
+"""Direct solvers: the dense matrix from products (:class:`Explicit`), a model operator's
+matrix factored once (:class:`ExactInverse`), and the identity."""
 
 from __future__ import annotations
 
-import dataclasses
+import logging
 import time
 import warnings
 from dataclasses import dataclass
@@ -10,18 +11,23 @@ from typing import Any, Literal
 
 import torch
 
-from ..operators import DenseOperator, LinearOperator, OperatorLike, aslinearoperator
+from ..operators import DenseOperator, LinearOperator, ModelOperator, OperatorLike, aslinearoperator
 from .base import (
     Callback,
     DivergenceError,
     NegativeCurvatureError,
     SolveInfo,
     SolverWarning,
-    as_stack,
+    accepts_matvec,
     at_least_one,
     check_rhs,
+    open_solve,
     rownorm,
 )
+
+__all__ = ["ExactInverse", "Explicit", "Identity"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -43,6 +49,12 @@ class Explicit:
     operators take the blocks as they are. The same matrix, up to rounding: the default
     ``"rows"`` keeps it bit for bit from run to run, which ``"auto"`` (a choice by timing)
     does not.
+
+    Args:
+        method: ``"auto"``, ``"cholesky"``, ``"eigh"`` or ``"lu"``.
+        max_params: the largest operator it forms.
+        block_size: basis vectors per stacked product.
+        basis_products: ``"rows"``, ``"vmap"`` or ``"auto"``.
     """
 
     method: Literal["auto", "cholesky", "eigh", "lu"] = "auto"
@@ -51,6 +63,7 @@ class Explicit:
     basis_products: Literal["auto", "vmap", "rows"] = "rows"
 
     name = "explicit"
+    approximate = False  # a direct solve
 
     def __post_init__(self) -> None:
         if self.method not in ("auto", "cholesky", "eigh", "lu"):
@@ -60,13 +73,22 @@ class Explicit:
         if self.basis_products not in ("auto", "vmap", "rows"):
             raise ValueError(f"basis_products={self.basis_products!r}: use 'auto', 'vmap' or 'rows'")
 
-    def matrix(self, matvec: OperatorLike, size: int, like: torch.Tensor) -> torch.Tensor:
-        """The dense ``[size, size]`` matrix of the operator, in ``like``'s dtype and device."""
-        return self._matrix(matvec, size, like)[0]
+    def matrix(self, A: OperatorLike, size: int, like: torch.Tensor) -> torch.Tensor:
+        """The dense matrix of an operator, from products with basis vectors.
 
-    def _matrix(self, matvec: OperatorLike, size: int, like: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        Args:
+            A: the operator, a dense matrix or a function ``v ↦ A v``.
+            size: its size ``P``.
+            like: a tensor of the dtype and device wanted.
+
+        Returns:
+            ``[size, size]``, symmetrised.
+        """
+        return self._matrix(A, size, like)[0]
+
+    def _matrix(self, A: OperatorLike, size: int, like: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         """The matrix, and how its basis blocks were taken (``basis_products``, for the diagnostics)."""
-        op = aslinearoperator(matvec, like)
+        op = aslinearoperator(A, like)
         if isinstance(op, DenseOperator):
             return op.matrix.to(like), {}
         if size > self.max_params:
@@ -81,17 +103,16 @@ class Explicit:
         return 0.5 * (a + a.T), how  # rows of a symmetric operator; symmetrise the rounding
 
     def _basis_rows(self, op: LinearOperator, blocks: list[torch.Tensor]) -> tuple[list[torch.Tensor], dict[str, Any]]:
-        from ..curvature import CurvatureOperator  # here, not above: curvature imports the solvers (through kfac)
-
-        # Gauss-Newton products take the functional path whatever hvp_mode says: nothing to choose
-        if not (isinstance(op, CurvatureOperator) and op.objective.hvp_mode == "retained") or op.gauss_newton:
+        # a model operator on retained graphs can also take functional (vmapped) products; any other
+        # operator (Gauss-Newton products too: functional whatever hvp_mode says) has nothing to choose
+        vmapped = op.functional_copy() if isinstance(op, ModelOperator) else None
+        if vmapped is None or not isinstance(op, ModelOperator):
             return [op(block) for block in blocks], {}
         mode = self.basis_products
         if mode == "auto" and (len(blocks) < 3 or len(blocks[0]) < 2):
             mode = "rows"  # auto times a block each way, and needs one after them to choose for
         if mode == "rows":
             return [op(block) for block in blocks], {"basis_products": "rows"}
-        vmapped = dataclasses.replace(op, objective=dataclasses.replace(op.objective, hvp_mode="functional"))
         try:
             if mode == "vmap":
                 return [vmapped(block) for block in blocks], {"basis_products": "vmap"}
@@ -108,14 +129,24 @@ class Explicit:
         finally:
             op.num_products += vmapped.num_products  # counted where the caller looks
 
+    @accepts_matvec
     def solve(
-        self, matvec: OperatorLike, b: torch.Tensor, callback: Callback | None = None
+        self, A: OperatorLike, b: torch.Tensor, callback: Callback | None = None
     ) -> tuple[torch.Tensor, SolveInfo]:
-        check_rhs(b)
+        """Solve ``A x = b`` densely (:meth:`lissa_influence.solvers.Solver.solve`).
+
+        Args:
+            A: the operator, a dense matrix or a function ``v ↦ A v``.
+            b: ``[P]`` or a stack ``[k, P]`` of right-hand sides.
+            callback: called once, as ``callback(x, num_products)``.
+
+        Returns:
+            ``(x, info)``; ``info.extra`` holds the factorisation used.
+        """
         start = time.perf_counter()
-        B, single = as_stack(b)
+        opening = open_solve(A, b)
+        op, B = opening.op, opening.B
         size = B.shape[1]
-        op = aslinearoperator(matvec, B)
         a, how = self._matrix(op, size, B)
         if not torch.isfinite(a).all():
             raise DivergenceError("Explicit: the matrix holds NaN or inf; check the damping and the model's parameters")
@@ -136,7 +167,7 @@ class Explicit:
                     "Explicit: the damped Hessian is not positive definite; solving with LU. "
                     "Influence assumes a minimum: add damping or use gauss_newton=True.",
                     SolverWarning,
-                    stacklevel=2,
+                    stacklevel=3,
                 )
                 method = "lu"
         if method == "eigh":
@@ -154,8 +185,8 @@ class Explicit:
         products = 0 if isinstance(op, DenseOperator) else size
         info = SolveInfo("explicit", True, 1, products, time.perf_counter() - start, [resid], extra)
         if callback is not None:
-            callback(X[0] if single else X, products)
-        return (X[0] if single else X), info
+            callback(opening.shaped(X), products)
+        return opening.shaped(X), info
 
 
 @dataclass
@@ -165,10 +196,137 @@ class Identity:
     name = "identity"
     approximate = True  # replaces the inverse by design: the chain keeps it for every stage
 
+    @accepts_matvec
     def solve(
-        self, matvec: OperatorLike, b: torch.Tensor, callback: Callback | None = None
+        self, A: OperatorLike, b: torch.Tensor, callback: Callback | None = None
     ) -> tuple[torch.Tensor, SolveInfo]:
+        """``x = b`` (:meth:`lissa_influence.solvers.Solver.solve`); ``A`` is not used.
+
+        Args:
+            A: the operator (ignored).
+            b: ``[P]`` or a stack ``[k, P]`` of right-hand sides.
+            callback: called once, as ``callback(x, 0)``.
+
+        Returns:
+            ``(b, info)``, a copy of ``b``.
+        """
         check_rhs(b)
         if callback is not None:
             callback(b.clone(), 0)
         return b.clone(), SolveInfo("identity", True, 0, 0, 0.0, [])
+
+
+class ExactInverse:
+    """``(∇²_ΘΘ F + λI)⁻¹`` of a small head, formed densely and factored once (Cholesky;
+    eigenvalues when it is not positive definite), then applied to any number of
+    right-hand sides. The :class:`~lissa_influence.solvers.Solver` the fixed-embedding
+    finetune solve uses by default where the head fits.
+
+    The matrix is the operator's own (:meth:`~lissa_influence.operators.ModelOperator.dense`:
+    the Gauss-Newton Jacobian where the curvature is one, else products with basis vectors),
+    in the operator's dtype; the factor is kept for that operator and damping.
+
+    Args:
+        max_params: refuse operators above this size (the matrix takes ``P²`` entries).
+        block_size: basis vectors per stacked product.
+    """
+
+    name = "exact"
+    approximate = False  # a direct solve
+
+    def __init__(self, max_params: int = 10_000, block_size: int = 256):
+        self.max_params, self.block_size = max_params, block_size
+        self.assembly = ""
+        # the operator it was built for, that operator's damping then, and the factor
+        self._factor: tuple[ModelOperator, torch.Tensor, tuple[str, torch.Tensor, torch.Tensor | None, float, int]]
+        self._factor = None  # type: ignore[assignment]
+
+    def _factorised(self, op: ModelOperator) -> tuple[str, torch.Tensor, torch.Tensor | None, float, int]:
+        damping = torch.as_tensor(op.damping).detach().clone()
+        cached = self._factor
+        if cached is None or cached[0] is not op or not torch.equal(cached[1], damping):
+            t0 = time.perf_counter()
+            n = op.shape[0]
+            if n > self.max_params:
+                raise MemoryError(f"the exact head inverse refuses {n} parameters (limit {self.max_params})")
+            a, self.assembly = op.dense(self.block_size)
+            if not torch.isfinite(a).all():
+                raise DivergenceError("the head's Hessian holds NaN or inf; check the damping and the parameters")
+            chol, info = torch.linalg.cholesky_ex(a)
+            entry: tuple[str, torch.Tensor, torch.Tensor | None, float, int]
+            if int(info) == 0:
+                entry = ("cholesky", chol, None, time.perf_counter() - t0, n)
+            else:  # not positive definite (a head far from its minimum): the pseudo-inverse on |λ|
+                evals, evecs = torch.linalg.eigh(a)
+                log.warning(
+                    "the damped head Hessian is not positive definite (eigenvalues from %.3g); solving on |λ|",
+                    float(evals[0]),
+                )
+                mag = evals.abs()
+                inv = torch.where(mag > torch.finfo(mag.dtype).eps * mag.max(), 1 / mag, torch.zeros_like(mag))
+                entry = ("eigh", evecs, inv, time.perf_counter() - t0, n)
+            self._factor = (op, damping, entry)  # one operator at a time: a refit replaces it
+        return self._factor[2]
+
+    @accepts_matvec
+    def solve(
+        self, A: OperatorLike, b: torch.Tensor, callback: Callback | None = None
+    ) -> tuple[torch.Tensor, SolveInfo]:
+        """Solve ``A x = b`` with the factored matrix (:meth:`lissa_influence.solvers.Solver.solve`).
+
+        Args:
+            A: a :class:`~lissa_influence.operators.ModelOperator` (a
+                :class:`~lissa_influence.curvature.CurvatureOperator`); its matrix is formed
+                (in eval mode) and factored at the first solve.
+            b: ``[P]`` or a stack ``[k, P]`` of right-hand sides.
+            callback: called once, as ``callback(x, num_products)``.
+
+        Returns:
+            ``(x, info)``; ``info.extra`` holds the factorisation and how the matrix was formed.
+        """
+        if not isinstance(A, ModelOperator):
+            raise TypeError("ExactInverse solves a CurvatureOperator (it caches the factor per operator)")
+        op = A
+        start = time.perf_counter()
+        opening = open_solve(A, b)
+        B = opening.B
+        before = self._factor
+        method, f, evals, factor_s, n = self._factorised(op)
+        built = self._factor is not before
+        B64 = B.to(op.dtype)
+        if method == "cholesky":
+            X = torch.cholesky_solve(B64.T, f).T
+        else:
+            assert evals is not None  # here the inverse magnitudes, small ones cut to 0
+            X = ((B64 @ f) * evals) @ f.T
+        resid = float((rownorm(op(X) - B64) / rownorm(B64).clamp_min(torch.finfo(B64.dtype).tiny)).max())
+        X = X.to(B.dtype)
+        # the residual check's products, and what forming the matrix took: n basis-vector
+        # products, or the two that showed the Hessian equals the Gauss-Newton matrix
+        products = B.shape[0] + ((n if self.assembly.startswith("products") else 2) if built else 0)
+        converged = resid <= torch.finfo(op.dtype).eps ** 0.5
+        if not converged:
+            warnings.warn(
+                f"the exact head solve left a relative residual of {resid:.3g} ({method}): the damped head Hessian "
+                "is (nearly) singular; add finetune damping",
+                SolverWarning,
+                stacklevel=3,
+            )
+        info = SolveInfo(
+            "exact",
+            converged,
+            1,
+            products,
+            time.perf_counter() - start,
+            [resid],
+            {
+                "method": method,
+                "dtype": str(op.dtype),
+                "factor_seconds": factor_s,
+                "size": n,
+                "assembly": self.assembly,
+            },
+        )
+        if callback is not None:
+            callback(opening.shaped(X), products)
+        return opening.shaped(X), info

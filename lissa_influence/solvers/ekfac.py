@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from ..operators import OperatorLike
-from .base import Callback, SolveInfo, as_stack, check_fisher, check_rhs, rownorm
-
-if TYPE_CHECKING:
-    from ..kfac import FisherType, KroneckerKind
+from ..operators import FisherType, KroneckerKind, ModelOperator, OperatorLike
+from .base import Callback, SolveInfo, accepts_matvec, check_fisher, open_solve, rownorm
 
 
 @dataclass
@@ -36,6 +33,12 @@ class EKFAC:
     it replaces both inverse solves; the mixed product stays exact. ``check_residual``
     measures ``‖b − A x‖/‖b‖`` with one stacked product of the true operator
     (``num_products`` counts it).
+
+    Args:
+        kind: ``"ekfac"`` or ``"kfac"``.
+        fisher: the output-curvature estimate (:data:`~lissa_influence.operators.FisherType`).
+        seed: draws the labels of ``fisher="mc"``.
+        check_residual: measure the relative residual against the true operator.
     """
 
     kind: KroneckerKind = "ekfac"
@@ -55,23 +58,33 @@ class EKFAC:
         if not isinstance(self.check_residual, bool):
             raise ValueError(f"check_residual={self.check_residual!r}: use True or False")
 
+    @accepts_matvec
     def solve(
-        self, matvec: OperatorLike, b: torch.Tensor, callback: Callback | None = None
+        self, A: OperatorLike, b: torch.Tensor, callback: Callback | None = None
     ) -> tuple[torch.Tensor, SolveInfo]:
-        check_rhs(b)
-        kronecker = getattr(matvec, "kronecker", None)
-        damping = getattr(matvec, "damping", None)
-        if not callable(kronecker) or damping is None:
+        """``x = (G̃ + D)⁻¹ b`` (:meth:`lissa_influence.solvers.Solver.solve`).
+
+        Args:
+            A: a :class:`~lissa_influence.operators.ModelOperator` (a
+                :class:`~lissa_influence.curvature.CurvatureOperator`), which fits and caches the factors.
+            b: ``[P]`` or a stack ``[k, P]`` of right-hand sides.
+            callback: called once, as ``callback(x, num_products)``.
+
+        Returns:
+            ``(x, info)``; ``info.extra`` holds the factors' kind, Fisher estimate and fitting cost.
+        """
+        opening = open_solve(A, b)
+        op, B = opening.op, opening.B
+        if not isinstance(op, ModelOperator):
             raise TypeError(
                 f"EKFAC needs a model-backed operator that can fit Kronecker factors (a CurvatureOperator, as "
-                f"Influence and MultiStageInfluence pass), got {type(matvec).__name__}; for a dense matrix or a "
+                f"Influence and MultiStageInfluence pass), got {type(A).__name__}; for a dense matrix or a "
                 "function use CG or Explicit"
             )
         start = time.perf_counter()
-        curvature = kronecker(self.kind, self.fisher, self.seed)
+        curvature = op.kronecker(self.kind, self.fisher, self.seed)
         fitted = time.perf_counter()
-        B, single = as_stack(b)
-        X = curvature.inverse(B, damping).to(B)
+        X = curvature.inverse(B, op.damping).to(B)
         extra: dict[str, Any] = {
             "kind": curvature.kind,
             "fisher": curvature.fisher,
@@ -83,13 +96,12 @@ class EKFAC:
             raise FloatingPointError("EKFAC: the solution holds NaN or inf; check the damping and the model")
         residuals, products = [], 0
         if self.check_residual:
-            matmat = getattr(matvec, "matmat", None)
-            AX = matmat(X) if callable(matmat) else torch.stack([matvec(x) for x in X])  # type: ignore[operator]
+            AX = op.matmat(X)
             products = X.shape[0]
             resid = rownorm(B - AX) / rownorm(B).clamp_min(torch.finfo(B.dtype).tiny)
             residuals = [float(resid.max())]
             extra["relative_residual"] = residuals[0]
-        x = X[0] if single else X
+        x = opening.shaped(X)
         if callback is not None:
             callback(x, products)
         return x, SolveInfo(self.name, True, 1, products, time.perf_counter() - start, residuals, extra)

@@ -10,16 +10,16 @@ from typing import Literal
 
 import torch
 
-from ..operators import LinearOperator, Matvec, OperatorLike, aslinearoperator
+from ..operators import LinearOperator, Matvec, OperatorLike
 from .base import (
     Callback,
     DivergenceError,
     SolveInfo,
     SolverWarning,
-    as_stack,
+    accepts_matvec,
     at_least_one,
-    check_rhs,
     non_negative,
+    open_solve,
     positive,
     rownorm,
 )
@@ -34,8 +34,22 @@ def power_iteration(
     seed: int = 0,
     rtol: float = 1e-3,
 ) -> float:
-    """Estimate of the eigenvalue of largest magnitude of a symmetric operator (a
-    lower bound of it, in exact arithmetic), by power iteration."""
+    """Estimate of the eigenvalue of largest magnitude of a symmetric operator, by power iteration.
+
+    A lower bound of it, in exact arithmetic.
+
+    Args:
+        matvec: ``v ↦ A v`` on single vectors.
+        size: ``n``.
+        dtype: the vectors' dtype.
+        device: their device.
+        iters: at most this many products.
+        seed: the random start.
+        rtol: stop when the estimate changes by less than this, relatively.
+
+    Returns:
+        The estimate.
+    """
     g = torch.Generator().manual_seed(seed)
     v = torch.randn(size, generator=g, dtype=dtype).to(device)
     v /= v.norm()
@@ -73,6 +87,19 @@ class LiSSA:
     ``batch_size``) the recursion is deterministic and one repeat is run.
     ``tol``: stop early when the worst relative update falls below it (deterministic
     runs only; a stochastic recursion has a noise floor).
+
+    Args:
+        scale: the scale of the recursion, or ``"auto"``.
+        damping: the damping of the recursion (< 2).
+        depth: steps per recursion.
+        repeats: recursions averaged (stochastic runs).
+        batch_size: Hessian samples per step (None: the full operator).
+        seed: the seed of the minibatches and the power iteration.
+        tol: the worst relative update to stop at (deterministic runs).
+        safety: ``scale="auto"`` takes this many times the top eigenvalue.
+        power_iters: power-iteration products per estimate.
+        check_every: steps between convergence checks.
+        scale_batches: minibatches whose top eigenvalues ``scale="auto"`` takes the largest of.
     """
 
     scale: float | Literal["auto"] = "auto"
@@ -88,6 +115,7 @@ class LiSSA:
     scale_batches: int = 5
 
     name = "lissa"
+    approximate = False  # converges to the solve
 
     def __post_init__(self) -> None:
         if self.scale != "auto":
@@ -103,6 +131,7 @@ class LiSSA:
                 f"diverges unless scale > top eigenvalue / (2 − damping); use safety > {1 / (2 - self.damping):.3g} "
                 "(1.2 by default)"
             )
+        # getattr on this dataclass's own fields, by name: not contract probing
         for key in ("depth", "repeats", "power_iters", "check_every", "scale_batches"):
             at_least_one(key, getattr(self, key))
         if self.batch_size is not None:
@@ -119,13 +148,23 @@ class LiSSA:
         count = 1 if self.batch_size >= op.sample_size else self.scale_batches
         return [self._top_eigenvalue(op.minibatch(self.batch_size, g), size, like) for _ in range(count)]
 
+    @accepts_matvec
     def solve(
-        self, matvec: OperatorLike, b: torch.Tensor, callback: Callback | None = None
+        self, A: OperatorLike, b: torch.Tensor, callback: Callback | None = None
     ) -> tuple[torch.Tensor, SolveInfo]:
-        check_rhs(b)
+        """Solve ``A x = b`` (:meth:`lissa_influence.solvers.Solver.solve`).
+
+        Args:
+            A: the operator, a dense matrix or a function ``v ↦ A v``.
+            b: ``[P]`` or a stack ``[k, P]`` of right-hand sides.
+            callback: called as ``callback(x, num_products)`` after each step.
+
+        Returns:
+            ``(x, info)``: ``x`` of the shape of ``b``, and the :class:`~lissa_influence.solvers.SolveInfo`.
+        """
         start = time.perf_counter()
-        full = aslinearoperator(matvec, b)
-        B, single = as_stack(b)
+        opening = open_solve(A, b)
+        full, B = opening.op, opening.B
         size = B.shape[1]
         stochastic = self.batch_size is not None and full.sample_size is not None
         products = minibatch_products = 0  # the latter: products with a minibatch (the rest are full)
@@ -165,7 +204,7 @@ class LiSSA:
                 minibatch_products += B.shape[0] if stochastic else 0
                 if callback is not None:  # the running average, counting the current recursion
                     x = (total + h_new / scale) / (r + 1)
-                    callback(x[0] if single else x, products)
+                    callback(opening.shaped(x), products)
                 if t % self.check_every == 0 or t == self.depth:
                     upd = float((rownorm(h_new - h) / rownorm(h).clamp_min(torch.finfo(B.dtype).tiny)).max())
                     history.append(upd)
@@ -219,9 +258,9 @@ class LiSSA:
                 "or batch_size, for a stochastic run), or add damping; a scale far above the top eigenvalue also "
                 "slows it (scale='auto' takes safety × the top eigenvalue)",
                 SolverWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
-        return (X[0] if single else X), info
+        return opening.shaped(X), info
 
     def _divergence(
         self, op: LinearOperator, size: int, like: torch.Tensor, scale: float, step: int, residual: float | None = None

@@ -22,15 +22,22 @@ from typing import Any
 
 import torch
 
-from ..operators import DampedOperator, LinearOperator, OperatorLike, aslinearoperator
-from .base import Callback, SolveInfo, as_stack, at_least_one, check_rhs, rownorm
+from ..operators import DampedOperator, LinearOperator, OperatorLike
+from .base import Callback, SolveInfo, accepts_matvec, at_least_one, open_solve, rownorm
 from .deflation import operator_key, rayleigh_ritz
 
 
 @dataclass(frozen=True)
 class Eigenpairs:
     """Ritz pairs of a symmetric operator: ``vectors`` ``[r, P]`` (orthonormal rows), their
-    ``values`` (float64, increasing), and the ``products`` Lanczos took to find them."""
+    ``values`` (float64, increasing), and the ``products`` Lanczos took to find them.
+
+    Args:
+        vectors: ``[r, P]``, orthonormal rows.
+        values: ``[r]``, float64, increasing.
+        products: the Lanczos products taken.
+        seconds: the time they took.
+    """
 
     vectors: torch.Tensor
     values: torch.Tensor
@@ -89,6 +96,13 @@ class LowRank:
     takes the damping of a :class:`~lissa_influence.operators.DampedOperator` (a
     :class:`~lissa_influence.curvature.CurvatureOperator`: its scalar or per-coordinate
     damping). ``check_residual`` measures ``‖b − A x‖/‖b‖`` with one stacked product.
+
+    Args:
+        rank: the eigenpairs kept.
+        steps: Lanczos steps (None: ``2 × rank``).
+        seed: the random start.
+        shift: the value inverted on the complement (None: the operator's damping).
+        check_residual: measure the relative residual against the true operator.
     """
 
     rank: int = 64
@@ -129,7 +143,15 @@ class LowRank:
         return d
 
     def eigenpairs(self, op: LinearOperator, dtype: torch.dtype) -> tuple[Eigenpairs, bool]:
-        """The top eigenpairs of ``op``, found now or kept from an earlier solve (the flag)."""
+        """The top eigenpairs of ``op``, found now or kept from an earlier solve.
+
+        Args:
+            op: the operator (they are kept in its :attr:`~lissa_influence.operators.LinearOperator.memo`).
+            dtype: the dtype of the vectors.
+
+        Returns:
+            ``(pairs, found)``: ``found`` is True when this call ran Lanczos.
+        """
         steps = 2 * self.rank if self.steps is None else self.steps
         key = ("lowrank", self.rank, steps, self.seed, operator_key(op, dtype))
         if key in op.memo:
@@ -138,13 +160,23 @@ class LowRank:
         op.memo[key] = pairs
         return pairs, True
 
+    @accepts_matvec
     def solve(
-        self, matvec: OperatorLike, b: torch.Tensor, callback: Callback | None = None
+        self, A: OperatorLike, b: torch.Tensor, callback: Callback | None = None
     ) -> tuple[torch.Tensor, SolveInfo]:
-        check_rhs(b)
+        """Solve ``A x = b`` (:meth:`lissa_influence.solvers.Solver.solve`).
+
+        Args:
+            A: the operator, a dense matrix or a function ``v ↦ A v``.
+            b: ``[P]`` or a stack ``[k, P]`` of right-hand sides.
+            callback: called as ``callback(x, num_products)`` after each solve (once).
+
+        Returns:
+            ``(x, info)``: ``x`` of the shape of ``b``, and the :class:`~lissa_influence.solvers.SolveInfo`.
+        """
         start = time.perf_counter()
-        B, single = as_stack(b)
-        op = aslinearoperator(matvec, B)
+        opening = open_solve(A, b)
+        op, B = opening.op, opening.B
         D = self._complement(op).to(device=B.device)
         pairs, found = self.eigenpairs(op, B.dtype)
         V = pairs.vectors
@@ -170,7 +202,7 @@ class LowRank:
             products += X.shape[0]
             residuals = [float((rownorm(R) / rownorm(B).clamp_min(torch.finfo(B.dtype).tiny)).max())]
             extra["relative_residual"] = residuals[0]
-        x = X[0] if single else X
+        x = opening.shaped(X)
         if callback is not None:
             callback(x, products)
         return x, SolveInfo(self.name, True, 1, products, time.perf_counter() - start, residuals, extra)

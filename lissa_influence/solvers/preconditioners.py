@@ -16,28 +16,67 @@ its symmetric form. Neither changes the solution CG converges to, only how fast.
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 
-from ..operators import LinearOperator
+from ..operators import FisherType, KroneckerKind, LinearOperator, ModelOperator
 
 
 @runtime_checkable
 class Preconditioner(Protocol):
     """``apply(V) = M⁻¹ V`` and ``apply_sqrt(V) = M^{-1/2} V`` (symmetric) for ``V`` ``[k, n]``.
-    ``products`` is what building it cost, in products with ``A``."""
+    ``products`` is what building it cost, in products with ``A``.
+
+    Attributes:
+        products: what building it cost, in products with ``A``.
+    """
 
     products: int
 
-    def apply(self, V: torch.Tensor) -> torch.Tensor: ...
+    def apply(self, V: torch.Tensor) -> torch.Tensor:
+        """``M⁻¹ V``.
 
-    def apply_sqrt(self, V: torch.Tensor) -> torch.Tensor: ...
+        Args:
+            V: ``[k, n]``.
+
+        Returns:
+            ``[k, n]``.
+        """
+        ...
+
+    def apply_sqrt(self, V: torch.Tensor) -> torch.Tensor:
+        """The symmetric ``M^{-1/2} V``.
+
+        Args:
+            V: ``[k, n]``.
+
+        Returns:
+            ``[k, n]``.
+        """
+        ...
+
+
+@runtime_checkable
+class NamedPreconditioner(Preconditioner, Protocol):
+    """A :class:`Preconditioner` with a ``name`` for the diagnostics (every built-in one;
+    others are named by their class).
+
+    Attributes:
+        name: its name in the diagnostics.
+    """
+
+    name: str
 
 
 class Diagonal:
     """Jacobi: ``M = diag(d)``, with ``d`` floored at ``1e-3·mean|d|`` so that a noisy or
-    non-positive estimate cannot break CG (any SPD preconditioner keeps it exact)."""
+    non-positive estimate cannot break CG (any SPD preconditioner keeps it exact).
+
+    Args:
+        diag: the diagonal of ``A`` (or an estimate of it).
+        products: what estimating it cost, in products with ``A``.
+    """
 
     name = "diagonal"
 
@@ -49,15 +88,41 @@ class Diagonal:
 
     @classmethod
     def hutchinson(cls, op: LinearOperator, samples: int, seed: int, like: torch.Tensor) -> Diagonal:
-        """``diag(A)`` estimated from ``samples`` Rademacher probes in one stacked product."""
+        """``diag(A)`` estimated from ``samples`` Rademacher probes in one stacked product.
+
+        Args:
+            op: the operator.
+            samples: how many probes.
+            seed: draws them.
+            like: a tensor of the dtype and device wanted.
+
+        Returns:
+            The Jacobi preconditioner (its ``products`` is ``samples``).
+        """
         g = torch.Generator().manual_seed(seed)
         z = (torch.randint(0, 2, (samples, op.shape[0]), generator=g) * 2 - 1).to(like)
         return cls((z * op(z)).mean(0), products=samples)
 
     def apply(self, V: torch.Tensor) -> torch.Tensor:
+        """``M⁻¹ V``.
+
+        Args:
+            V: ``[k, n]``.
+
+        Returns:
+            ``[k, n]``.
+        """
         return V * self.inv
 
     def apply_sqrt(self, V: torch.Tensor) -> torch.Tensor:
+        """The symmetric ``M^{-1/2} V``.
+
+        Args:
+            V: ``[k, n]``.
+
+        Returns:
+            ``[k, n]``.
+        """
         return V * self.inv_sqrt
 
 
@@ -69,6 +134,12 @@ class Nystrom:
     ``M⁻¹ = λ_r U Λ⁻¹ Uᵀ + (I − U Uᵀ)``. The damped ``A`` is sketched directly, so its
     damping is in ``Λ`` and ``λ_r`` (the smallest kept eigenvalue) stands for the
     unsketched rest of the spectrum. ``rank`` products, in one stack.
+
+    Args:
+        op: the operator to sketch.
+        rank: the sketch's rank (at most the operator's size).
+        seed: draws the sketch.
+        like: a tensor of the dtype and device wanted.
     """
 
     name = "nystrom"
@@ -112,9 +183,25 @@ class Nystrom:
         return V + ((V @ self.U) * d) @ self.U.T
 
     def apply(self, V: torch.Tensor) -> torch.Tensor:
+        """``M⁻¹ V``.
+
+        Args:
+            V: ``[k, n]``.
+
+        Returns:
+            ``[k, n]``.
+        """
         return self._mix(V, self.scale_inv)
 
     def apply_sqrt(self, V: torch.Tensor) -> torch.Tensor:
+        """The symmetric ``M^{-1/2} V``.
+
+        Args:
+            V: ``[k, n]``.
+
+        Returns:
+            ``[k, n]``.
+        """
         return self._mix(V, self.scale_inv_sqrt)
 
 
@@ -124,10 +211,17 @@ class Kronecker:
     The factors are fitted once per operator (cached by
     :meth:`~lissa_influence.curvature.CurvatureOperator.kronecker`) and reused by every
     later solve; they approximate the Gauss-Newton matrix, which is what the Hessian is
-    near a minimum, so they precondition either."""
+    near a minimum, so they precondition either.
 
-    def __init__(self, op: Any, kind: str, fisher: str, seed: int):
-        if not hasattr(op, "kronecker"):
+    Args:
+        op: a :class:`~lissa_influence.operators.ModelOperator`, which fits the factors.
+        kind: ``"ekfac"`` or ``"kfac"``.
+        fisher: the output-curvature estimate.
+        seed: draws the labels of ``fisher="mc"``.
+    """
+
+    def __init__(self, op: LinearOperator, kind: KroneckerKind, fisher: FisherType, seed: int):
+        if not isinstance(op, ModelOperator):
             raise TypeError(
                 f"preconditioner={kind!r} needs the model behind the operator (a CurvatureOperator, as the "
                 f"influence estimators build); got {type(op).__name__}. Use 'nystrom' or 'jacobi' for other operators"
@@ -138,7 +232,23 @@ class Kronecker:
         self.products = 0  # fitting costs passes over the sample, reported as curvature.fit_passes
 
     def apply(self, V: torch.Tensor) -> torch.Tensor:
+        """``M⁻¹ V``.
+
+        Args:
+            V: ``[k, n]``.
+
+        Returns:
+            ``[k, n]``.
+        """
         return self.curvature.inverse(V, self.damping)
 
     def apply_sqrt(self, V: torch.Tensor) -> torch.Tensor:
+        """The symmetric ``M^{-1/2} V``.
+
+        Args:
+            V: ``[k, n]``.
+
+        Returns:
+            ``[k, n]``.
+        """
         return self.curvature.inverse_sqrt(V, self.damping)

@@ -1,11 +1,14 @@
-"""Matrix-free products equal dense Hessians (float64, rel. err <= 1e-10)."""
+"""lissa_influence.objective: matrix-free products equal dense Hessians (float64, rel. err <= 1e-10),
+and the task contract of an Objective."""
 
 import pytest
 import torch
-from torch.func import functional_call, hessian
 
-from lissa_influence.curvature import CurvatureOperator, Objective, cross_entropy
+from lissa_influence.batching import Batch
+from lissa_influence.curvature import CurvatureOperator
+from lissa_influence.objective import Objective, cross_entropy
 from lissa_influence.params import make_block, named_params, prefix_matcher
+from lissa_influence.task import Task
 
 from conftest import TinyCNN, TinyMLP, dense_hessian, make_data, rel
 
@@ -56,7 +59,7 @@ def test_retained_graphs_over_budget_fall_back_to_functional(caplog):
     H = dense_hessian(model, params, block, batch)
     v = torch.randn(block.numel, dtype=torch.float64)
     tight = Objective(model, cross_entropy, params, batch, chunk_size=8, hvp_mode="retained", graph_budget=0)
-    with caplog.at_level("INFO", logger="lissa_influence.curvature"):
+    with caplog.at_level("INFO", logger="lissa_influence.objective"):
         assert rel(tight.hvp(block, v), H @ v) <= 1e-10
     assert tight._graphs[tuple(block.names)] is None and "exceed graph_budget=0" in caplog.text
 
@@ -78,41 +81,31 @@ def test_mixed_block_matches_dense_hessian(cnn64):
     assert rel(obj.mixed_vp(W, T, V), V @ H_WT.T) <= 1e-10
 
 
-def test_gauss_newton_matches_dense_ggn_and_is_psd(mlp64):
-    batch = make_data(30, (5,), 3, seed=3)
+def test_an_objective_built_from_a_task_is_the_objective_of_its_loss_and_forward(mlp64):
+    batch = make_data(12, (5,), 3, seed=4)
     params = named_params(mlp64)
     block = make_block(params, lambda n: True)
-    theta = block.flatten(params)
-    net = lambda f: functional_call(mlp64, block.unflatten(f), (batch.x,))
-    J = torch.func.jacrev(net)(theta).reshape(-1, block.numel)  # [n*c, P]
-    out = net(theta)
-    Hout = hessian(lambda o: cross_entropy(o, batch.y))(out).reshape(J.shape[0], J.shape[0])
-    G = J.T @ Hout @ J
-    op = CurvatureOperator(Objective(mlp64, cross_entropy, params, batch, chunk_size=8), block, gauss_newton=True)
-    v = torch.randn(block.numel, dtype=torch.float64)
-    assert rel(op(v), G @ v) <= 1e-10
-    assert torch.linalg.eigvalsh(G).min() > -1e-12
+    forward = lambda m, b: m(b[0])  # noqa: E731 (the pair as the batch, read by a custom forward)
+    loss = lambda out, b: cross_entropy(out, b[1])  # noqa: E731
+    task = Task(loss, forward)
+    by_task = Objective.from_task(mlp64, task, params, batch, chunk_size=5)
+    by_keywords = Objective(mlp64, cross_entropy, params, batch, chunk_size=5)
+    assert by_task.task == task and by_task.chunk_size == 5
+    v = torch.randn(block.numel, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert rel(by_task.hvp(block, v), by_keywords.hvp(block, v)) <= 1e-12
+    assert torch.equal(by_task.outputs(batch), mlp64(batch.x))
+    assert float(by_task.value()) == pytest.approx(float(task.mean_loss(mlp64, params, batch)), rel=1e-12)
 
 
-def test_float32_follows_model():
-    torch.manual_seed(0)
-    model = TinyMLP()
-    batch = make_data(20, (5,), 3, seed=0, dtype=torch.float32)
-    params = named_params(model)
-    block = make_block(params, lambda n: True)
-    op = CurvatureOperator(Objective(model, cross_entropy, params, batch), block)
-    v = torch.randn(block.numel, dtype=torch.float64)
-    out = op(v)
-    assert out.dtype == torch.float32
-    params64 = {k: t.double() for k, t in params.items()}
-    batch64 = type(batch)(batch.x.double(), batch.y)
-    H = dense_hessian(model.double(), params64, block, batch64)
-    assert rel(out.double(), H @ v) <= 1e-5
-
-
-def test_wrong_vector_size_is_a_clear_error(mlp64):
-    batch = make_data(10, (5,), 3, seed=0)
+def test_the_dense_gauss_newton_matrix_matches_its_products(mlp64):
+    batch = make_data(17, (5,), 3, seed=5)
     params = named_params(mlp64)
-    op = CurvatureOperator(Objective(mlp64, cross_entropy, params, batch), make_block(params, lambda n: True))
-    with pytest.raises(ValueError, match="size"):
-        op(torch.zeros(3, dtype=torch.float64))
+    block = make_block(params, prefix_matcher("head"))
+    objective = Objective(mlp64, cross_entropy, params, batch, chunk_size=4)
+    G = objective.gauss_newton_matrix(block, max_outputs=12)  # several chunks
+    eye = torch.eye(block.numel, dtype=torch.float64)
+    assert rel(G, objective.ggn_vp(block, eye)) <= 1e-10
+    with pytest.raises(MemoryError, match="3 outputs per example"):
+        objective.gauss_newton_matrix(block, max_outputs=2)
+    empty = Objective(mlp64, cross_entropy, params, Batch(batch.x[:0], batch.y[:0]))
+    assert torch.equal(empty.gauss_newton_matrix(block), torch.zeros(block.numel, block.numel, dtype=torch.float64))

@@ -2,7 +2,7 @@
 
 The first part reproduces each defect in plain torch (no transformers needed); the second
 runs tiny GPT-2 models built from configs (``pytest.importorskip("transformers")``), all in
-float64 against dense references (tests/dense.py, and per-example losses computed on the
+float64 against dense references (tests/support/dense.py, and per-example losses computed on the
 unpadded sequences).
 """
 

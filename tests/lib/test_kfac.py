@@ -8,7 +8,7 @@ import threading
 
 import pytest
 import torch
-from test_influence import CNNTwoStage
+from test_multistage import CNNTwoStage
 from torch import nn
 from torch.nn import functional as F
 

@@ -6,11 +6,18 @@ import warnings
 import pytest
 import torch
 
-from lissa_influence import CG, Explicit, Identity, LiSSA
+from lissa_influence import CG, EKFAC, ExactInverse, Explicit, Identity, LiSSA, LowRank, SolveInfo, Solver
 from lissa_influence.curvature import CurvatureOperator, Objective, cross_entropy
 from lissa_influence.operators import aslinearoperator
 from lissa_influence.params import make_block, named_params
-from lissa_influence.solvers import DivergenceError, NegativeCurvatureError, SolverWarning
+from lissa_influence.solvers import (
+    ApproximateSolver,
+    DivergenceError,
+    NegativeCurvatureError,
+    SolverWarning,
+    is_approximate,
+)
+from lissa_influence.solvers.base import open_solve
 
 from conftest import TinyCNN, TinyMLP, make_data, rel, train_full_batch
 
@@ -404,3 +411,41 @@ def test_split_preconditioned_block_cg_keeps_its_norm_apart_from_the_residuals()
     split = info.extra["split_residuals"]
     assert len(split) == info.iterations + 1 == len(seen) + 1 and split[-1] <= 1e-10
     assert any(abs(s - true(z)) > 0.5 * true(z) for s, (z, _) in zip(split[1:], seen, strict=True))  # another norm
+
+
+# -- the Solver contract: the operator argument A (once matvec), the opening steps, approximate -----
+@pytest.mark.parametrize("solver", [CG(tol=1e-12), LiSSA(depth=400, tol=1e-12), Explicit(), Identity()])
+def test_solve_takes_A_and_its_old_name_matvec_with_a_deprecation_warning(solver):
+    A = torch.diag(torch.tensor([1.0, 1.5, 2.0], dtype=torch.float64))
+    b = torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64)
+    x, _ = solver.solve(A=A, b=b)
+    with pytest.warns(DeprecationWarning, match=r"solve\(matvec=...\) is deprecated"):
+        old, _ = solver.solve(matvec=A, b=b)
+    assert torch.equal(x, old)
+    with pytest.raises(TypeError, match="both A and matvec"):
+        solver.solve(A, b, matvec=A)
+
+
+def test_every_built_in_solver_declares_whether_it_is_approximate():
+    exact = [CG(), LiSSA(), Explicit(), ExactInverse()]
+    approximate = [Identity(), EKFAC(), LowRank()]
+    assert all(isinstance(s, ApproximateSolver) and not is_approximate(s) for s in exact)
+    assert all(is_approximate(s) for s in approximate)
+
+    class Plain:  # a user's solver that declares nothing is an exact one
+        def solve(self, A, b, callback=None):
+            return b, SolveInfo("plain", True, 0, 0, 0.0)
+
+    assert isinstance(Plain(), Solver) and not isinstance(Plain(), ApproximateSolver) and not is_approximate(Plain())
+
+
+def test_the_opening_steps_of_a_solve():
+    opening = open_solve(torch.eye(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64))
+    assert opening.single and opening.B.shape == (1, 3) and opening.op.shape == (3, 3)
+    assert opening.shaped(opening.B).shape == (3,)
+    stacked = open_solve(lambda v: 2 * v, torch.ones(2, 3))
+    assert not stacked.single and torch.equal(stacked.op(torch.ones(3)), torch.full((3,), 2.0))
+    with pytest.raises(FloatingPointError, match="NaN or inf"):
+        open_solve(torch.eye(2), torch.tensor([1.0, float("nan")]))
+    with pytest.raises(TypeError, match="floating"):
+        open_solve(torch.eye(2), torch.tensor([1, 2]))

@@ -1,7 +1,7 @@
 """Scale-out: torch.distributed on 2 CPU ranks (gloo, under torchrun), resumable sharded
 results, and the Hydra launcher configs.
 
-The multi-process runs use tests/scale_worker.py (tiny float64 CNNs; one thread per
+The multi-process runs use tests/support/scale_worker.py (tiny float64 CNNs; one thread per
 process). Distributed sums differ from single-process ones only in rounding order, so
 float64 scores agree to ~1e-15; the tests allow 1e-10.
 """
@@ -32,8 +32,8 @@ from lissa_influence.results import ResultsMismatchError, ShardStore
 import scale_worker
 from conftest import make_data
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
+HERE = Path(__file__).resolve().parents[1] / "support"  # scale_worker.py
+REPO = HERE.parents[1]
 
 
 def env() -> dict[str, str]:

@@ -1,10 +1,10 @@
-"""Worker processes of tests/test_distributed.py (run as scripts, not collected by pytest).
+"""Worker processes of tests/lib/test_distributed.py (run as scripts, not collected by pytest).
 
-python -m torch.distributed.run --standalone --nproc_per_node=2 tests/scale_worker.py distributed OUT
+python -m torch.distributed.run --standalone --nproc_per_node=2 tests/support/scale_worker.py distributed OUT
     every rank computes the influence scores of :func:`cases` and saves them to
     OUT/rank<r>.pt; the store case writes OUT/store (rank 0 only); then the main job
     (pipeline.run, tiny digits settings, weights cached in OUT/cache) into OUT/run
-python tests/scale_worker.py resume ROOT DELAY
+python tests/support/scale_worker.py resume ROOT DELAY
     resumable scoring into ROOT, sleeping DELAY seconds per shard (so that the test
     can kill it part-way); prints one JSON line with what was resumed
 """
@@ -20,15 +20,15 @@ from pathlib import Path
 import torch
 
 torch.set_num_threads(1)
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # conftest's tiny models; lissa_influence from PYTHONPATH
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # helpers.py; lissa_influence from PYTHONPATH
+
+from helpers import TinyCNN, make_data  # noqa: E402
 
 from lissa_influence import CG, EKFAC, Influence, LiSSA, MultiStageInfluence, distributed, results  # noqa: E402
 
-from conftest import TinyCNN, make_data  # noqa: E402
-
 SHARD_SIZE = 7
-REPO = Path(__file__).resolve().parents[1]
-# The main job on the embedded digits with tiny settings (as in tests/test_app.py).
+REPO = Path(__file__).resolve().parents[2]
+# The main job on the embedded digits with tiny settings (as in tests/support/hydra_helpers.py).
 TINY_RUN = [
     "pretrain.train.steps=20",
     "pretrain.train.polish_iters=0",

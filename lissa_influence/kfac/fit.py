@@ -1,38 +1,8 @@
-"""Kronecker-factored curvature (K-FAC, EK-FAC) of an objective's Gauss-Newton matrix.
+"""Fitting K-FAC / EK-FAC factors from an objective: :func:`fit_kronecker`.
 
-:func:`fit_kronecker` approximates the *undamped* generalised Gauss-Newton matrix
-``G = (1/N) Σ_i J_iᵀ H_i J_i`` of an :class:`~lissa_influence.curvature.Objective`'s mean
-loss (docs/math.md, "Gauss-Newton") by a block-diagonal matrix over one
-:class:`~lissa_influence.params.ParamBlock`:
-
-- every ``nn.Linear``, ``nn.Conv2d`` and transformers' ``Conv1D`` (GPT-2's linear layer,
-  ``x @ W + b`` with ``W`` stored ``[in, out]``) whose weight (and bias, if it has one) lie in the
-  block and that runs once per forward pass is one Kronecker block ``G_l ≈ Γ ⊗ Ω``. ``Ω``
-  is the second moment of the layer's inputs (with a 1 appended for the bias; im2col
-  patches for a convolution), ``Γ`` that of the gradients at the layer's outputs. Extra
-  dimensions of the input (tokens, spatial positions) are summed over ("K-FAC expand"):
-  ``Ω`` is averaged over them, ``Γ`` summed;
-- every other parameter of the block (normalisation layers, embeddings, a weight whose
-  bias is left out of the block, shared weights) gets the *fallback*: a diagonal block
-  equal to the diagonal of the same Gauss-Newton estimate (the exact GGN diagonal for
-  ``fisher="type-2"``). A fit that leaves parameters to it warns once, and says how many
-  (:meth:`KroneckerCurvature.describe`).
-
-``kind="kfac"`` takes the eigenvalues ``λ_Γ ⊗ λ_Ω``; ``kind="ekfac"`` keeps the eigenbasis
-``Q_Γ ⊗ Q_Ω`` and replaces the eigenvalues by the diagonal of ``G_l`` in that basis
-(George et al. 2018): a second pass over the sample, which makes the approximation exact
-on that diagonal. The output-space curvature ``H_i`` enters through gradients at the
-outputs whose outer products average to it (``fisher``):
-
-- ``"type-2"``: the columns of a square root of ``H_i = ∇²_out loss_i`` (exact);
-- ``"mc"``: one label per example sampled from the softmax (cross-entropy only);
-- ``"empirical"``: the gradient of the example's own loss (any loss);
-- ``"auto"``: type-2 when an example's output has at most 256 entries, else mc for
-  cross-entropy, else empirical.
-
-Every inverse is applied in Kronecker form, ``Q (Λ + λ)⁻¹ Qᵀ``, never forming ``P × P``.
-Distributed: the factor sums of every rank's shard are weighted by the whole sample and
-summed with the objective's ``reduce``, so the ranks get the factors of the whole sample.
+Forward hooks on the supported layers capture their inputs and output gradients over the
+objective's sample (package docstring, :mod:`lissa_influence.kfac`); the result is a
+:class:`~lissa_influence.kfac.factors.KroneckerCurvature`.
 """
 
 from __future__ import annotations
@@ -43,8 +13,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -52,19 +21,14 @@ from torch.func import jacrev, vjp, vmap
 from torch.nn import functional as F
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from .batching import Batch
-from .params import ParamBlock, Params
-from .solvers.base import check_fisher
-from .task import check_loss_of_outputs, cross_entropy, mean_loss, outputs
+from ..batching import Batch
+from ..objective import Objective
+from ..operators import FisherType, KroneckerKind, check_fisher
+from ..params import ParamBlock, Params
+from ..task import check_loss_of_outputs, cross_entropy, mean_loss, outputs
+from .factors import KroneckerCurvature, Layer, fallback_index, layer_index
 
-if TYPE_CHECKING:
-    from .curvature import Objective
-
-__all__ = ["Damping", "FisherType", "KroneckerCurvature", "KroneckerKind", "fit_kronecker"]
-
-KroneckerKind = Literal["ekfac", "kfac"]
-FisherType = Literal["auto", "type-2", "mc", "empirical"]
-Damping = float | torch.Tensor
+__all__ = ["EIGH_FLOAT64_MAX", "TYPE2_MAX_OUTPUTS", "fit_kronecker"]
 
 TYPE2_MAX_OUTPUTS = 256
 """``fisher="auto"`` takes the exact type-2 factors up to this many outputs per example
@@ -73,226 +37,7 @@ TYPE2_MAX_OUTPUTS = 256
 EIGH_FLOAT64_MAX = 4096
 """Factors up to this size are eigendecomposed in float64 (cheap, and exact to rounding)."""
 
-_FORMAT = 1
 
-
-@dataclass
-class _Layer:
-    """One Kronecker block: a Linear or Conv2d layer, ``G_l ≈ Q (diag Λ) Qᵀ`` with
-    ``Q = Q_Γ ⊗ Q_Ω``. ``index[o, j]`` is the flat coordinate of output ``o``, input ``j``
-    (the bias is input column ``in``)."""
-
-    module: str
-    weight: str
-    bias: str | None
-    q_a: torch.Tensor  # [in(+1), in(+1)]
-    q_g: torch.Tensor  # [out, out]
-    lam: torch.Tensor  # [out, in(+1)]
-    index: torch.Tensor  # [out, in(+1)] long
-    transposed: bool = False  # the weight is stored [in, out] (transformers' Conv1D)
-
-
-def _layer_index(
-    block: ParamBlock, weight: str, bias: str | None, shape: torch.Size, transposed: bool = False
-) -> torch.Tensor:
-    sw = block.slice_of(weight)
-    if transposed:  # W[j, o] of a [in, out] weight: the flat coordinate of output o, input j
-        out = int(shape[1])
-        idx = torch.arange(sw.start, sw.stop).reshape(-1, out).T
-    else:
-        out = int(shape[0])
-        idx = torch.arange(sw.start, sw.stop).reshape(out, -1)
-    if bias is not None:
-        sb = block.slice_of(bias)
-        idx = torch.cat([idx, torch.arange(sb.start, sb.stop).reshape(out, 1)], dim=1)
-    return idx
-
-
-@dataclass
-class KroneckerCurvature:
-    """A block-diagonal approximation ``G̃`` of the undamped Gauss-Newton matrix of an
-    objective's mean loss over ``block`` (flat coordinates in ``block.flatten`` order).
-
-    Built by :func:`fit_kronecker` (or :meth:`from_state_dict` / :meth:`load` from saved
-    factors). :meth:`matmat` gives ``G̃ v``, :meth:`inverse` ``(G̃ + D)⁻¹ v`` and
-    :meth:`inverse_sqrt` the symmetric ``(G̃ + D)^{-1/2} v``, where the damping ``D`` is a
-    scalar or a ``[P]`` vector constant within each Kronecker block (docs/math.md,
-    "Embedding updated": ``λ + 2α`` on ``W``, ``λ`` on ``Θ``). ``fit_passes`` counts the
-    backward passes over the sample the fit took (each about a gradient's cost).
-    """
-
-    block: ParamBlock
-    layers: list[_Layer]
-    fallback: tuple[str, ...]
-    fallback_index: torch.Tensor
-    fallback_diag: torch.Tensor
-    kind: KroneckerKind
-    fisher: str
-    requested_fisher: str = "auto"
-    seed: int = 0
-    fit_seconds: float = 0.0
-    fit_passes: float = 0.0
-    _cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
-
-    @property
-    def size(self) -> int:
-        return self.block.numel
-
-    def describe(self) -> dict[str, Any]:
-        """Which parameters are Kronecker blocks (by module) and which got the diagonal fallback."""
-        return {
-            "kind": self.kind,
-            "fisher": self.fisher,
-            "kronecker": {
-                layer.module: [n for n in (layer.weight, layer.bias) if n is not None] for layer in self.layers
-            },
-            "fallback": list(self.fallback),
-            "fallback_params": len(self.fallback_index),
-            "fit_seconds": self.fit_seconds,
-            "fit_passes": self.fit_passes,
-        }
-
-    # -- products ----------------------------------------------------------------------
-    def _damping(self, damping: Damping) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Per-layer scalar and fallback per-coordinate damping, checked."""
-        d = torch.as_tensor(damping, dtype=torch.float64)
-        if not bool(torch.isfinite(d).all()) or bool((d < 0).any()):
-            raise ValueError(f"damping must be finite and >= 0, got {damping!r}")
-        if d.dim() == 0:
-            return [d] * len(self.layers), d.expand(len(self.fallback_index))
-        if d.shape != (self.size,):
-            raise ValueError(f"a damping vector needs {self.size} entries, got shape {tuple(d.shape)}")
-        per_layer = []
-        for layer in self.layers:
-            part = d[layer.index.to(d.device)]
-            lo, hi = float(part.min()), float(part.max())
-            if hi - lo > 1e-12 * max(abs(hi), 1.0):
-                raise ValueError(
-                    f"damping varies within the Kronecker block of layer '{layer.module}' (from {lo:g} to {hi:g}); "
-                    "its inverse needs one value per layer. Give every parameter of a layer the same damping "
-                    "(or fit with that layer left out of the block)"
-                )
-            per_layer.append(part.reshape(-1)[0])
-        return per_layer, d[self.fallback_index.to(d.device)]
-
-    def _apply(
-        self, V: torch.Tensor, damping: Damping, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    ) -> torch.Tensor:
-        """``Q fn(Λ, d) Qᵀ V`` per block: ``fn`` maps eigenvalues and damping to the factor applied."""
-        if V.dim() not in (1, 2) or V.shape[-1] != self.size:
-            raise ValueError(f"expected a vector [{self.size}] or a stack [k, {self.size}], got shape {tuple(V.shape)}")
-        layer_d, fb_d = self._damping(damping)
-        X = V[None] if V.dim() == 1 else V
-        out = torch.empty_like(X)
-        for layer, d in zip(self.layers, layer_d, strict=True):
-            q_a, q_g = layer.q_a.to(X), layer.q_g.to(X)
-            factor = fn(layer.lam.to(X), d.to(X))
-            R = q_g.T @ X[:, layer.index.to(X.device)] @ q_a  # into the eigenbasis
-            out[:, layer.index.to(X.device)] = q_g @ (R * factor) @ q_a.T
-        if len(self.fallback_index):
-            idx = self.fallback_index.to(X.device)
-            out[:, idx] = X[:, idx] * fn(self.fallback_diag.to(X), fb_d.to(X))
-        return out[0] if V.dim() == 1 else out
-
-    def matmat(self, V: torch.Tensor) -> torch.Tensor:
-        """``G̃ v`` for ``V`` of shape ``[P]`` or ``[k, P]``."""
-        return self._apply(V, 0.0, lambda lam, d: lam)
-
-    def inverse(self, V: torch.Tensor, damping: Damping) -> torch.Tensor:
-        """``(G̃ + D)⁻¹ v``."""
-        return self._apply(V, damping, lambda lam, d: 1 / _positive(lam + d))
-
-    def inverse_sqrt(self, V: torch.Tensor, damping: Damping) -> torch.Tensor:
-        """The symmetric ``(G̃ + D)^{-1/2} v`` (a split preconditioner: applied twice, :meth:`inverse`)."""
-        return self._apply(V, damping, lambda lam, d: _positive(lam + d).rsqrt())
-
-    # -- persistence -----------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """Plain tensors, strings and numbers (``torch.load(..., weights_only=True)`` reads them)."""
-        return {
-            "format": _FORMAT,
-            "names": list(self.block.names),
-            "shapes": [list(s) for s in self.block.shapes],
-            "kind": self.kind,
-            "fisher": self.fisher,
-            "requested_fisher": self.requested_fisher,
-            "seed": self.seed,
-            "fit_seconds": self.fit_seconds,
-            "fit_passes": self.fit_passes,
-            "layers": [
-                {
-                    "module": la.module,
-                    "weight": la.weight,
-                    "bias": la.bias if la.bias is not None else "",
-                    "q_a": la.q_a,
-                    "q_g": la.q_g,
-                    "lam": la.lam,
-                    "transposed": la.transposed,
-                }
-                for la in self.layers
-            ],
-            "fallback": list(self.fallback),
-            "fallback_diag": self.fallback_diag,
-        }
-
-    @classmethod
-    def from_state_dict(cls, state: dict[str, Any]) -> KroneckerCurvature:
-        if state.get("format") != _FORMAT:
-            raise ValueError(f"unknown Kronecker factor format {state.get('format')!r} (this version reads {_FORMAT})")
-        block = ParamBlock(tuple(state["names"]), tuple(torch.Size(s) for s in state["shapes"]))
-        shapes = dict(zip(block.names, block.shapes, strict=True))
-        layers = []
-        for la in state["layers"]:
-            bias = la["bias"] or None
-            transposed = bool(la.get("transposed", False))  # saved before Conv1D was factored: never
-            index = _layer_index(block, la["weight"], bias, shapes[la["weight"]], transposed)
-            layers.append(_Layer(la["module"], la["weight"], bias, la["q_a"], la["q_g"], la["lam"], index, transposed))
-        fallback = tuple(state["fallback"])
-        return cls(
-            block,
-            layers,
-            fallback,
-            _fallback_index(block, fallback),
-            state["fallback_diag"],
-            state["kind"],
-            state["fisher"],
-            state["requested_fisher"],
-            int(state["seed"]),
-            float(state["fit_seconds"]),
-            float(state["fit_passes"]),
-        )
-
-    def save(self, path: str | Path) -> None:
-        torch.save(self.state_dict(), path)
-
-    @classmethod
-    def load(cls, path: str | Path, map_location: str | torch.device | None = None) -> KroneckerCurvature:
-        return cls.from_state_dict(torch.load(path, map_location=map_location, weights_only=True))
-
-    def check_block(self, block: ParamBlock) -> None:
-        """Raise when these factors were fitted for another block of parameters."""
-        if block.names != self.block.names or tuple(block.shapes) != tuple(self.block.shapes):
-            raise ValueError(
-                f"these Kronecker factors were fitted for parameters {list(self.block.names)[:4]}... "
-                f"({self.block.numel} entries), not {list(block.names)[:4]}... ({block.numel} entries)"
-            )
-
-
-def _positive(x: torch.Tensor) -> torch.Tensor:
-    if bool((x <= 0).any()):
-        raise ValueError(
-            "the damped Kronecker curvature is singular (zero curvature along some direction and no damping there); "
-            "use a damping > 0"
-        )
-    return x
-
-
-def _fallback_index(block: ParamBlock, names: tuple[str, ...]) -> torch.Tensor:
-    parts = [torch.arange(s.start, s.stop) for s in map(block.slice_of, names)]
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
-
-
-# ---------------------------------------------------------------------------- fitting
 @dataclass
 class _Spec:
     """A supported layer found in the model, and the statistics captured on it."""
@@ -341,7 +86,8 @@ class _Spec:
 
 def _is_conv1d(m: nn.Module) -> bool:
     """transformers' ``Conv1D`` (GPT-2): ``x @ weight + bias``, ``weight`` ``[in, out]``;
-    recognised by its attributes, so that transformers need not be installed."""
+    recognised by its attributes, so that transformers need not be installed (getattr on
+    the user's modules: not a contract of ours)."""
     weight = getattr(m, "weight", None)
     return (
         type(m).__name__ == "Conv1D"
@@ -417,6 +163,7 @@ class _Fitter:
             if not _supported(m):
                 continue
             pre = f"{name}." if name else ""
+            # getattr on the user's module (a layer may be built with bias=False): not contract probing
             weight, bias = pre + "weight", (pre + "bias" if getattr(m, "bias", None) is not None else None)
             if weight not in in_block or (bias is not None and bias not in in_block):
                 continue
@@ -629,9 +376,18 @@ def fit_kronecker(
     """Fit K-FAC or EK-FAC factors of ``objective``'s Gauss-Newton matrix over ``block``.
 
     One pass over the objective's sample (``batch``, in chunks of ``chunk_size``) for the
-    factors, a second one for EK-FAC's eigenvalue correction (module docstring; the
-    Gauss-Newton matrix of docs/math.md). The model stays in the mode it is in; ``seed``
-    draws the labels of ``fisher="mc"``.
+    factors, a second one for EK-FAC's eigenvalue correction (the package docstring; the
+    Gauss-Newton matrix of docs/math.md). The model stays in the mode it is in.
+
+    Args:
+        objective: the loss and its sample.
+        block: the parameters to approximate the curvature of.
+        kind: ``"ekfac"`` or ``"kfac"``.
+        fisher: the output-curvature estimate (:data:`~lissa_influence.operators.FisherType`).
+        seed: draws the labels of ``fisher="mc"``.
+
+    Returns:
+        The :class:`~lissa_influence.kfac.KroneckerCurvature`.
     """
     if kind not in ("ekfac", "kfac"):
         raise ValueError(f"kind={kind!r}: use 'ekfac' or 'kfac'")
@@ -648,8 +404,8 @@ def fit_kronecker(
         lam_g, q_g = _eigh(g)
         bases.append((q_a, q_g))
         shape = cast(torch.Tensor, s.module.weight).shape
-        index = _layer_index(block, s.weight, s.bias, shape, s.transposed)
-        layers.append(_Layer(s.name, s.weight, s.bias, q_a, q_g, torch.outer(lam_g, lam_a), index, s.transposed))
+        index = layer_index(block, s.weight, s.bias, shape, s.transposed)
+        layers.append(Layer(s.name, s.weight, s.bias, q_a, q_g, torch.outer(lam_g, lam_a), index, s.transposed))
     if kind == "ekfac" and layers:
         for layer, lam in zip(layers, fitter.corrections(bases), strict=True):
             layer.lam = lam
@@ -666,7 +422,7 @@ def fit_kronecker(
         block,
         layers,
         fitter.fallback,
-        _fallback_index(block, fitter.fallback),
+        fallback_index(block, fitter.fallback),
         diag,
         kind,
         fitter.fisher,

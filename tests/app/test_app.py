@@ -31,20 +31,8 @@ import lissa_influence
 from lissa_influence.experiments import calibration, config, pipeline
 from lissa_influence.experiments.data import DatasetNotFoundError
 
-from hydra_helpers import CONF, REPO, assert_png, compose_cfg
+from hydra_helpers import CONF, REPO, TINY, assert_png, compose_cfg
 
-TINY = [
-    "pretrain.train.steps=20",
-    "pretrain.train.polish_iters=0",
-    "finetune.train.steps=20",
-    "finetune.train.polish_iters=0",
-    "test_points=2",
-    "pretrain.hessian_samples=64",
-    "finetune.hessian_samples=64",
-    "solver.max_iter=20",
-    "threads=1",
-    "progress=false",
-]
 # Leave-one-out with a few Adam steps of retraining (the digits preset retrains with L-BFGS).
 TINY_VALIDATE = [
     "validate.enabled=true",
