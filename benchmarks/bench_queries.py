@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     res["total_seconds"] = time.perf_counter() - t_start
 
     def draw():
-        from _common import pyplot
+        from _common import pyplot, save_figure
 
         plt = pyplot()
         fig, axes = plt.subplots(1, len(res["settings"]), figsize=(5 * len(res["settings"]), 3.6), squeeze=False)
@@ -345,8 +345,7 @@ def main(argv: list[str] | None = None) -> int:
             ax.set(title=f"{s['data']}, embedding {s['mode']}", xlabel="queries scored", ylabel="cumulative products")
             ax.grid(alpha=0.3)
         axes[0][0].legend(fontsize=8)
-        fig.tight_layout()
-        return fig
+        return save_figure(fig, args.out, "queries.png")
 
     finish(res, args.out, "queries", draw)
     return 0

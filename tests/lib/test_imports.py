@@ -139,3 +139,18 @@ def test_each_library_module_imports_on_its_own_in_a_fresh_interpreter():
     failed = {name: r.stderr.strip().splitlines()[-1] for name, r in results if r.returncode != 0}
     assert not failed, failed
     assert len(results) >= 30
+
+
+def test_every_subpackage_is_shipped_by_the_wheel():
+    """pyproject.toml lists the packages explicitly: a new subpackage missing there imports
+    from a checkout but not from an installed wheel (``No module named lissa_influence.kfac``)."""
+    import tomllib
+
+    root = Path(__file__).resolve().parents[2]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {
+        ".".join(init.parent.relative_to(root).parts)
+        for init in (root / "lissa_influence").rglob("__init__.py")
+        if "__pycache__" not in init.parts
+    }
+    assert found <= listed, f"add {sorted(found - listed)} to [tool.setuptools] packages in pyproject.toml"
