@@ -347,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         axes[0][0].legend(fontsize=8)
         return save_figure(fig, args.out, "queries.png")
 
-    finish(res, args.out, "queries", draw)
+    finish(res, args.out, "queries.json", draw)
     return 0
 
 
