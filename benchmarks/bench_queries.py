@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch.utils.data import Subset, TensorDataset
 
-from lissa_influence import CG, EKFAC, Explicit, Influence, LowRank, MultiStageInfluence, SolverWarning
+from lissa_influence import CG, EKFAC, Explicit, Influence, LowRank, SolverWarning
 
 from _common import ROOT, finish, markdown, setup_threads, table
 
@@ -68,20 +68,7 @@ def multistage(args: argparse.Namespace, data_name: str, mode: str) -> dict[str,
     def build(solver: Any):
         """The main job's estimator with ``solver`` for both stages (fixed mode: the exact head
         unless the solver is an approximation, which replaces both inverses)."""
-        msi = MultiStageInfluence(
-            pre,
-            ft,
-            shared="embedding",
-            mode=cfg.mode,
-            alpha=cfg.alpha,
-            solver=solver,
-            pretrain_damping=float(cfg.pretrain.damping),
-            finetune_damping=float(cfg.finetune.damping),
-            hessian_samples=cfg.pretrain.hessian_samples,
-            finetune_hessian_samples=cfg.finetune.hessian_samples,
-            **pipeline.estimator_settings(cfg),
-        )
-        return msi.fit(data.pretrain_train, data.finetune_train)
+        return pipeline.build_influence(cfg, pre, ft, data, solver=solver)
 
     t0 = time.perf_counter()
     ref = build(Explicit(method="eigh", max_params=20_000))

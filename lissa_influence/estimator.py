@@ -201,9 +201,14 @@ class InfluenceEstimator(ABC):
         chunks = self._query_chunks(test_data, mean)
         if chunks is None:
             return self._solve_queries(self._collated(test_data, "test data"), mean)
+        return self._by_chunk(chunks, lambda chunk: self._solve_queries(chunk, mean))
+
+    def _by_chunk(self, chunks: list[Source], run: Callable[[Source], torch.Tensor]) -> torch.Tensor:
+        """``run`` on each chunk, the results stacked by row and the chunks' diagnostics merged
+        (:func:`~lissa_influence.reports.merged_reports`)."""
         parts, reports = [], []
         for chunk in chunks:
-            parts.append(self._solve_queries(chunk, mean))
+            parts.append(run(chunk))
             reports.append(self._diagnostics)
         self.diagnostics = merged_reports(reports)
         return torch.cat(parts)
@@ -375,12 +380,7 @@ class InfluenceEstimator(ABC):
         if chunks is None:
             return self.scores_from(self.query_vectors(test_data, mean), data)
         # chunk by chunk: only one chunk's query vectors [query_chunk, P] are held at a time
-        parts, reports = [], []
-        for chunk in chunks:
-            parts.append(self.scores_from(self._solve_queries(chunk, mean), data))
-            reports.append(self._diagnostics)
-        self.diagnostics = merged_reports(reports)
-        return torch.cat(parts)
+        return self._by_chunk(chunks, lambda chunk: self.scores_from(self._solve_queries(chunk, mean), data))
 
     def removal_effects(
         self, test_data: DataLike, data: DataLike | None = None, mean: bool = False, **renamed: DataLike

@@ -41,7 +41,7 @@ from ..damping import DampingCalibration
 from ..kfac import KroneckerCurvature
 from ..multistage import MultiStageInfluence
 from ..operators import damping_key
-from ..solvers import NotConvergedError, Subspace
+from ..solvers import NotConvergedError, Solver, Subspace
 from . import calibration, config, plots, rundir
 from .data import DataConfig, TwoStageData, load_two_stage, tensor_digest
 from .models import ModelConfig, TwoStageNet
@@ -111,16 +111,22 @@ def estimator_settings(cfg: Any) -> dict[str, Any]:
 
 
 def build_influence(
-    cfg: Any, pretrained, finetuned, data: TwoStageData, calibration: DampingCalibration | None = None
+    cfg: Any,
+    pretrained,
+    finetuned,
+    data: TwoStageData,
+    calibration: DampingCalibration | None = None,
+    solver: Solver | None = None,
 ) -> MultiStageInfluence:
-    """The configured estimator, fitted; ``calibration``: the retrained ground truth for ``damping=auto``."""
+    """The configured estimator, fitted; ``calibration``: the retrained ground truth for
+    ``damping=auto``; ``solver``: in place of ``cfg.solver``'s (benchmarks compare several)."""
     msi = MultiStageInfluence(
         pretrained,
         finetuned,
         shared="embedding",
         mode=cfg.mode,
         alpha=cfg.alpha,
-        solver=config.build_solver(cfg.solver),
+        solver=config.build_solver(cfg.solver) if solver is None else solver,
         pretrain_damping=config.damping_value(cfg.pretrain.damping),
         finetune_damping=config.damping_value(cfg.finetune.damping),
         hessian_samples=cfg.pretrain.hessian_samples,

@@ -26,23 +26,12 @@ from helpers import TinyCNN, make_data  # noqa: E402
 
 from lissa_influence import CG, EKFAC, Influence, LiSSA, MultiStageInfluence, distributed, results  # noqa: E402
 
+from hydra_helpers import TINY  # noqa: E402
+
 SHARD_SIZE = 7
 REPO = Path(__file__).resolve().parents[2]
-# The main job on the embedded digits with tiny settings (as in tests/support/hydra_helpers.py).
-TINY_RUN = [
-    "pretrain.train.steps=20",
-    "pretrain.train.polish_iters=0",
-    "finetune.train.steps=20",
-    "finetune.train.polish_iters=0",
-    "test_points=2",
-    "pretrain.hessian_samples=64",
-    "finetune.hessian_samples=64",
-    "solver.max_iter=20",
-    "threads=1",
-    "progress=false",
-    "gauss_newton=true",
-    "shard_size=100",
-]
+# The main job on the embedded digits with tiny settings, as the app tests run it
+TINY_RUN = [*TINY, "gauss_newton=true", "shard_size=100"]
 
 
 def compose_run(*overrides: str):
